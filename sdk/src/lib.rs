@@ -1,0 +1,1 @@
+//! ksi-sdk: write KSI workflow steps as WebAssembly components.
