@@ -1,1 +1,13 @@
-//! KSI host.
+//! KSI host: the daemon that runs Claude agents and durable multi-step workflows.
+//!
+//! One module per part (see `shared/ARCHITECTURE.md`): [`store`] owns the SQLite database,
+//! [`bus`] the durable event bus, [`refs`] the files that rows point to, [`settings`] the
+//! dynamic configuration, [`cli`] the command-line faces.
+
+pub mod bench;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod refs;
+pub mod settings;
+pub mod store;

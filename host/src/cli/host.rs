@@ -1,0 +1,234 @@
+//! `ksi-host`: the daemon and its administration commands.
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use super::events::EventsCmd;
+use super::{GlobalArgs, init_logging, open, parse_json_arg, table};
+use crate::bench;
+use crate::config::SyncMode;
+use crate::settings;
+use crate::store::{self, migration_status};
+
+/// KSI host: runs Claude agents and durable multi-step workflows.
+#[derive(Debug, Parser)]
+#[command(name = "ksi-host", version, about, propagate_version = true)]
+pub struct HostCli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub cmd: HostCmd,
+}
+
+/// The subcommands of `ksi-host`.
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    /// Apply pending schema migrations (or show the schema version with --status)
+    Migrate {
+        /// Only show the current and latest version; change nothing
+        #[arg(long)]
+        status: bool,
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish, follow and list bus events
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// Read and change dynamic settings (the config table)
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Measure the bus, plugins, executor or workflows
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Tools for developing and testing KSI itself
+    #[command(subcommand, hide = true)]
+    Dev(DevCmd),
+}
+
+/// `ksi-host config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Show all dynamic settings
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one setting
+    Get { key: String },
+    /// Change a setting (publishes system.config_change)
+    Set {
+        key: String,
+        /// JSON value, e.g. 4 or '"sonnet"'
+        value: String,
+    },
+}
+
+/// `ksi-host bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Durable bus: publish, batch publish, claim+ack throughput; publish->subscriber latency
+    Bus {
+        /// Events per phase
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        /// Concurrent single-event publishers
+        #[arg(long, default_value_t = 64)]
+        publishers: usize,
+        /// SQLite synchronous mode for the run
+        #[arg(long, value_enum, default_value_t = SyncMode::Full)]
+        sync: SyncMode,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `ksi-host dev ...` (hidden)
+#[derive(Debug, Subcommand)]
+pub enum DevCmd {
+    /// Publish and consume in a loop; used by the crash test
+    Soak(super::soak::SoakArgs),
+}
+
+/// Entry point of the `ksi-host` binary. Returns the exit code.
+pub fn main() -> i32 {
+    let cli = HostCli::parse();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => super::report_error(&e),
+    }
+}
+
+fn run(cli: HostCli) -> anyhow::Result<()> {
+    let config = cli.global.config()?;
+    init_logging(&config);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            HostCmd::Migrate { status, json } => migrate(&config, status, json),
+            HostCmd::Events(cmd) => super::events::run(cmd, open(config)?).await,
+            HostCmd::Config(cmd) => config_cmd(cmd, open(config)?).await,
+            HostCmd::Bench(BenchCmd::Bus {
+                events,
+                publishers,
+                sync,
+                json,
+            }) => {
+                store::prepare_data_dir(&config.data_dir)?;
+                let opts = bench::bus::BusBenchOptions {
+                    events,
+                    publishers,
+                    sync,
+                    ..Default::default()
+                };
+                let r = bench::bus::run(&config.data_dir.join("bench"), &opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    let mut t = table(&["measure", "value"]);
+                    t.add_row(vec!["events per phase".into(), r.events.to_string()]);
+                    t.add_row(vec!["payload".into(), format!("{} bytes", r.payload_bytes)]);
+                    t.add_row(vec!["synchronous".into(), r.synchronous.clone()]);
+                    t.add_row(vec![
+                        format!("publish ({} concurrent, 1 event each)", r.publishers),
+                        format!("{:.0} /s", r.publish_per_s),
+                    ]);
+                    t.add_row(vec![
+                        format!("publish (batches of {})", r.batch_size),
+                        format!("{:.0} /s", r.publish_batch_per_s),
+                    ]);
+                    t.add_row(vec![
+                        "claim + ack".into(),
+                        format!("{:.0} /s", r.claim_ack_per_s),
+                    ]);
+                    t.add_row(vec![
+                        format!("publish -> subscriber p50 (at {}/s)", r.e2e_rate_per_s),
+                        format!("{:.3} ms", r.e2e_p50_ms),
+                    ]);
+                    t.add_row(vec![
+                        "publish -> subscriber p99".into(),
+                        format!("{:.3} ms", r.e2e_p99_ms),
+                    ]);
+                    println!("{t}");
+                }
+                Ok(())
+            }
+            HostCmd::Dev(DevCmd::Soak(args)) => super::soak::run(args, open(config)?).await,
+        }
+    })
+}
+
+fn migrate(config: &crate::config::Config, status_only: bool, json: bool) -> anyhow::Result<()> {
+    let path = config.db_path();
+    if !status_only {
+        let st = migration_status(&path)?;
+        let store = crate::store::Store::open(config)?;
+        store.close();
+        if !json && !st.pending.is_empty() {
+            for m in &st.pending {
+                println!("applied {m}");
+            }
+        }
+    }
+    let st = migration_status(&path)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "database": path,
+                "current": st.current,
+                "latest": st.latest,
+                "applied": st.applied,
+                "pending": st.pending,
+            }))?
+        );
+    } else {
+        println!(
+            "{}: schema version {} of {}{}",
+            path.display(),
+            st.current,
+            st.latest,
+            if st.pending.is_empty() {
+                " (up to date)".to_string()
+            } else {
+                format!(
+                    ", pending: {} (run `ksi-host migrate`)",
+                    st.pending.join(", ")
+                )
+            }
+        );
+    }
+    Ok(())
+}
+
+async fn config_cmd(cmd: ConfigCmd, o: super::Opened) -> anyhow::Result<()> {
+    match cmd {
+        ConfigCmd::List { json } => {
+            let all = settings::list(&o.store)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no dynamic settings stored (defaults apply)");
+            } else {
+                let mut t = table(&["key", "value", "updated"]);
+                for s in all {
+                    t.add_row(vec![s.key, s.value.to_string(), super::clock(s.updated_at)]);
+                }
+                println!("{t}");
+            }
+        }
+        ConfigCmd::Get { key } => match settings::get(&o.store, &key)? {
+            Some(v) => println!("{v}"),
+            None => anyhow::bail!("no setting named {key:?}; `ksi-host config list` shows them"),
+        },
+        ConfigCmd::Set { key, value } => {
+            let v = parse_json_arg("the value", &value)?;
+            let id = settings::set(&o.store, &key, v, None).await?;
+            println!("{key} set (event {id})");
+        }
+    }
+    Ok(())
+}

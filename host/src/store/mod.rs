@@ -1,0 +1,636 @@
+//! The SQLite store: one writer thread with group commit, a pool of reader connections.
+//!
+//! Every state change in KSI goes through [`Store::write`]: the closure runs on the writer
+//! thread inside a savepoint of a shared `BEGIN IMMEDIATE` transaction. Jobs that arrive while
+//! a commit is in flight are batched into the next transaction, so many concurrent durable
+//! writes share one fsync (group commit). A job that fails rolls back its own savepoint only:
+//! the other jobs of the batch still commit, and the failed job publishes nothing (outbox).
+//!
+//! Durability: `journal_mode=WAL` and `synchronous=FULL` by default, so a write is on disk
+//! before its future resolves. "database is locked" (another process holding the write lock)
+//! is waited out with the busy timeout and then retried forever: a write is never dropped.
+
+mod migrate;
+
+use std::cell::Cell;
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{oneshot, watch};
+
+use crate::config::{Config, SyncMode};
+
+pub use migrate::{MigrationStatus, SCHEMA_VERSION, migration_status};
+
+/// Errors of the store. Messages say what happened and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot use data directory {path}: {source}. Choose a writable directory with --data-dir or KSI_DATA_DIR"
+    )]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a SQLite database (its header is wrong). Point --data-dir at a KSI data directory, or move the file away"
+    )]
+    NotADatabase { path: PathBuf },
+    #[error(
+        "{path} has schema version {found}, but this ksi-host knows only up to version {known}. It was written by a newer KSI: upgrade ksi-host (the database was left untouched)"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("migrating {path} failed: {message}. The database was left at its previous version")]
+    Migration { path: PathBuf, message: String },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the store is shut down")]
+    Closed,
+    #[error("a write job panicked: {0}")]
+    Panicked(String),
+    #[error("the commit failed, nothing of this write was saved: {0}")]
+    CommitFailed(String),
+}
+
+/// Result alias for store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Milliseconds since the Unix epoch: the time unit of every time column.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A write transaction as seen by one job: the shared connection, inside the job's savepoint.
+///
+/// Modules add their own operations as functions taking `&Tx` (for example
+/// [`crate::bus::publish_in`]), so a caller composes a state change and the events it emits
+/// into one atomic unit.
+pub struct Tx<'a> {
+    conn: &'a Connection,
+    last_event_id: Cell<i64>,
+}
+
+impl<'a> Tx<'a> {
+    /// The connection, for module-owned SQL.
+    pub fn conn(&self) -> &'a Connection {
+        self.conn
+    }
+
+    /// Records that this job published an event with `id`, so subscribers are woken after
+    /// the commit.
+    pub fn note_published(&self, id: i64) {
+        if id > self.last_event_id.get() {
+            self.last_event_id.set(id);
+        }
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+trait Job: Send {
+    /// Runs inside the job's savepoint. Returns true when the job succeeded (keep its changes).
+    fn run(&mut self, tx: &Tx<'_>) -> bool;
+    /// Delivers the outcome once the batch's commit is known.
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+}
+
+struct WriteJob<T, E, F> {
+    f: Option<F>,
+    out: Option<std::result::Result<T, E>>,
+    reply: oneshot::Sender<std::result::Result<T, E>>,
+}
+
+impl<T, E, F> Job for WriteJob<T, E, F>
+where
+    T: Send,
+    E: From<StoreError> + Send,
+    F: FnOnce(&Tx<'_>) -> std::result::Result<T, E> + Send,
+{
+    fn run(&mut self, tx: &Tx<'_>) -> bool {
+        let f = self.f.take().expect("a job runs once");
+        let out = match catch_unwind(AssertUnwindSafe(|| f(tx))) {
+            Ok(out) => out,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(StoreError::Panicked(msg).into())
+            }
+        };
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
+        let out = match (self.out, commit) {
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (Some(Ok(_)), Err(e)) => Err(StoreError::CommitFailed(e).into()),
+            (Some(Err(e)), _) => Err(e),
+            (None, Err(e)) => Err(StoreError::CommitFailed(e).into()),
+            (None, Ok(())) => Err(StoreError::Closed.into()),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    jobs: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    max_readers: usize,
+    sync: SyncMode,
+    busy_timeout: Duration,
+    /// The id of the newest committed event; subscribers wait on changes.
+    published: watch::Sender<i64>,
+}
+
+/// How the store opens its connections (taken from [`Config`]).
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub sync: SyncMode,
+    pub busy_timeout: Duration,
+    pub readers: usize,
+    pub group_commit_max: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions::from(&Config::default())
+    }
+}
+
+impl From<&Config> for StoreOptions {
+    fn from(c: &Config) -> Self {
+        StoreOptions {
+            sync: c.sync,
+            busy_timeout: Duration::from_millis(c.busy_timeout_ms),
+            readers: c.reader_connections,
+            group_commit_max: c.group_commit_max,
+        }
+    }
+}
+
+/// Handle to the database. Cheap to clone; all clones share the writer and the readers.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+/// Makes sure `dir` exists and that we can create files in it.
+pub fn prepare_data_dir(dir: &Path) -> Result<()> {
+    let err = |source| StoreError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let probe = dir.join(format!(".ksi-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(err)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Checks that an existing, non-empty file starts with the SQLite header.
+fn check_header(path: &Path) -> Result<()> {
+    let mut header = [0u8; 16];
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(StoreError::DataDir {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let n = file
+        .read(&mut header)
+        .map_err(|source| StoreError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if n == 0 {
+        return Ok(());
+    }
+    if n < 16 || &header != b"SQLite format 3\0" {
+        return Err(StoreError::NotADatabase {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+fn configure(conn: &Connection, sync: SyncMode, busy: Duration) -> Result<()> {
+    conn.busy_timeout(busy)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        },
+    )?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -16_000)?;
+    crate::bus::register_sql_functions(conn)?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed, with mode 0600) the database of `config`, applies pending
+    /// migrations and starts the writer thread.
+    ///
+    /// # Errors
+    /// The data dir is not writable, the file is not SQLite, the schema is newer than this
+    /// binary, or a migration failed. In the last three cases the file is left untouched.
+    pub fn open(config: &Config) -> Result<Store> {
+        prepare_data_dir(&config.data_dir)?;
+        Self::open_path(&config.db_path(), &StoreOptions::from(config))
+    }
+
+    /// Opens the database at `path` (see [`Store::open`]).
+    pub fn open_path(path: &Path, opts: &StoreOptions) -> Result<Store> {
+        let (sync, busy_timeout, max_readers) = (opts.sync, opts.busy_timeout, opts.readers);
+        check_header(path)?;
+        if !path.exists() {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        std::fs::File::open(path)
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|source| StoreError::DataDir {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+        let mut conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(busy_timeout)?;
+        // Look before touching anything: switching to WAL rewrites the header.
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => StoreError::NotADatabase {
+                    path: path.to_path_buf(),
+                },
+                _ => StoreError::Sqlite(e),
+            })?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(%mode, "could not switch the database to WAL mode");
+        }
+        configure(&conn, sync, busy_timeout)?;
+        migrate::apply(&mut conn, path)?;
+
+        let (published, _) = watch::channel(Self::max_event_id(&conn)?);
+        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        let inner = Arc::new(Inner {
+            path: path.to_path_buf(),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(None),
+            readers: Mutex::new(Vec::new()),
+            max_readers: max_readers.max(1),
+            sync,
+            busy_timeout,
+            published,
+        });
+        let published = inner.published.clone();
+        let group_max = opts.group_commit_max.max(1);
+        let handle = std::thread::Builder::new()
+            .name("ksi-store-writer".into())
+            .spawn(move || writer_loop(conn, rx, published, group_max))
+            .map_err(|e| {
+                StoreError::CommitFailed(format!("cannot start the writer thread: {e}"))
+            })?;
+        *inner.writer.lock().unwrap() = Some(handle);
+        Ok(Store { inner })
+    }
+
+    fn max_event_id(conn: &Connection) -> Result<i64> {
+        Ok(
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |r| {
+                r.get(0)
+            })?,
+        )
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn submit<T, E, F>(&self, f: F) -> std::result::Result<oneshot::Receiver<Result<T, E>>, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> std::result::Result<T, E> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job = Box::new(WriteJob {
+            f: Some(f),
+            out: None,
+            reply,
+        });
+        let jobs = self.inner.jobs.lock().unwrap();
+        match jobs.as_ref() {
+            Some(sender) if sender.send(job).is_ok() => Ok(rx),
+            _ => Err(StoreError::Closed.into()),
+        }
+    }
+
+    /// Runs `f` in a write transaction and resolves once it is durably committed.
+    ///
+    /// # Errors
+    /// Whatever `f` returns (its changes are rolled back), or a commit failure (nothing of the
+    /// batch was saved).
+    pub async fn write<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> std::result::Result<T, E> + Send + 'static,
+    {
+        let rx = self.submit(f)?;
+        rx.await.unwrap_or_else(|_| Err(StoreError::Closed.into()))
+    }
+
+    /// [`Store::write`] for synchronous callers. Must not be called from an async task.
+    pub fn write_blocking<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> std::result::Result<T, E> + Send + 'static,
+    {
+        let rx = self.submit(f)?;
+        rx.blocking_recv()
+            .unwrap_or_else(|_| Err(StoreError::Closed.into()))
+    }
+
+    /// Runs a query on a reader connection (blocking; use [`Store::read_async`] from tasks).
+    pub fn read<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        E: From<StoreError>,
+        F: FnOnce(&Connection) -> std::result::Result<T, E>,
+    {
+        let conn = self.take_reader().map_err(E::from)?;
+        let out = f(&conn);
+        let mut pool = self.inner.readers.lock().unwrap();
+        if pool.len() < self.inner.max_readers {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// [`Store::read`] on the blocking thread pool.
+    pub async fn read_async<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> std::result::Result<T, E> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read(f))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Panicked(e.to_string()).into()))
+    }
+
+    fn take_reader(&self) -> Result<Connection> {
+        if let Some(conn) = self.inner.readers.lock().unwrap().pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.inner.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&conn, self.inner.sync, self.inner.busy_timeout)?;
+        Ok(conn)
+    }
+
+    /// A receiver that changes whenever a commit published events; its value is the newest
+    /// event id.
+    pub fn published(&self) -> watch::Receiver<i64> {
+        self.inner.published.subscribe()
+    }
+
+    /// Tells in-process subscribers about events committed by another process.
+    pub fn notify_external(&self, newest_id: i64) {
+        self.inner.published.send_if_modified(|cur| {
+            if newest_id > *cur {
+                *cur = newest_id;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Stops accepting writes, lets queued writes commit, and joins the writer thread.
+    pub fn close(&self) {
+        self.inner.jobs.lock().unwrap().take();
+        if let Some(handle) = self.inner.writer.lock().unwrap().take() {
+            let _ = handle.join();
+        }
+        self.inner.readers.lock().unwrap().clear();
+    }
+
+    /// Runs `PRAGMA integrity_check` on a reader and returns its verdict (`"ok"` when sound).
+    pub fn integrity_check(&self) -> Result<String> {
+        self.read(|c| Ok::<_, StoreError>(c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap().take();
+        if let Some(handle) = self.writer.lock().unwrap().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Box<dyn Job>>,
+    published: watch::Sender<i64>,
+    group_max: usize,
+) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(group_max);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < group_max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        begin_immediate(&conn);
+        let mut newest = 0;
+        for job in batch.iter_mut() {
+            let tx = Tx {
+                conn: &conn,
+                last_event_id: Cell::new(0),
+            };
+            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                tracing::error!(error = %e, "cannot open a savepoint");
+            }
+            if job.run(&tx) {
+                let _ = conn.execute_batch("RELEASE job");
+                newest = newest.max(tx.last_event_id.get());
+            } else {
+                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            }
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| {
+            tracing::error!(error = %e, jobs = batch.len(), "commit failed; the batch was rolled back");
+            let _ = conn.execute_batch("ROLLBACK");
+            e.to_string()
+        });
+        if commit.is_ok() && newest > 0 {
+            published.send_if_modified(|cur| {
+                if newest > *cur {
+                    *cur = newest;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        for job in batch.drain(..) {
+            job.finish(commit.clone());
+        }
+    }
+}
+
+/// `BEGIN IMMEDIATE`, waiting out other processes' write locks for as long as it takes.
+fn begin_immediate(conn: &Connection) {
+    let mut delay = Duration::from_millis(5);
+    loop {
+        match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "database busy; retrying the write transaction");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            sync: SyncMode::Normal,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_path(&dir.path().join("ksi.db"), &opts).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn database_file_is_created_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _store) = temp_store();
+        let mode = std::fs::metadata(dir.path().join("ksi.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_failing_job_rolls_back_only_itself() {
+        let (_dir, store) = temp_store();
+        let s1 = store.clone();
+        let ok = std::thread::spawn(move || {
+            s1.write_blocking(|tx| {
+                tx.execute(
+                    "INSERT INTO config(key, value, updated_at) VALUES ('a', '1', 0)",
+                    [],
+                )?;
+                Ok::<_, StoreError>(())
+            })
+        });
+        let failed: Result<()> = store.write_blocking(|tx| {
+            tx.execute(
+                "INSERT INTO config(key, value, updated_at) VALUES ('b', '1', 0)",
+                [],
+            )?;
+            Err(StoreError::Closed)
+        });
+        assert!(failed.is_err());
+        ok.join().unwrap().unwrap();
+        let keys: Vec<String> = store
+            .read(|c| {
+                let mut st = c.prepare("SELECT key FROM config ORDER BY key")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                Ok::<_, StoreError>(rows.collect::<Result<_, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(keys, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn a_panicking_job_is_reported_and_the_writer_survives() {
+        let (_dir, store) = temp_store();
+        let r: Result<()> = store.write_blocking(|_tx| panic!("boom"));
+        assert!(
+            matches!(r, Err(StoreError::Panicked(ref m)) if m == "boom"),
+            "{r:?}"
+        );
+        let r: Result<i64> =
+            store.write_blocking(|tx| Ok(tx.query_row("SELECT 1", [], |r| r.get(0))?));
+        assert_eq!(r.unwrap(), 1);
+    }
+}
