@@ -12,8 +12,9 @@ CREATE TABLE messages (
     causation_id   INTEGER,
     created_at     INTEGER NOT NULL
 );
-CREATE INDEX idx_messages_topic ON messages(topic, id);
-CREATE INDEX idx_messages_created_at ON messages(created_at);
+-- No secondary index on purpose: every index is written on every publish. Listings walk ids
+-- (monotonic with created_at, both assigned by the single writer), and retention prunes from
+-- the oldest id forward.
 
 -- Subscriptions: a named, durable consumer group with a topic pattern (`*` one segment, `>` the rest).
 -- Bus subscribers have agent_id NULL; an agent's inbox subscriptions carry its id.
@@ -50,8 +51,9 @@ CREATE TABLE deliveries (
     PRIMARY KEY (subscription_id, message_id)
 ) WITHOUT ROWID;
 CREATE INDEX idx_deliveries_ready ON deliveries(subscription_id, status, next_attempt_at, message_id);
-CREATE INDEX idx_deliveries_lease ON deliveries(status, lease_until) WHERE status = 'processing';
-CREATE INDEX idx_deliveries_message ON deliveries(message_id);
+-- Partial: only claimed rows are in it, so publishing never writes to it.
+CREATE INDEX idx_deliveries_lease ON deliveries(subscription_id, lease_until) WHERE status = 'processing';
+-- Lookups by message go through the primary key with the (few) subscription ids.
 
 -- Workflow instances.
 CREATE TABLE workflows (

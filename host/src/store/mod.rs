@@ -108,6 +108,8 @@ impl std::ops::Deref for Tx<'_> {
 }
 
 trait Job: Send {
+    /// Whether the caller must be answered only once the commit is on disk.
+    fn durable(&self) -> bool;
     /// Runs inside the job's savepoint. Returns true when the job succeeded (keep its changes).
     fn run(&mut self, tx: &Tx<'_>) -> bool;
     /// Delivers the outcome once the batch's commit is known.
@@ -115,6 +117,7 @@ trait Job: Send {
 }
 
 struct WriteJob<T, E, F> {
+    durable: bool,
     f: Option<F>,
     out: Option<std::result::Result<T, E>>,
     reply: oneshot::Sender<std::result::Result<T, E>>,
@@ -126,6 +129,10 @@ where
     E: From<StoreError> + Send,
     F: FnOnce(&Tx<'_>) -> std::result::Result<T, E> + Send,
 {
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
     fn run(&mut self, tx: &Tx<'_>) -> bool {
         let f = self.f.take().expect("a job runs once");
         let out = match catch_unwind(AssertUnwindSafe(|| f(tx))) {
@@ -345,9 +352,26 @@ impl Store {
         });
         let published = inner.published.clone();
         let group_max = opts.group_commit_max.max(1);
+        // Checkpoints run beside the writer, not inside its commits.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Checkpointer::start(path.to_path_buf(), busy_timeout);
+        // With synchronous=FULL the fsync moves to the syncer thread (same durability, the
+        // writer never waits for the disk). Needs WAL mode: the WAL file is what gets synced.
+        let syncer = if sync == SyncMode::Full && mode.eq_ignore_ascii_case("wal") {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            let syncer =
+                Syncer::start(PathBuf::from(wal), inner.published.clone()).map_err(|e| {
+                    StoreError::CommitFailed(format!("cannot start the sync thread: {e}"))
+                })?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            Some(syncer)
+        } else {
+            None
+        };
         let handle = std::thread::Builder::new()
             .name("ksi-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, published, group_max))
+            .spawn(move || writer_loop(conn, rx, published, group_max, checkpointer, syncer))
             .map_err(|e| {
                 StoreError::CommitFailed(format!("cannot start the writer thread: {e}"))
             })?;
@@ -368,7 +392,11 @@ impl Store {
         &self.inner.path
     }
 
-    fn submit<T, E, F>(&self, f: F) -> std::result::Result<oneshot::Receiver<Result<T, E>>, E>
+    fn submit<T, E, F>(
+        &self,
+        durable: bool,
+        f: F,
+    ) -> std::result::Result<oneshot::Receiver<Result<T, E>>, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
@@ -376,6 +404,7 @@ impl Store {
     {
         let (reply, rx) = oneshot::channel();
         let job = Box::new(WriteJob {
+            durable,
             f: Some(f),
             out: None,
             reply,
@@ -398,7 +427,20 @@ impl Store {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&Tx<'_>) -> std::result::Result<T, E> + Send + 'static,
     {
-        let rx = self.submit(f)?;
+        let rx = self.submit(true, f)?;
+        rx.await.unwrap_or_else(|_| Err(StoreError::Closed.into()))
+    }
+
+    /// Like [`Store::write`], but answers once committed, without waiting for the disk: a power
+    /// loss (not a crash of KSI) may undo it. For state that is safe to lose, such as claim
+    /// leases (a lost claim just makes the event claimable again).
+    pub async fn write_relaxed<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> std::result::Result<T, E> + Send + 'static,
+    {
+        let rx = self.submit(false, f)?;
         rx.await.unwrap_or_else(|_| Err(StoreError::Closed.into()))
     }
 
@@ -409,7 +451,7 @@ impl Store {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&Tx<'_>) -> std::result::Result<T, E> + Send + 'static,
     {
-        let rx = self.submit(f)?;
+        let rx = self.submit(true, f)?;
         rx.blocking_recv()
             .unwrap_or_else(|_| Err(StoreError::Closed.into()))
     }
@@ -496,11 +538,26 @@ impl Drop for Inner {
     }
 }
 
+fn bump(published: &watch::Sender<i64>, newest: i64) {
+    if newest > 0 {
+        published.send_if_modified(|cur| {
+            if newest > *cur {
+                *cur = newest;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
 fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Box<dyn Job>>,
     published: watch::Sender<i64>,
     group_max: usize,
+    checkpointer: Checkpointer,
+    syncer: Option<Syncer>,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(group_max);
     while let Ok(first) = rx.recv() {
@@ -518,34 +575,205 @@ fn writer_loop(
                 conn: &conn,
                 last_event_id: Cell::new(0),
             };
-            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            if let Err(e) = exec_cached(&conn, "SAVEPOINT job") {
                 tracing::error!(error = %e, "cannot open a savepoint");
             }
             if job.run(&tx) {
-                let _ = conn.execute_batch("RELEASE job");
+                let _ = exec_cached(&conn, "RELEASE job");
                 newest = newest.max(tx.last_event_id.get());
             } else {
-                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                let _ = exec_cached(&conn, "ROLLBACK TO job");
+                let _ = exec_cached(&conn, "RELEASE job");
             }
         }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| {
+        let commit = exec_cached(&conn, "COMMIT").map_err(|e| {
             tracing::error!(error = %e, jobs = batch.len(), "commit failed; the batch was rolled back");
             let _ = conn.execute_batch("ROLLBACK");
             e.to_string()
         });
-        if commit.is_ok() && newest > 0 {
-            published.send_if_modified(|cur| {
-                if newest > *cur {
-                    *cur = newest;
-                    true
-                } else {
-                    false
+        let Some(syncer) = syncer.as_ref().filter(|_| commit.is_ok()) else {
+            // synchronous=FULL on the connection (or a failed commit): done now.
+            if commit.is_ok() {
+                bump(&published, newest);
+                checkpointer.poke();
+            }
+            for job in batch.drain(..) {
+                job.finish(commit.clone());
+            }
+            continue;
+        };
+        checkpointer.poke();
+        // Relaxed jobs are answered now; durable ones once the syncer's fsync covers this
+        // commit. Meanwhile the writer goes on with the next batch (pipelined group commit).
+        let (durable, relaxed): (Vec<_>, Vec<_>) = batch.drain(..).partition(|j| j.durable());
+        for job in relaxed {
+            job.finish(Ok(()));
+        }
+        if durable.is_empty() && newest == 0 {
+            continue;
+        }
+        syncer.submit(durable, newest);
+    }
+}
+
+/// Makes commits durable off the writer thread: the writer commits with
+/// `synchronous=NORMAL` (WAL frames written, not fsynced) and hands the batch here; one
+/// `fdatasync` of the WAL then covers every commit made before it started, and only then are
+/// the batch's callers answered and subscribers woken. The writer never waits for the disk, so
+/// the next batch builds while the previous one syncs.
+struct Syncer {
+    state: Arc<(Mutex<SyncQueue>, std::sync::Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct SyncQueue {
+    jobs: Vec<Box<dyn Job>>,
+    newest: i64,
+    stop: bool,
+}
+
+impl Syncer {
+    fn start(wal: PathBuf, published: watch::Sender<i64>) -> std::io::Result<Syncer> {
+        let state = Arc::new((Mutex::new(SyncQueue::default()), std::sync::Condvar::new()));
+        let shared = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("ksi-store-sync".into())
+            .spawn(move || {
+                let (lock, cvar) = &*shared;
+                let mut file: Option<std::fs::File> = None;
+                loop {
+                    let (jobs, newest) = {
+                        let mut q = lock.lock().unwrap();
+                        while q.jobs.is_empty() && q.newest == 0 && !q.stop {
+                            q = cvar.wait(q).unwrap();
+                        }
+                        if q.jobs.is_empty() && q.newest == 0 && q.stop {
+                            return;
+                        }
+                        (std::mem::take(&mut q.jobs), std::mem::take(&mut q.newest))
+                    };
+                    let synced = (|| {
+                        if file.is_none() {
+                            file = Some(OpenOptions::new().read(true).open(&wal)?);
+                        }
+                        file.as_ref().unwrap().sync_data()
+                    })();
+                    let outcome = synced.map_err(|e| {
+                        tracing::error!(error = %e, wal = %wal.display(), "fsync of the WAL failed");
+                        file = None;
+                        format!("the commit could not be made durable (fsync of {}: {e})", wal.display())
+                    });
+                    if outcome.is_ok() {
+                        bump(&published, newest);
+                    }
+                    for job in jobs {
+                        job.finish(outcome.clone());
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    fn submit(&self, jobs: Vec<Box<dyn Job>>, newest: i64) {
+        let (lock, cvar) = &*self.state;
+        let mut q = lock.lock().unwrap();
+        q.jobs.extend(jobs);
+        q.newest = q.newest.max(newest);
+        cvar.notify_one();
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        let (lock, cvar) = &*self.state;
+        lock.lock().unwrap().stop = true;
+        cvar.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Runs WAL checkpoints on its own connection and thread, so the writer never stalls copying
+/// pages back into the database file (SQLite's automatic checkpoint would run inside a commit).
+struct Checkpointer {
+    state: Arc<(Mutex<CheckpointState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct CheckpointState {
+    commits: u64,
+    stop: bool,
+}
+
+/// Commits between checkpoint attempts.
+const CHECKPOINT_EVERY_COMMITS: u64 = 200;
+
+impl Checkpointer {
+    fn start(path: PathBuf, busy: Duration) -> Checkpointer {
+        let state = Arc::new((
+            Mutex::new(CheckpointState::default()),
+            std::sync::Condvar::new(),
+        ));
+        let shared = state.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ksi-store-checkpoint".into())
+            .spawn(move || {
+                let conn = match Connection::open(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "checkpointer cannot open the database; SQLite will checkpoint in commits");
+                        return;
+                    }
+                };
+                let _ = conn.busy_timeout(busy);
+                let (lock, cvar) = &*shared;
+                loop {
+                    {
+                        let mut st = lock.lock().unwrap();
+                        while st.commits < CHECKPOINT_EVERY_COMMITS && !st.stop {
+                            // Idle: sleep until enough commits happened (no timer, no CPU).
+                            st = cvar.wait(st).unwrap();
+                        }
+                        if st.stop {
+                            return;
+                        }
+                        st.commits = 0;
+                    }
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                    }
                 }
             });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the checkpoint thread");
         }
-        for job in batch.drain(..) {
-            job.finish(commit.clone());
+        Checkpointer { state }
+    }
+
+    fn poke(&self) {
+        let (lock, cvar) = &*self.state;
+        let mut st = lock.lock().unwrap();
+        st.commits += 1;
+        if st.commits >= CHECKPOINT_EVERY_COMMITS {
+            cvar.notify_one();
         }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, cvar) = &*self.state;
+        lock.lock().unwrap().stop = true;
+        cvar.notify_one();
     }
 }
 
@@ -619,6 +847,43 @@ mod tests {
             })
             .unwrap();
         assert_eq!(keys, vec!["a".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn durable_writes_with_the_sync_thread_are_answered_and_visible() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_path(&dir.path().join("ksi.db"), &StoreOptions::default())?;
+        let mut waits = Vec::new();
+        for i in 0..200 {
+            let s = store.clone();
+            waits.push(tokio::spawn(async move {
+                s.write(move |tx| {
+                    tx.execute(
+                        "INSERT INTO config(key, value, updated_at) VALUES (?1, '1', 0)",
+                        [format!("k{i}")],
+                    )?;
+                    Ok::<_, StoreError>(())
+                })
+                .await
+            }));
+        }
+        for w in waits {
+            w.await??;
+        }
+        let relaxed: i64 = store
+            .write_relaxed(|tx| {
+                Ok::<_, StoreError>(tx.query_row("SELECT COUNT(*) FROM config", [], |r| r.get(0))?)
+            })
+            .await?;
+        assert_eq!(relaxed, 200);
+        store.close();
+        // Reopen: everything answered is there.
+        let store = Store::open_path(&dir.path().join("ksi.db"), &StoreOptions::default())?;
+        let n: i64 = store.read(|c| {
+            Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM config", [], |r| r.get(0))?)
+        })?;
+        assert_eq!(n, 200);
+        Ok(())
     }
 
     #[test]
