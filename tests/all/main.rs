@@ -1,1 +1,7 @@
-fn main() {}
+//! End-to-end tests: they start the real `ksi-host` / `ksi` binaries. One test binary for all
+//! areas (one `mod` each) keeps link time down.
+
+mod support;
+
+mod cli;
+mod crash;
