@@ -11,3 +11,4 @@ pub mod config;
 pub mod refs;
 pub mod settings;
 pub mod store;
+pub mod workflow;

@@ -6,7 +6,10 @@ use crate::support::{file_digest, ksi_host, text};
 #[test]
 fn publish_then_list_shows_the_event() {
     let dir = tempfile::tempdir().unwrap();
-    let o = ksi_host(dir.path(), &["events", "publish", "demo.hello", r#"{"n": 1}"#]);
+    let o = ksi_host(
+        dir.path(),
+        &["events", "publish", "demo.hello", r#"{"n": 1}"#],
+    );
     assert!(o.status.success(), "{:?}", text(&o));
     let o = ksi_host(dir.path(), &["events", "list", "--json"]);
     let (out, err) = text(&o);
@@ -64,7 +67,11 @@ fn unknown_subcommand_fails_with_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let o = ksi_host(dir.path(), &["frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).1.contains("unrecognized subcommand 'frobnicate'"), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("unrecognized subcommand 'frobnicate'"),
+        "{:?}",
+        text(&o)
+    );
     assert!(!dir.path().join("ksi.db").exists(), "nothing created");
 }
 
@@ -84,9 +91,17 @@ fn unwritable_data_dir_is_a_clear_error() {
 fn a_file_that_is_not_sqlite_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ksi.db");
-    std::fs::write(&db, b"these are not the bytes of a database, just some text\n".repeat(100)).unwrap();
+    std::fs::write(
+        &db,
+        b"these are not the bytes of a database, just some text\n".repeat(100),
+    )
+    .unwrap();
     let before = file_digest(&db);
-    for args in [&["events", "list"][..], &["migrate"], &["migrate", "--status"]] {
+    for args in [
+        &["events", "list"][..],
+        &["migrate"],
+        &["migrate", "--status"],
+    ] {
         let o = ksi_host(dir.path(), args);
         assert_one_line_error(&o, "is not a SQLite database");
     }
@@ -127,7 +142,10 @@ fn tail_follows_events_published_by_another_process() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     ksi_host(dir.path(), &["events", "publish", "other.topic", "{}"]);
     ksi_host(dir.path(), &["events", "publish", "demo.one", r#"{"i":1}"#]);
-    ksi_host(dir.path(), &["events", "publish", "demo.two.deep", r#"{"i":2}"#]);
+    ksi_host(
+        dir.path(),
+        &["events", "publish", "demo.two.deep", r#"{"i":2}"#],
+    );
     let out = tail.wait_with_output().unwrap();
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -68,7 +68,10 @@ fn sigkill_at_random_moments_loses_nothing_and_acks_exactly_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("DRAINED"));
-    assert!(started.elapsed() < Duration::from_secs(120), "drain finished");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "drain finished"
+    );
 
     let db = rusqlite::Connection::open(data.join("ksi.db")).unwrap();
     let integrity: String = db

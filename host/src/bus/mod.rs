@@ -79,6 +79,9 @@ pub struct NewEvent {
     pub correlation_id: Option<String>,
     #[serde(default)]
     pub causation_id: Option<i64>,
+    /// Not delivered before this time (epoch ms): delayed retries and timers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
 }
 
 impl NewEvent {
@@ -90,7 +93,14 @@ impl NewEvent {
             data,
             correlation_id: None,
             causation_id: None,
+            not_before: None,
         }
+    }
+
+    /// Delays delivery until `at_ms` (epoch ms).
+    pub fn not_before(mut self, at_ms: i64) -> Self {
+        self.not_before = Some(at_ms);
+        self
     }
 
     /// Sets the correlation id (workflow id, request id, ...).
@@ -262,9 +272,10 @@ pub fn publish_in(tx: &Tx<'_>, event: &NewEvent) -> Result<i64> {
     let id = tx.last_insert_rowid();
     let mut fan_out = tx.prepare_cached(
         "INSERT INTO deliveries(subscription_id, message_id, next_attempt_at, updated_at)
-         SELECT id, ?1, ?2, ?2 FROM subscriptions WHERE active = 1 AND ksi_match(topic_pattern, ?3)",
+         SELECT id, ?1, ?2, ?4 FROM subscriptions WHERE active = 1 AND ksi_match(topic_pattern, ?3)",
     )?;
-    fan_out.execute(params![id, now, event.topic])?;
+    let deliver_at = event.not_before.unwrap_or(now).max(now);
+    fan_out.execute(params![id, deliver_at, event.topic, now])?;
     tx.note_published(id);
     Ok(id)
 }
@@ -601,6 +612,51 @@ impl Bus {
                     .execute(params![s, m, t.0, now])?;
                 }
                 Ok(())
+            })
+            .await
+    }
+
+    /// Extends the lease of a claimed event (a heartbeat for long work). Returns false when
+    /// the claim is no longer held.
+    pub async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<bool> {
+        let (sub, id, token) = (
+            delivery.subscription_id,
+            delivery.event.id,
+            delivery.token.clone(),
+        );
+        self.store
+            .write_relaxed(move |tx| {
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE deliveries SET lease_until = ?4 WHERE subscription_id = ?1
+                         AND message_id = ?2 AND status = 'processing' AND claim_token = ?3",
+                    )?
+                    .execute(params![
+                        sub,
+                        id,
+                        token.0,
+                        now_ms() + lease.as_millis() as i64
+                    ])?;
+                Ok(n == 1)
+            })
+            .await
+    }
+
+    /// Makes every event of `sub` that is currently claimed claimable again at once, without
+    /// counting an attempt. Only for start-up, when the data-dir lock proves that the claims
+    /// were made by a previous incarnation of this daemon (so their leases need not run out).
+    pub async fn release_all(&self, sub: &Subscription) -> Result<usize> {
+        let id = sub.id;
+        self.store
+            .write(move |tx| {
+                let now = now_ms();
+                Ok(tx
+                    .prepare_cached(
+                        "UPDATE deliveries SET status = 'pending', attempts = MAX(attempts - 1, 0),
+                            lease_until = NULL, claim_token = NULL, next_attempt_at = ?2, updated_at = ?2
+                         WHERE subscription_id = ?1 AND status = 'processing'",
+                    )?
+                    .execute(params![id, now])?)
             })
             .await
     }

@@ -10,10 +10,16 @@ use super::{Result, StoreError};
 
 /// The migrations this binary knows, in order. A test checks that every file of `migrations/`
 /// is listed here, so a new file cannot be forgotten.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_init.sql",
-    include_str!("../../../migrations/0001_init.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_init.sql",
+        include_str!("../../../migrations/0001_init.sql"),
+    ),
+    (
+        "0002_workflow_journal.sql",
+        include_str!("../../../migrations/0002_workflow_journal.sql"),
+    ),
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
