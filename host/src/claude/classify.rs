@@ -402,3 +402,109 @@ pub fn classify_text(text: &str) -> Option<FailureClass> {
         .find(|(pattern, _)| lower.contains(pattern))
         .map(|(_, class)| *class)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stdout: &str) -> ParsedRun {
+        ParsedRun::from_stdout(stdout)
+    }
+
+    fn class_of(run: &ParsedRun, stderr: &str, termination: Termination) -> Option<FailureClass> {
+        classify(Evidence {
+            run,
+            stderr,
+            termination,
+        })
+        .map(|f| f.class)
+    }
+
+    const OK: &str = r#"{"type":"result","subtype":"success","is_error":false,"result":"hi"}"#;
+
+    #[test]
+    fn a_successful_result_wins_over_a_later_kill() {
+        let r = run(OK);
+        assert_eq!(class_of(&r, "", Termination::LingeredAfterResult), None);
+        assert_eq!(class_of(&r, "", Termination::Signaled(9)), None);
+    }
+
+    #[test]
+    fn timeouts_without_a_result_are_transient() {
+        let r = run("");
+        assert_eq!(
+            class_of(&r, "", Termination::NoOutputTimeout),
+            Some(FailureClass::Transient(TransientKind::NoOutputTimeout))
+        );
+        assert_eq!(
+            class_of(&r, "", Termination::OverallTimeout),
+            Some(FailureClass::Transient(TransientKind::OverallTimeout))
+        );
+    }
+
+    #[test]
+    fn a_signal_or_non_zero_exit_without_a_result_is_a_crash() {
+        let r = run(r#"{"type":"system","subtype":"init","session_id":"s"}"#);
+        assert_eq!(
+            class_of(&r, "", Termination::Signaled(6)),
+            Some(FailureClass::Transient(TransientKind::Crash))
+        );
+        assert_eq!(
+            class_of(&r, "segfault", Termination::Exited(139)),
+            Some(FailureClass::Transient(TransientKind::Crash))
+        );
+        assert_eq!(
+            class_of(&r, "", Termination::Exited(0)),
+            Some(FailureClass::Transient(TransientKind::NoResult))
+        );
+    }
+
+    #[test]
+    fn cancellation_is_never_retried() {
+        let class = class_of(&run(""), "", Termination::Cancelled).unwrap();
+        assert_eq!(class, FailureClass::Permanent(PermanentKind::Cancelled));
+        assert!(!is_retryable(&class));
+    }
+
+    #[test]
+    fn an_unrecognised_error_result_is_permanent() {
+        let r = run(r#"{"type":"result","subtype":"success","is_error":true,"result":"Something odd"}"#);
+        let failure = classify(Evidence {
+            run: &r,
+            stderr: "",
+            termination: Termination::Exited(1),
+        })
+        .unwrap();
+        assert_eq!(failure.class, FailureClass::Permanent(PermanentKind::Unrecognized));
+        assert_eq!(failure.message, "Something odd");
+    }
+
+    #[test]
+    fn network_error_texts_are_transient() {
+        for text in [
+            "API Error: Connection error.",
+            "TypeError: fetch failed",
+            "connect ECONNREFUSED 127.0.0.1:443",
+            "getaddrinfo ENOTFOUND api.anthropic.com",
+            "API Error: Unable to connect to API (ConnectionRefused)",
+        ] {
+            assert_eq!(
+                classify_text(text),
+                Some(FailureClass::Transient(TransientKind::Network)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn class_names_are_stable() {
+        assert_eq!(
+            FailureClass::Permanent(PermanentKind::Authentication).to_string(),
+            "permanent.authentication"
+        );
+        assert_eq!(
+            FailureClass::Transient(TransientKind::RateLimited).as_str(),
+            "transient.rate_limited"
+        );
+    }
+}

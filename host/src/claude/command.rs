@@ -222,3 +222,88 @@ fn shell_quote(s: &str) -> String {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_base_command_line_is_print_stream_json_verbose_model() {
+        let args = ClaudeInvocation::new("opus", "the prompt").args();
+        assert_eq!(args, ["-p", "--output-format", "stream-json", "--verbose", "--model", "opus"]);
+    }
+
+    #[test]
+    fn every_option_is_passed_and_tool_lists_use_the_equals_form() {
+        let mut inv = ClaudeInvocation::new("sonnet", "p");
+        inv.session = SessionMode::Resume("abc".into());
+        inv.append_system_prompt = Some("be brief".into());
+        inv.max_turns = Some(3);
+        inv.allowed_tools = vec!["Read".into(), "Bash(git:*)".into()];
+        inv.disallowed_tools = vec!["WebFetch".into()];
+        inv.permission_mode = Some("acceptEdits".into());
+        inv.mcp_config = Some("/etc/mcp.json".into());
+        inv.max_budget_usd = Some(0.25);
+        inv.json_schema = Some(r#"{"type":"object"}"#.into());
+        inv.extra_args = vec!["--fallback-model".into(), "haiku".into()];
+        let args = inv.args().join(" ");
+        assert_eq!(
+            args,
+            "-p --output-format stream-json --verbose --model sonnet --resume abc \
+             --append-system-prompt be brief --max-turns 3 --allowedTools=Read,Bash(git:*) \
+             --disallowedTools=WebFetch --permission-mode acceptEdits --mcp-config=/etc/mcp.json \
+             --max-budget-usd 0.25 --json-schema {\"type\":\"object\"} --fallback-model haiku"
+        );
+        inv.session = SessionMode::WithId("0000".into());
+        assert!(inv.args().windows(2).any(|w| w == ["--session-id", "0000"]));
+    }
+
+    #[test]
+    fn the_child_environment_keeps_only_what_the_cli_needs() {
+        let parent = [
+            ("PATH", "/usr/bin"),
+            ("HOME", "/home/k"),
+            ("LANG", "C.UTF-8"),
+            ("LC_ALL", "C"),
+            ("TMPDIR", "/tmp"),
+            ("USER", "k"),
+            ("SHELL", "/bin/sh"),
+            ("ANTHROPIC_API_KEY", "sk"),
+            ("CLAUDE_CONFIG_DIR", "/c"),
+            ("CLAUDECODE", "1"),
+            ("CLAUDE_CODE_ENTRYPOINT", "cli"),
+            ("AWS_SECRET_ACCESS_KEY", "no"),
+            ("KSI_TOKEN", "no"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let mut inv = ClaudeInvocation::new("sonnet", "p");
+        inv.extra_env = vec![
+            ("HOME".into(), "/sandbox".into()),
+            ("HTTPS_PROXY".into(), "http://proxy".into()),
+            ("CLAUDECODE".into(), "1".into()),
+        ];
+        let env = inv.env(parent);
+        let mut names: Vec<String> = env.iter().map(|(k, _)| k.to_string_lossy().into()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "ANTHROPIC_API_KEY", "CLAUDE_CONFIG_DIR", "HOME", "HTTPS_PROXY", "LANG", "LC_ALL",
+                "PATH", "SHELL", "TMPDIR", "USER"
+            ]
+        );
+        let home = env.iter().find(|(k, _)| k == "HOME").unwrap();
+        assert_eq!(home.1, "/sandbox", "configured variables win");
+    }
+
+    #[test]
+    fn the_display_form_quotes_what_a_shell_would_split() {
+        let mut inv = ClaudeInvocation::new("sonnet", "p");
+        inv.binary = PathBuf::from("/opt/claude");
+        inv.append_system_prompt = Some("be brief".into());
+        assert_eq!(
+            inv.display(),
+            "/opt/claude -p --output-format stream-json --verbose --model sonnet --append-system-prompt 'be brief'"
+        );
+    }
+}

@@ -17,6 +17,9 @@ pub mod retry;
 pub mod stream;
 pub mod supervise;
 
+#[cfg(test)]
+mod fixture_tests;
+
 pub use classify::{Failure, FailureClass, PermanentKind, Termination, TransientKind, is_retryable};
 pub use command::{ClaudeInvocation, SessionMode, default_binary};
 pub use retry::{RetriedRun, RetryPolicy, run_with_retries};

@@ -133,3 +133,50 @@ async fn sleep_unless_cancelled(delay: Duration, cancel: &CancelToken) -> bool {
         _ = cancel.cancelled() => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::claude::classify::{PermanentKind, TransientKind};
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 4,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(500),
+        }
+    }
+
+    #[test]
+    fn the_backoff_ceiling_doubles_up_to_the_maximum() {
+        let p = policy();
+        let ceilings: Vec<u128> = (1..=6).map(|a| p.ceiling(a).as_millis()).collect();
+        assert_eq!(ceilings, [100, 200, 400, 500, 500, 500]);
+        assert_eq!(p.ceiling(1000), Duration::from_millis(500), "no overflow");
+    }
+
+    #[test]
+    fn full_jitter_stays_within_zero_and_the_ceiling_and_varies() {
+        let p = policy();
+        let mut rng = rand::rng();
+        let delays: Vec<Duration> = (0..200).map(|_| p.jittered_delay(3, &mut rng)).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(400)));
+        assert!(delays.iter().any(|d| *d != delays[0]), "jittered");
+    }
+
+    #[test]
+    fn transient_failures_retry_until_the_attempts_run_out() {
+        let p = policy();
+        let overloaded = FailureClass::Transient(TransientKind::Overloaded);
+        assert!(p.next_delay(1, &overloaded).is_some());
+        assert!(p.next_delay(3, &overloaded).is_some());
+        assert!(p.next_delay(4, &overloaded).is_none());
+    }
+
+    #[test]
+    fn permanent_failures_never_retry() {
+        let auth = FailureClass::Permanent(PermanentKind::Authentication);
+        assert!(!is_retryable(&auth));
+        assert!(policy().next_delay(1, &auth).is_none());
+    }
+}

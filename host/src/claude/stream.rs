@@ -684,3 +684,101 @@ impl ParsedRun {
             .filter(|t| !t.is_empty())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(lines: &[&str]) -> Vec<StreamEvent> {
+        let mut parser = StreamParser::new();
+        let mut all: Vec<StreamEvent> = lines.iter().flat_map(|l| parser.feed_line(l)).collect();
+        all.extend(parser.finish());
+        all
+    }
+
+    #[test]
+    fn unknown_message_types_and_system_subtypes_are_ignored() {
+        let evs = events(&[
+            r#"{"type":"stream_event","event":{}}"#,
+            r#"{"type":"system","subtype":"compact_boundary"}"#,
+            r#"{"type":"something_new","x":1}"#,
+        ]);
+        assert!(evs.is_empty(), "{evs:?}");
+    }
+
+    #[test]
+    fn non_json_lines_are_skipped_and_blank_lines_vanish() {
+        let evs = events(&["hello", "", "  ", "4", "{oops"]);
+        assert_eq!(
+            evs,
+            vec![
+                StreamEvent::Skipped { line: "hello".into() },
+                StreamEvent::Skipped { line: "4".into() },
+                StreamEvent::Skipped { line: "{oops".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_truncated_line_followed_by_a_complete_one_loses_only_the_truncated_one() {
+        let evs = events(&[
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"cut he"#,
+            r#"{"type":"result","is_error":false,"result":"ok"}"#,
+        ]);
+        assert!(matches!(&evs[0], StreamEvent::Skipped { .. }));
+        assert!(matches!(&evs[1], StreamEvent::Result(r) if r.text.as_deref() == Some("ok")));
+    }
+
+    #[test]
+    fn an_unfinished_block_at_end_of_stdout_is_reported_as_skipped() {
+        let evs = events(&["{", "  \"type\": \"result\","]);
+        assert!(matches!(&evs[..], [StreamEvent::Skipped { line }] if line.contains("\"result\"")));
+    }
+
+    #[test]
+    fn older_cost_fields_are_understood() {
+        for key in ["total_cost", "cost_usd"] {
+            let line = format!(r#"{{"type":"result","subtype":"success","{key}":0.5,"is_error":false}}"#);
+            let run = ParsedRun::from_stdout(&line);
+            assert_eq!(run.result.unwrap().total_cost_usd, Some(0.5), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_result_without_is_error_is_judged_by_its_subtype() {
+        let run = ParsedRun::from_stdout(r#"{"type":"result","subtype":"error_max_turns"}"#);
+        assert_eq!(run.outcome(), Outcome::ReportedError);
+    }
+
+    #[test]
+    fn text_blocks_of_one_message_id_are_concatenated_in_order() {
+        let mut run = ParsedRun::default();
+        for e in events(&[
+            r#"{"type":"assistant","message":{"id":"m1","content":[{"type":"text","text":"Hello, "}]}}"#,
+            r#"{"type":"assistant","message":{"id":"m1","content":[{"type":"text","text":"world."}]}}"#,
+            r#"{"type":"assistant","message":{"id":"m2","content":[{"type":"text","text":"Bye."}]}}"#,
+        ]) {
+            run.apply(e);
+        }
+        let texts: Vec<&str> = run.messages.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["Hello, world.", "Bye."]);
+        assert_eq!(run.final_text(), Some("Bye."), "without a result, the last message");
+    }
+
+    #[test]
+    fn api_retry_lines_become_progress_events() {
+        let evs = events(&[
+            r#"{"type":"system","subtype":"api_retry","attempt":2,"max_retries":10,"retry_delay_ms":1090.5,"error_status":529,"error":"overloaded"}"#,
+        ]);
+        assert_eq!(
+            evs,
+            vec![StreamEvent::ApiRetry(ApiRetry {
+                attempt: Some(2),
+                max_retries: Some(10),
+                delay_ms: Some(1090.5),
+                error_status: Some(529),
+                error: Some("overloaded".into()),
+            })]
+        );
+    }
+}
