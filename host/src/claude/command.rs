@@ -76,6 +76,10 @@ pub struct ClaudeInvocation {
     pub working_dir: Option<PathBuf>,
     /// Configured variables added to the clean environment (they win over inherited ones).
     pub extra_env: Vec<(String, String)>,
+    /// Whether the allow-listed variables (PATH, HOME, LANG, LC_*, TMPDIR, USER, SHELL,
+    /// ANTHROPIC_*, CLAUDE_*) are taken from the daemon's environment. When `false` the child
+    /// gets [`extra_env`](Self::extra_env) only (tests use this to run without credentials).
+    pub inherit_env: bool,
 }
 
 impl ClaudeInvocation {
@@ -97,6 +101,7 @@ impl ClaudeInvocation {
             extra_args: Vec::new(),
             working_dir: None,
             extra_env: Vec::new(),
+            inherit_env: true,
         }
     }
 
@@ -159,6 +164,7 @@ impl ClaudeInvocation {
     ) -> Vec<(OsString, OsString)> {
         let mut env: Vec<(OsString, OsString)> = parent
             .into_iter()
+            .filter(|_| self.inherit_env)
             .filter(|(name, _)| {
                 let Some(name) = name.to_str() else {
                     return false;
