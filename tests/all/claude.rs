@@ -26,7 +26,8 @@ fn fake(prompt: &str) -> ClaudeInvocation {
 
 fn with_fault(prompt: &str, fault: &str) -> ClaudeInvocation {
     let mut inv = fake(prompt);
-    inv.extra_env.push(("FAKE_CLAUDE_FAULT".into(), fault.into()));
+    inv.extra_env
+        .push(("FAKE_CLAUDE_FAULT".into(), fault.into()));
     inv
 }
 
@@ -105,7 +106,11 @@ async fn a_successful_call_reports_text_cost_tokens_and_session() -> Result<()> 
     })
     .await?;
     ensure!(outcome.succeeded(), "failure: {:?}", outcome.failure);
-    assert_eq!(reported_pid.load(Ordering::SeqCst), outcome.pid, "pid reported at spawn");
+    assert_eq!(
+        reported_pid.load(Ordering::SeqCst),
+        outcome.pid,
+        "pid reported at spawn"
+    );
     assert_eq!(lines, outcome.raw_stdout.len());
     assert_eq!(outcome.termination, Termination::Exited(0));
     let result = outcome.result().context("a result")?;
@@ -133,10 +138,17 @@ async fn the_same_prompt_model_and_session_give_the_same_answer() -> Result<()> 
     let a = run(&first, &quick_limits()).await?;
     let b = run(&again, &quick_limits()).await?;
     assert_eq!(a.run.session_id(), Some(session));
-    assert_eq!(b.run.session_id(), Some(session), "--resume continues the session");
+    assert_eq!(
+        b.run.session_id(),
+        Some(session),
+        "--resume continues the session"
+    );
     assert_eq!(a.run.final_text(), b.run.final_text());
     let resumed = b.result().unwrap().usage;
-    assert_eq!(resumed.cache_read, 4000, "a resumed session reads the cache");
+    assert_eq!(
+        resumed.cache_read, 4000,
+        "a resumed session reads the cache"
+    );
     Ok(())
 }
 
@@ -144,18 +156,49 @@ async fn the_same_prompt_model_and_session_give_the_same_answer() -> Result<()> 
 async fn each_api_fault_is_classified_with_the_clis_message() -> Result<()> {
     use FailureClass::{Permanent, Transient};
     let cases = [
-        ("auth", Permanent(PermanentKind::Authentication), "Invalid API key · Please run /login"),
-        ("billing", Permanent(PermanentKind::Billing), "Credit balance is too low"),
-        ("overloaded", Transient(TransientKind::Overloaded), "API Error: 529 Overloaded."),
-        ("rate_limited", Transient(TransientKind::RateLimited), "You've hit your session limit"),
-        ("unknown_model", Permanent(PermanentKind::UnknownModel), "There's an issue with the selected model (claude-sonnet-4-5-20250929)"),
-        ("bad_resume", Permanent(PermanentKind::UnknownSession), "No conversation found with session ID: "),
+        (
+            "auth",
+            Permanent(PermanentKind::Authentication),
+            "Invalid API key · Please run /login",
+        ),
+        (
+            "billing",
+            Permanent(PermanentKind::Billing),
+            "Credit balance is too low",
+        ),
+        (
+            "overloaded",
+            Transient(TransientKind::Overloaded),
+            "API Error: 529 Overloaded.",
+        ),
+        (
+            "rate_limited",
+            Transient(TransientKind::RateLimited),
+            "You've hit your session limit",
+        ),
+        (
+            "unknown_model",
+            Permanent(PermanentKind::UnknownModel),
+            "There's an issue with the selected model (claude-sonnet-4-5-20250929)",
+        ),
+        (
+            "bad_resume",
+            Permanent(PermanentKind::UnknownSession),
+            "No conversation found with session ID: ",
+        ),
     ];
     for (fault, expected, message) in cases {
         let outcome = run(&with_fault("hello", fault), &quick_limits()).await?;
-        let failure = outcome.failure.as_ref().with_context(|| format!("{fault} must fail"))?;
+        let failure = outcome
+            .failure
+            .as_ref()
+            .with_context(|| format!("{fault} must fail"))?;
         assert_eq!(failure.class, expected, "{fault}");
-        assert!(failure.message.starts_with(message), "{fault}: {}", failure.message);
+        assert!(
+            failure.message.starts_with(message),
+            "{fault}: {}",
+            failure.message
+        );
         assert_eq!(outcome.exit_code, Some(1), "{fault}");
     }
     Ok(())
@@ -164,11 +207,16 @@ async fn each_api_fault_is_classified_with_the_clis_message() -> Result<()> {
 #[tokio::test]
 async fn the_clis_own_api_retries_are_reported_as_progress() -> Result<()> {
     let mut retries = Vec::new();
-    let outcome = run_attempt(&with_fault("hi", "overloaded"), &quick_limits(), &CancelToken::new(), |p| {
-        if let Progress::Event(StreamEvent::ApiRetry(r)) = p {
-            retries.push(r.attempt);
-        }
-    })
+    let outcome = run_attempt(
+        &with_fault("hi", "overloaded"),
+        &quick_limits(),
+        &CancelToken::new(),
+        |p| {
+            if let Progress::Event(StreamEvent::ApiRetry(r)) = p {
+                retries.push(r.attempt);
+            }
+        },
+    )
     .await?;
     assert_eq!(retries, [Some(1), Some(2)]);
     assert_eq!(outcome.run.api_retries.len(), 2);
@@ -178,7 +226,10 @@ async fn the_clis_own_api_retries_are_reported_as_progress() -> Result<()> {
 #[tokio::test]
 async fn a_crash_mid_stream_is_a_transient_crash_with_the_partial_text_kept() -> Result<()> {
     let outcome = run(&with_fault("hi", "crash"), &quick_limits()).await?;
-    assert_eq!(class(&outcome), Some(FailureClass::Transient(TransientKind::Crash)));
+    assert_eq!(
+        class(&outcome),
+        Some(FailureClass::Transient(TransientKind::Crash))
+    );
     assert_eq!(outcome.termination, Termination::Signaled(libc::SIGABRT));
     assert!(outcome.run.final_text().unwrap().starts_with("[simulated]"));
     assert!(outcome.stderr_tail.contains("simulated crash"));
@@ -188,7 +239,10 @@ async fn a_crash_mid_stream_is_a_transient_crash_with_the_partial_text_kept() ->
 #[tokio::test]
 async fn exiting_without_a_result_line_is_a_transient_no_result() -> Result<()> {
     let outcome = run(&with_fault("hi", "no_result"), &quick_limits()).await?;
-    assert_eq!(class(&outcome), Some(FailureClass::Transient(TransientKind::NoResult)));
+    assert_eq!(
+        class(&outcome),
+        Some(FailureClass::Transient(TransientKind::NoResult))
+    );
     assert_eq!(outcome.exit_code, Some(0));
     Ok(())
 }
@@ -198,7 +252,10 @@ async fn garbage_between_the_lines_is_skipped_and_the_result_still_counts() -> R
     let outcome = run(&with_fault("hi", "garbage"), &quick_limits()).await?;
     ensure!(outcome.succeeded(), "{:?}", outcome.failure);
     assert!(outcome.run.skipped.len() >= 3, "{:?}", outcome.run.skipped);
-    assert!(outcome.raw_stdout.len() > outcome.run.skipped.len(), "raw lines are all kept");
+    assert!(
+        outcome.raw_stdout.len() > outcome.run.skipped.len(),
+        "raw lines are all kept"
+    );
     assert!(outcome.result().unwrap().total_cost_usd.is_some());
     Ok(())
 }
@@ -206,7 +263,8 @@ async fn garbage_between_the_lines_is_skipped_and_the_result_still_counts() -> R
 #[tokio::test]
 async fn a_slow_cli_that_keeps_talking_is_not_a_no_output_timeout() -> Result<()> {
     let mut inv = with_fault("hi", "slow");
-    inv.extra_env.push(("FAKE_CLAUDE_DELAY_MS".into(), "150".into()));
+    inv.extra_env
+        .push(("FAKE_CLAUDE_DELAY_MS".into(), "150".into()));
     let limits = Limits {
         no_output_timeout: Duration::from_millis(400),
         ..quick_limits()
@@ -220,13 +278,17 @@ async fn a_slow_cli_that_keeps_talking_is_not_a_no_output_timeout() -> Result<()
 #[tokio::test]
 async fn a_slow_cli_past_the_overall_timeout_is_killed() -> Result<()> {
     let mut inv = with_fault("hi", "slow");
-    inv.extra_env.push(("FAKE_CLAUDE_DELAY_MS".into(), "400".into()));
+    inv.extra_env
+        .push(("FAKE_CLAUDE_DELAY_MS".into(), "400".into()));
     let limits = Limits {
         overall_timeout: Duration::from_millis(600),
         ..quick_limits()
     };
     let outcome = run(&inv, &limits).await?;
-    assert_eq!(class(&outcome), Some(FailureClass::Transient(TransientKind::OverallTimeout)));
+    assert_eq!(
+        class(&outcome),
+        Some(FailureClass::Transient(TransientKind::OverallTimeout))
+    );
     assert_eq!(outcome.termination, Termination::OverallTimeout);
     assert!(gone(outcome.pid).await);
     Ok(())
@@ -247,12 +309,18 @@ async fn a_hang_is_killed_by_the_no_output_timeout_with_its_whole_process_group(
     };
     let started = Instant::now();
     let outcome = run(&inv, &limits).await?;
-    assert_eq!(class(&outcome), Some(FailureClass::Transient(TransientKind::NoOutputTimeout)));
+    assert_eq!(
+        class(&outcome),
+        Some(FailureClass::Transient(TransientKind::NoOutputTimeout))
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(outcome.signal, Some(libc::SIGTERM), "TERM was enough");
     let grandchild: u32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
     assert!(gone(outcome.pid).await, "the CLI is gone");
-    assert!(gone(grandchild).await, "its child in the same group is gone too");
+    assert!(
+        gone(grandchild).await,
+        "its child in the same group is gone too"
+    );
     assert!(group_members(outcome.pid).is_empty());
     Ok(())
 }
@@ -260,7 +328,8 @@ async fn a_hang_is_killed_by_the_no_output_timeout_with_its_whole_process_group(
 #[tokio::test]
 async fn a_cli_that_ignores_sigterm_gets_sigkill_after_the_grace_period() -> Result<()> {
     let mut inv = with_fault("hi", "hang");
-    inv.extra_env.push(("FAKE_CLAUDE_IGNORE_TERM".into(), "1".into()));
+    inv.extra_env
+        .push(("FAKE_CLAUDE_IGNORE_TERM".into(), "1".into()));
     let limits = Limits {
         no_output_timeout: Duration::from_millis(300),
         kill_grace: Duration::from_millis(300),
@@ -287,11 +356,21 @@ async fn cancelling_kills_the_process_group_and_is_not_retried() -> Result<()> {
         max_delay: Duration::from_millis(10),
     };
     let started = Instant::now();
-    let retried = run_with_retries(&with_fault("hi", "hang"), &quick_limits(), &policy, &cancel, |_, _| {}).await;
+    let retried = run_with_retries(
+        &with_fault("hi", "hang"),
+        &quick_limits(),
+        &policy,
+        &cancel,
+        |_, _| {},
+    )
+    .await;
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(retried.attempts.len(), 1);
     let outcome = retried.last().unwrap();
-    assert_eq!(class(outcome), Some(FailureClass::Permanent(PermanentKind::Cancelled)));
+    assert_eq!(
+        class(outcome),
+        Some(FailureClass::Permanent(PermanentKind::Cancelled))
+    );
     assert!(gone(outcome.pid).await);
     Ok(())
 }
@@ -330,18 +409,36 @@ async fn a_transient_fault_once_is_retried_and_then_succeeds() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("invocations.jsonl");
     let mut inv = with_fault("retry me", "overloaded");
-    inv.extra_env.push(("FAKE_CLAUDE_FAULT_ONCE".into(), dir.path().join("once").display().to_string()));
-    inv.extra_env.push(("FAKE_CLAUDE_LOG".into(), log.display().to_string()));
+    inv.extra_env.push((
+        "FAKE_CLAUDE_FAULT_ONCE".into(),
+        dir.path().join("once").display().to_string(),
+    ));
+    inv.extra_env
+        .push(("FAKE_CLAUDE_LOG".into(), log.display().to_string()));
     let policy = RetryPolicy {
         max_attempts: 3,
         base_delay: Duration::from_millis(20),
         max_delay: Duration::from_millis(50),
     };
-    let retried = run_with_retries(&inv, &quick_limits(), &policy, &CancelToken::new(), |_, _| {}).await;
+    let retried = run_with_retries(
+        &inv,
+        &quick_limits(),
+        &policy,
+        &CancelToken::new(),
+        |_, _| {},
+    )
+    .await;
     assert!(retried.succeeded());
     assert_eq!(retried.attempts.len(), 2);
-    assert_eq!(class(&retried.attempts[0]), Some(FailureClass::Transient(TransientKind::Overloaded)));
-    assert_eq!(std::fs::read_to_string(&log)?.lines().count(), 2, "exactly two invocations");
+    assert_eq!(
+        class(&retried.attempts[0]),
+        Some(FailureClass::Transient(TransientKind::Overloaded))
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log)?.lines().count(),
+        2,
+        "exactly two invocations"
+    );
     Ok(())
 }
 
@@ -350,8 +447,16 @@ async fn a_permanent_failure_is_not_retried() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("invocations.jsonl");
     let mut inv = with_fault("hi", "auth");
-    inv.extra_env.push(("FAKE_CLAUDE_LOG".into(), log.display().to_string()));
-    let retried = run_with_retries(&inv, &quick_limits(), &RetryPolicy::default(), &CancelToken::new(), |_, _| {}).await;
+    inv.extra_env
+        .push(("FAKE_CLAUDE_LOG".into(), log.display().to_string()));
+    let retried = run_with_retries(
+        &inv,
+        &quick_limits(),
+        &RetryPolicy::default(),
+        &CancelToken::new(),
+        |_, _| {},
+    )
+    .await;
     assert!(!retried.succeeded());
     assert_eq!(retried.attempts.len(), 1);
     let entry: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&log)?.trim())?;
@@ -366,8 +471,15 @@ async fn an_unknown_flag_is_an_invalid_flags_failure_with_the_clis_text() -> Res
     inv.extra_args = vec!["--no-such-flag".into()];
     let outcome = run(&inv, &quick_limits()).await?;
     let failure = outcome.failure.context("must fail")?;
-    assert_eq!(failure.class, FailureClass::Permanent(PermanentKind::InvalidFlags));
-    assert!(failure.message.starts_with("error: unknown option '--no-such-flag'"));
+    assert_eq!(
+        failure.class,
+        FailureClass::Permanent(PermanentKind::InvalidFlags)
+    );
+    assert!(
+        failure
+            .message
+            .starts_with("error: unknown option '--no-such-flag'")
+    );
     Ok(())
 }
 
@@ -378,7 +490,10 @@ async fn a_missing_binary_is_a_permanent_spawn_error() -> Result<()> {
     let err = run_attempt(&inv, &quick_limits(), &CancelToken::new(), |_| {})
         .await
         .expect_err("cannot spawn");
-    assert_eq!(err.failure_class(), FailureClass::Permanent(PermanentKind::ExecutableUnavailable));
+    assert_eq!(
+        err.failure_class(),
+        FailureClass::Permanent(PermanentKind::ExecutableUnavailable)
+    );
     assert!(err.to_string().contains("/nonexistent/claude"));
     Ok(())
 }
@@ -416,9 +531,12 @@ mod real_cli {
     }
 
     #[tokio::test]
-    async fn without_credentials_the_real_cli_fails_permanently_on_authentication_once() -> Result<()> {
+    async fn without_credentials_the_real_cli_fails_permanently_on_authentication_once()
+    -> Result<()> {
         let Some(binary) = real_binary() else {
-            skip_notice("without_credentials_the_real_cli_fails_permanently_on_authentication_once");
+            skip_notice(
+                "without_credentials_the_real_cli_fails_permanently_on_authentication_once",
+            );
             return Ok(());
         };
         let home = tempfile::tempdir()?;
@@ -433,13 +551,24 @@ mod real_cli {
             base_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(10),
         };
-        let retried = run_with_retries(&inv, &limits, &policy, &CancelToken::new(), |_, _| {}).await;
+        let retried =
+            run_with_retries(&inv, &limits, &policy, &CancelToken::new(), |_, _| {}).await;
         assert_eq!(retried.attempts.len(), 1, "no retry storm");
         let outcome = retried.last().unwrap();
         let failure = outcome.failure.as_ref().context("must fail")?;
-        eprintln!("real CLI without credentials: {failure}; stderr={:?}", outcome.stderr_tail);
-        assert_eq!(failure.class, FailureClass::Permanent(PermanentKind::Authentication));
-        assert!(failure.message.contains("Please run /login") || failure.message.contains("API key"), "{}", failure.message);
+        eprintln!(
+            "real CLI without credentials: {failure}; stderr={:?}",
+            outcome.stderr_tail
+        );
+        assert_eq!(
+            failure.class,
+            FailureClass::Permanent(PermanentKind::Authentication)
+        );
+        assert!(
+            failure.message.contains("Please run /login") || failure.message.contains("API key"),
+            "{}",
+            failure.message
+        );
         assert!(gone(outcome.pid).await);
         assert!(group_members(outcome.pid).is_empty());
         Ok(())
@@ -453,9 +582,11 @@ mod real_cli {
         };
         let home = tempfile::tempdir()?;
         let mut inv = isolated(binary, home.path());
-        inv.extra_env.push(("ANTHROPIC_API_KEY".into(), "fake".into()));
+        inv.extra_env
+            .push(("ANTHROPIC_API_KEY".into(), "fake".into()));
         // "No network" on any machine: the API address is a closed local port.
-        inv.extra_env.push(("ANTHROPIC_BASE_URL".into(), "http://127.0.0.1:9".into()));
+        inv.extra_env
+            .push(("ANTHROPIC_BASE_URL".into(), "http://127.0.0.1:9".into()));
         let limits = Limits {
             overall_timeout: Duration::from_secs(15),
             no_output_timeout: Duration::from_secs(5),
@@ -474,14 +605,19 @@ mod real_cli {
         assert!(
             matches!(
                 failure.class,
-                FailureClass::Transient(TransientKind::NoOutputTimeout | TransientKind::OverallTimeout)
+                FailureClass::Transient(
+                    TransientKind::NoOutputTimeout | TransientKind::OverallTimeout
+                )
             ),
             "{failure}"
         );
         assert!(failure.class.is_retryable());
         assert!(started.elapsed() < Duration::from_secs(20));
         assert!(gone(outcome.pid).await, "the CLI is gone");
-        assert!(group_members(outcome.pid).is_empty(), "nothing left in its group");
+        assert!(
+            group_members(outcome.pid).is_empty(),
+            "nothing left in its group"
+        );
         Ok(())
     }
 }

@@ -46,7 +46,9 @@ fn main() {
         return;
     }
     if args.help {
-        println!("Usage: fake-claude [options] [prompt]\n\nA simulated Claude Code CLI for KSI's tests. Every answer is simulated.");
+        println!(
+            "Usage: fake-claude [options] [prompt]\n\nA simulated Claude Code CLI for KSI's tests. Every answer is simulated."
+        );
         return;
     }
     if std::env::var_os("CLAUDECODE").is_some() {
@@ -94,7 +96,11 @@ fn main() {
     let delay_ms: u64 = std::env::var("FAKE_CLAUDE_DELAY_MS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if fault.as_deref() == Some("slow") { 200 } else { 0 });
+        .unwrap_or(if fault.as_deref() == Some("slow") {
+            200
+        } else {
+            0
+        });
     let mut out = Output {
         format: args.output_format.clone(),
         verbose: args.verbose,
@@ -249,15 +255,42 @@ enum Arity {
 fn arity(name: &str) -> Option<Arity> {
     use Arity::*;
     Some(match name {
-        "-p" | "--print" | "--verbose" | "-h" | "--help" | "-v" | "--version"
-        | "--dangerously-skip-permissions" | "--allow-dangerously-skip-permissions"
-        | "--include-partial-messages" | "--strict-mcp-config" | "--no-session-persistence"
-        | "--fork-session" | "-c" | "--continue" | "--replay-user-messages"
-        | "--disable-slash-commands" | "--mcp-debug" | "--ide" | "--chrome" | "--no-chrome" => Flag,
-        "--model" | "--output-format" | "--input-format" | "--session-id"
-        | "--append-system-prompt" | "--system-prompt" | "--max-turns" | "--permission-mode"
-        | "--max-budget-usd" | "--json-schema" | "--fallback-model" | "--settings"
-        | "--setting-sources" | "--agent" | "--agents" => Value,
+        "-p"
+        | "--print"
+        | "--verbose"
+        | "-h"
+        | "--help"
+        | "-v"
+        | "--version"
+        | "--dangerously-skip-permissions"
+        | "--allow-dangerously-skip-permissions"
+        | "--include-partial-messages"
+        | "--strict-mcp-config"
+        | "--no-session-persistence"
+        | "--fork-session"
+        | "-c"
+        | "--continue"
+        | "--replay-user-messages"
+        | "--disable-slash-commands"
+        | "--mcp-debug"
+        | "--ide"
+        | "--chrome"
+        | "--no-chrome" => Flag,
+        "--model"
+        | "--output-format"
+        | "--input-format"
+        | "--session-id"
+        | "--append-system-prompt"
+        | "--system-prompt"
+        | "--max-turns"
+        | "--permission-mode"
+        | "--max-budget-usd"
+        | "--json-schema"
+        | "--fallback-model"
+        | "--settings"
+        | "--setting-sources"
+        | "--agent"
+        | "--agents" => Value,
         "-r" | "--resume" | "-d" | "--debug" => OptionalValue,
         "--allowedTools" | "--allowed-tools" | "--disallowedTools" | "--disallowed-tools"
         | "--mcp-config" | "--add-dir" | "--tools" | "--betas" | "--plugin-dir" => Variadic,
@@ -334,31 +367,49 @@ impl Args {
                 "--output-format" => {
                     let format = value.unwrap_or_default();
                     if !["text", "json", "stream-json"].contains(&format.as_str()) {
-                        return Err(format!("error: option '--output-format <format>' argument '{format}' is invalid. Allowed choices are text, json, stream-json."));
+                        return Err(format!(
+                            "error: option '--output-format <format>' argument '{format}' is invalid. Allowed choices are text, json, stream-json."
+                        ));
                     }
                     args.output_format = format;
                 }
                 "--permission-mode" => {
                     let mode = value.unwrap_or_default();
-                    let choices = ["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"];
+                    let choices = [
+                        "acceptEdits",
+                        "auto",
+                        "bypassPermissions",
+                        "default",
+                        "dontAsk",
+                        "plan",
+                    ];
                     if !choices.contains(&mode.as_str()) {
-                        return Err(format!("error: option '--permission-mode <mode>' argument '{mode}' is invalid. Allowed choices are {}.", choices.join(", ")));
+                        return Err(format!(
+                            "error: option '--permission-mode <mode>' argument '{mode}' is invalid. Allowed choices are {}.",
+                            choices.join(", ")
+                        ));
                     }
                 }
-                "--max-turns" => {
-                    if value.as_deref().and_then(|v| v.parse::<u32>().ok()).is_none() {
-                        return Err("Error: --max-turns must be a positive number".into());
-                    }
+                "--max-turns"
+                    if value
+                        .as_deref()
+                        .and_then(|v| v.parse::<u32>().ok())
+                        .is_none() =>
+                {
+                    return Err("Error: --max-turns must be a positive number".into());
                 }
-                "--max-budget-usd" => {
-                    if value.as_deref().and_then(|v| v.parse::<f64>().ok()).is_none() {
-                        return Err("Error: --max-budget-usd must be a positive number".into());
-                    }
+                "--max-budget-usd"
+                    if value
+                        .as_deref()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_none() =>
+                {
+                    return Err("Error: --max-budget-usd must be a positive number".into());
                 }
-                "--json-schema" => {
-                    if serde_json::from_str::<Value>(value.as_deref().unwrap_or("")).is_err() {
-                        return Err("Error: Invalid JSON provided to --json-schema".into());
-                    }
+                "--json-schema"
+                    if serde_json::from_str::<Value>(value.as_deref().unwrap_or("")).is_err() =>
+                {
+                    return Err("Error: Invalid JSON provided to --json-schema".into());
                 }
                 _ => {}
             }
@@ -421,7 +472,10 @@ impl Output {
                 "  \"note\": \"simulated noise of an unknown type\"",
                 "}",
             ],
-            _ => &["{not json (simulated noise)", "Warning: simulated warning on stdout"],
+            _ => &[
+                "{not json (simulated noise)",
+                "Warning: simulated warning on stdout",
+            ],
         };
         for line in noise {
             self.print_line(line);
@@ -490,9 +544,15 @@ impl Run {
 
     /// The deterministic answer.
     fn answer(&self) -> String {
-        const ADJECTIVES: &[&str] = &["quiet", "bright", "patient", "curious", "steady", "brisk", "careful", "gentle"];
-        const NOUNS: &[&str] = &["river", "lantern", "compass", "garden", "harbor", "signal", "ledger", "bridge"];
-        const VERBS: &[&str] = &["follows", "answers", "measures", "records", "crosses", "weighs", "echoes", "guides"];
+        const ADJECTIVES: &[&str] = &[
+            "quiet", "bright", "patient", "curious", "steady", "brisk", "careful", "gentle",
+        ];
+        const NOUNS: &[&str] = &[
+            "river", "lantern", "compass", "garden", "harbor", "signal", "ledger", "bridge",
+        ];
+        const VERBS: &[&str] = &[
+            "follows", "answers", "measures", "records", "crosses", "weighs", "echoes", "guides",
+        ];
         let h = Sha256::new()
             .chain_update(self.prompt.as_bytes())
             .chain_update([0])
@@ -518,10 +578,19 @@ impl Run {
     }
 
     fn message_id(&self) -> String {
-        format!("msg_fake_{}", &hex_digest(&[self.session.as_bytes(), self.prompt.as_bytes()])[..24])
+        format!(
+            "msg_fake_{}",
+            &hex_digest(&[self.session.as_bytes(), self.prompt.as_bytes()])[..24]
+        )
     }
 
-    fn assistant_line(&self, message_id: &str, model: &str, block: Value, extra: Option<(&str, &str)>) -> Value {
+    fn assistant_line(
+        &self,
+        message_id: &str,
+        model: &str,
+        block: Value,
+        extra: Option<(&str, &str)>,
+    ) -> Value {
         let mut line = json!({
             "type": "assistant",
             "message": {
@@ -556,9 +625,19 @@ impl Run {
         let id = self.message_id();
         let split = text.find(": ").map_or(text.len(), |i| i + 2);
         let (first, rest) = text.split_at(split);
-        out.emit(self.assistant_line(&id, &self.model, json!({"type": "text", "text": first}), None));
+        out.emit(self.assistant_line(
+            &id,
+            &self.model,
+            json!({"type": "text", "text": first}),
+            None,
+        ));
         if !rest.is_empty() {
-            out.emit(self.assistant_line(&id, &self.model, json!({"type": "text", "text": rest}), None));
+            out.emit(self.assistant_line(
+                &id,
+                &self.model,
+                json!({"type": "text", "text": rest}),
+                None,
+            ));
         }
     }
 
@@ -644,7 +723,12 @@ impl Run {
         out.emit(self.init());
         let text = self.answer();
         let id = self.message_id();
-        out.emit(self.assistant_line(&id, &self.model, json!({"type": "text", "text": text}), None));
+        out.emit(self.assistant_line(
+            &id,
+            &self.model,
+            json!({"type": "text", "text": text}),
+            None,
+        ));
         eprintln!("fake-claude: simulated crash (abort) {SIMULATED}");
         std::process::abort();
     }
@@ -681,11 +765,21 @@ impl Run {
         }
         let text = format!("{} {SIMULATED}", failure.text);
         let id = self.uuid("synthetic");
-        let mut line = self.assistant_line(&id, "<synthetic>", json!({"type": "text", "text": text}), Some(("error", failure.code)));
+        let mut line = self.assistant_line(
+            &id,
+            "<synthetic>",
+            json!({"type": "text", "text": text}),
+            Some(("error", failure.code)),
+        );
         line["message"]["stop_reason"] = json!("stop_sequence");
         line["is_api_error_message"] = json!(true);
         out.emit(line);
-        out.emit(self.result(true, &text, Usage::default(), json!({"api_error_status": failure.status})));
+        out.emit(self.result(
+            true,
+            &text,
+            Usage::default(),
+            json!({"api_error_status": failure.status}),
+        ));
         1
     }
 
@@ -774,7 +868,14 @@ fn new_uuid(parts: &[&[u8]]) -> String {
     all.push(&pid);
     all.push(&nanos);
     let h = hex_digest(&all);
-    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 fn is_uuid(s: &str) -> bool {

@@ -205,9 +205,15 @@ pub fn classify(ev: Evidence<'_>) -> Option<Failure> {
         }
         Termination::NoOutputTimeout | Termination::OverallTimeout => {
             let (kind, what) = if ev.termination == Termination::NoOutputTimeout {
-                (TransientKind::NoOutputTimeout, "printed nothing for too long")
+                (
+                    TransientKind::NoOutputTimeout,
+                    "printed nothing for too long",
+                )
             } else {
-                (TransientKind::OverallTimeout, "ran past its overall timeout")
+                (
+                    TransientKind::OverallTimeout,
+                    "ran past its overall timeout",
+                )
             };
             let retries = run
                 .api_retries
@@ -281,18 +287,19 @@ fn classify_reported_error(run: &ParsedRun, stderr: &str) -> Failure {
     let class = classify_text(&all_text)
         .or_else(|| run.api_error.as_ref().and_then(|e| classify_code(&e.code)))
         .or_else(|| result.api_error_status.and_then(classify_status))
-        .or_else(|| match result.subtype.as_deref() {
-            Some("error_max_turns") => Some(FailureClass::Permanent(PermanentKind::MaxTurns)),
-            Some("error_max_budget_usd") => {
-                Some(FailureClass::Permanent(PermanentKind::BudgetExceeded))
-            }
-            Some("error_during_execution") => {
-                Some(FailureClass::Permanent(PermanentKind::ExecutionError))
-            }
-            _ => None,
-        })
+        .or_else(|| result.subtype.as_deref().and_then(classify_subtype))
         .unwrap_or(FailureClass::Permanent(PermanentKind::Unrecognized));
     Failure { class, message }
+}
+
+/// The result's error `subtype` (see the module docs for why these are permanent).
+pub fn classify_subtype(subtype: &str) -> Option<FailureClass> {
+    Some(FailureClass::Permanent(match subtype {
+        "error_max_turns" => PermanentKind::MaxTurns,
+        "error_max_budget_usd" => PermanentKind::BudgetExceeded,
+        "error_during_execution" => PermanentKind::ExecutionError,
+        _ => return None,
+    }))
 }
 
 /// The synthetic assistant message's `error` code.
@@ -335,15 +342,30 @@ const TEXT_PATTERNS: &[(&str, FailureClass)] = {
     use TransientKind as T;
     &[
         // Refusals to start.
-        ("cannot be launched inside another claude code session", Permanent(P::NestedSession)),
-        ("unset the claudecode environment variable", Permanent(P::NestedSession)),
-        ("no conversation found with session id", Permanent(P::UnknownSession)),
+        (
+            "cannot be launched inside another claude code session",
+            Permanent(P::NestedSession),
+        ),
+        (
+            "unset the claudecode environment variable",
+            Permanent(P::NestedSession),
+        ),
+        (
+            "no conversation found with session id",
+            Permanent(P::UnknownSession),
+        ),
         ("error: unknown option", Permanent(P::InvalidFlags)),
         ("error: option '", Permanent(P::InvalidFlags)),
-        ("error: missing required argument", Permanent(P::InvalidFlags)),
+        (
+            "error: missing required argument",
+            Permanent(P::InvalidFlags),
+        ),
         ("error: too many arguments", Permanent(P::InvalidFlags)),
         ("requires --verbose", Permanent(P::InvalidFlags)),
-        ("input must be provided either through stdin", Permanent(P::InvalidFlags)),
+        (
+            "input must be provided either through stdin",
+            Permanent(P::InvalidFlags),
+        ),
         ("invalid session id", Permanent(P::InvalidFlags)),
         // Credentials.
         ("invalid api key", Permanent(P::Authentication)),
@@ -468,14 +490,19 @@ mod tests {
 
     #[test]
     fn an_unrecognised_error_result_is_permanent() {
-        let r = run(r#"{"type":"result","subtype":"success","is_error":true,"result":"Something odd"}"#);
+        let r = run(
+            r#"{"type":"result","subtype":"success","is_error":true,"result":"Something odd"}"#,
+        );
         let failure = classify(Evidence {
             run: &r,
             stderr: "",
             termination: Termination::Exited(1),
         })
         .unwrap();
-        assert_eq!(failure.class, FailureClass::Permanent(PermanentKind::Unrecognized));
+        assert_eq!(
+            failure.class,
+            FailureClass::Permanent(PermanentKind::Unrecognized)
+        );
         assert_eq!(failure.message, "Something odd");
     }
 

@@ -219,8 +219,7 @@ fn display_path(p: &Path) -> String {
 
 fn shell_quote(s: &str) -> String {
     if !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_=./,:@+".contains(c))
     {
         s.to_string()
@@ -236,7 +235,17 @@ mod tests {
     #[test]
     fn the_base_command_line_is_print_stream_json_verbose_model() {
         let args = ClaudeInvocation::new("opus", "the prompt").args();
-        assert_eq!(args, ["-p", "--output-format", "stream-json", "--verbose", "--model", "opus"]);
+        assert_eq!(
+            args,
+            [
+                "-p",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--model",
+                "opus"
+            ]
+        );
     }
 
     #[test]
@@ -289,13 +298,24 @@ mod tests {
             ("CLAUDECODE".into(), "1".into()),
         ];
         let env = inv.env(parent);
-        let mut names: Vec<String> = env.iter().map(|(k, _)| k.to_string_lossy().into()).collect();
+        let mut names: Vec<String> = env
+            .iter()
+            .map(|(k, _)| k.to_string_lossy().into())
+            .collect();
         names.sort();
         assert_eq!(
             names,
             [
-                "ANTHROPIC_API_KEY", "CLAUDE_CONFIG_DIR", "HOME", "HTTPS_PROXY", "LANG", "LC_ALL",
-                "PATH", "SHELL", "TMPDIR", "USER"
+                "ANTHROPIC_API_KEY",
+                "CLAUDE_CONFIG_DIR",
+                "HOME",
+                "HTTPS_PROXY",
+                "LANG",
+                "LC_ALL",
+                "PATH",
+                "SHELL",
+                "TMPDIR",
+                "USER"
             ]
         );
         let home = env.iter().find(|(k, _)| k == "HOME").unwrap();

@@ -71,7 +71,10 @@ fn every_fixture_file_parses_to_its_expected_fields() {
         .filter(|n| n != "README.md")
         .collect();
     names.sort();
-    assert!(names.len() >= 28, "expected the whole corpus, found {names:?}");
+    assert!(
+        names.len() >= 28,
+        "expected the whole corpus, found {names:?}"
+    );
     for name in &names {
         check_fixture(name);
     }
@@ -99,9 +102,15 @@ fn check_fixture(name: &str) {
                 let flag = arg.split('=').next().unwrap();
                 assert!(text.contains(flag), "{flag} is not in claude --help");
             }
-            assert!(!text.contains("--max-turns"), "--max-turns is a hidden flag");
+            assert!(
+                !text.contains("--max-turns"),
+                "--max-turns is a hidden flag"
+            );
             assert!(text.contains("--session-id <uuid>"));
-            assert!(text.contains("--allowedTools, --allowed-tools <tools...>"), "variadic");
+            assert!(
+                text.contains("--allowedTools, --allowed-tools <tools...>"),
+                "variadic"
+            );
         }
         "err_2.1.4x_nested_session_CLAUDECODE.txt" => {
             let run = ParsedRun::default();
@@ -130,7 +139,10 @@ fn check_fixture(name: &str) {
                 Some(FailureClass::Permanent(PermanentKind::InvalidFlags))
             );
             let args = ClaudeInvocation::new("sonnet", "p").args();
-            assert!(args.windows(2).any(|w| w == ["--output-format", "stream-json"]));
+            assert!(
+                args.windows(2)
+                    .any(|w| w == ["--output-format", "stream-json"])
+            );
             assert!(args.contains(&"--verbose".to_string()));
         }
         "err_input_must_be_provided_variadic_allowedTools.txt" => {
@@ -160,7 +172,10 @@ fn check_fixture(name: &str) {
                 .collect::<Vec<_>>()
                 .join("\n");
             let run = ParsedRun::from_stdout(&stdout);
-            let r = run.result.as_ref().expect("the wrapped result still parses");
+            let r = run
+                .result
+                .as_ref()
+                .expect("the wrapped result still parses");
             assert!(!r.is_error);
             assert_eq!(r.text.as_deref(), Some(""));
             assert_eq!(
@@ -170,8 +185,14 @@ fn check_fixture(name: &str) {
             assert_eq!(r.total_cost_usd, Some(0.15095600000000003));
             assert_eq!(r.usage, tokens(25457, 449, 128, 0));
             assert_eq!(r.num_turns, Some(1));
-            assert_eq!((r.duration_ms, r.duration_api_ms), (Some(12135), Some(15642)));
-            assert!(r.model_usage.contains_key("***"), "secret masking kept as is");
+            assert_eq!(
+                (r.duration_ms, r.duration_api_ms),
+                (Some(12135), Some(15642))
+            );
+            assert!(
+                r.model_usage.contains_key("***"),
+                "secret masking kept as is"
+            );
             assert!(run.skipped.iter().any(|l| l.contains("##[error]")));
             // The wrapper exited 1 on an empty answer; the CLI itself reported success.
             assert_eq!(class(&run, "", EXIT_1), None);
@@ -372,11 +393,17 @@ fn check_fixture(name: &str) {
         }
         "stream_2.1.123_error_credit_balance_too_low.jsonl" => {
             let run = ParsedRun::from_stdout(&text);
-            assert_eq!(run.init.as_ref().unwrap().version.as_deref(), Some("2.1.123"));
+            assert_eq!(
+                run.init.as_ref().unwrap().version.as_deref(),
+                Some("2.1.123")
+            );
             let err = run.api_error.as_ref().unwrap();
             assert_eq!(err.code, "billing_error");
             assert_eq!(err.text, "Credit balance is too low");
-            assert!(run.messages.is_empty(), "the synthetic message is not an answer");
+            assert!(
+                run.messages.is_empty(),
+                "the synthetic message is not an answer"
+            );
             let r = run.result.as_ref().unwrap();
             assert_eq!((r.is_error, r.api_error_status), (true, Some(400)));
             assert_eq!(r.total_cost_usd, Some(0.0));
@@ -384,7 +411,10 @@ fn check_fixture(name: &str) {
                 class(&run, "", EXIT_1),
                 Some(FailureClass::Permanent(PermanentKind::Billing))
             );
-            assert_eq!(failure_message(&run, "", EXIT_1), "Credit balance is too low");
+            assert_eq!(
+                failure_message(&run, "", EXIT_1),
+                "Credit balance is too low"
+            );
         }
         "stream_2.1.220_error_model_not_found.jsonl" => {
             let run = ParsedRun::from_stdout(&text);
@@ -417,10 +447,16 @@ fn check_fixture(name: &str) {
             let mut run = ParsedRun::default();
             events.into_iter().for_each(|e| run.apply(e));
             assert!(run.skipped.is_empty());
-            assert_eq!(run.init.as_ref().unwrap().permission_mode.as_deref(), Some("auto"));
+            assert_eq!(
+                run.init.as_ref().unwrap().permission_mode.as_deref(),
+                Some("auto")
+            );
             // One message split over two lines (text, then tool_use), then a second message.
             assert_eq!(run.messages.len(), 2);
-            assert_eq!(run.messages[0].id.as_deref(), Some("msg_011CdeZ44G5n3VmRyeeUj6Hk"));
+            assert_eq!(
+                run.messages[0].id.as_deref(),
+                Some("msg_011CdeZ44G5n3VmRyeeUj6Hk")
+            );
             assert_eq!(
                 run.messages[0].text,
                 "This is a trivial file operation, not creative or debugging work, so no skill applies here."
@@ -428,7 +464,10 @@ fn check_fixture(name: &str) {
             assert_eq!(run.tool_calls.len(), 1);
             assert_eq!(run.tool_calls[0].name, "Write");
             assert_eq!(run.tool_calls[0].is_error, Some(false));
-            assert_eq!(run.rate_limit.as_ref().unwrap().status.as_deref(), Some("allowed"));
+            assert_eq!(
+                run.rate_limit.as_ref().unwrap().status.as_deref(),
+                Some("allowed")
+            );
             let r = run.result.as_ref().unwrap();
             assert_eq!(r.total_cost_usd, Some(0.054201000000000006));
             assert_eq!(r.usage, tokens(4, 171, 63600, 5424));
@@ -439,7 +478,11 @@ fn check_fixture(name: &str) {
                 r.model_usage["claude-sonnet-5"].cost_usd,
                 Some(0.054201000000000006)
             );
-            assert!(run.final_text().unwrap().starts_with("The tool result confirms the file is `hi`"));
+            assert!(
+                run.final_text()
+                    .unwrap()
+                    .starts_with("The tool result confirms the file is `hi`")
+            );
             assert_eq!(class(&run, "", EXIT_0), None);
         }
         "stream_2.1.3_line_system_init.json" => {
@@ -471,7 +514,11 @@ fn check_fixture(name: &str) {
         "stream_2.1.x_line_assistant_tool_use.json" => {
             let events = StreamParser::new().feed_text(&text);
             match events.as_slice() {
-                [StreamEvent::ToolUse { name, id, input, .. }] => {
+                [
+                    StreamEvent::ToolUse {
+                        name, id, input, ..
+                    },
+                ] => {
                     assert_eq!(name, "Bash");
                     assert_eq!(id, "toolu_01BeipFBP3sUY3EAwVg3qQnE");
                     assert_eq!(input["command"], "ls -la");
@@ -498,11 +545,13 @@ fn check_fixture(name: &str) {
         "stream_2.1.x_line_user_tool_result.json" => {
             let events = StreamParser::new().feed_text(&text);
             match events.as_slice() {
-                [StreamEvent::ToolResult {
-                    tool_use_id,
-                    content,
-                    is_error,
-                }] => {
+                [
+                    StreamEvent::ToolResult {
+                        tool_use_id,
+                        content,
+                        is_error,
+                    },
+                ] => {
                     assert_eq!(tool_use_id, "toolu_01BeipFBP3sUY3EAwVg3qQnE");
                     assert!(content.starts_with("total 1976\n"));
                     assert!(!is_error);
@@ -518,7 +567,9 @@ fn check_fixture(name: &str) {
             let new = line_starting(&text, "API Error: 529 Overloaded.");
             assert_eq!(classify_text(&new), overloaded);
             // The envelope is quoted in a comment; it is valid JSON once the `# ` is removed.
-            let envelope = line_starting(&text, "# {").trim_start_matches("# ").to_string();
+            let envelope = line_starting(&text, "# {")
+                .trim_start_matches("# ")
+                .to_string();
             let run = ParsedRun::from_stdout(&envelope);
             assert_eq!(run.result.as_ref().unwrap().api_error_status, Some(529));
             assert_eq!(class(&run, "", EXIT_1), overloaded);
@@ -569,10 +620,16 @@ fn the_four_2_1_x_lines_of_one_session_fold_into_one_run() {
         "stream_2.1.x_line_result_success.json",
     ] {
         for line in read(name).lines() {
-            parser.feed_line(line).into_iter().for_each(|e| run.apply(e));
+            parser
+                .feed_line(line)
+                .into_iter()
+                .for_each(|e| run.apply(e));
         }
     }
-    assert_eq!(run.session_id(), Some("40e7b02d-c0f9-4876-9010-f514d4eb0603"));
+    assert_eq!(
+        run.session_id(),
+        Some("40e7b02d-c0f9-4876-9010-f514d4eb0603")
+    );
     assert_eq!(run.tool_calls[0].is_error, Some(false));
     assert_eq!(run.outcome(), Outcome::Succeeded);
 }
@@ -587,7 +644,10 @@ fn every_fixture_stream_also_parses_as_one_json_array() {
     ] {
         let text = read(name);
         let line_by_line = ParsedRun::from_stdout(&text);
-        let array = format!("[{}]", text.trim_end().lines().collect::<Vec<_>>().join(","));
+        let array = format!(
+            "[{}]",
+            text.trim_end().lines().collect::<Vec<_>>().join(",")
+        );
         assert_eq!(ParsedRun::from_stdout(&array), line_by_line, "{name}");
     }
 }
@@ -619,7 +679,10 @@ mod observed_2_1_197 {
     fn no_credentials_is_a_permanent_authentication_failure() {
         let run = ParsedRun::from_stdout(NOT_LOGGED_IN);
         assert_eq!(class(&run, "", EXIT_1), Some(AUTH));
-        assert_eq!(failure_message(&run, "", EXIT_1), "Not logged in · Please run /login");
+        assert_eq!(
+            failure_message(&run, "", EXIT_1),
+            "Not logged in · Please run /login"
+        );
     }
 
     #[test]

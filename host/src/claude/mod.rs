@@ -20,7 +20,9 @@ pub mod supervise;
 #[cfg(test)]
 mod fixture_tests;
 
-pub use classify::{Failure, FailureClass, PermanentKind, Termination, TransientKind, is_retryable};
+pub use classify::{
+    Failure, FailureClass, PermanentKind, Termination, TransientKind, is_retryable,
+};
 pub use command::{ClaudeInvocation, SessionMode, default_binary};
 pub use retry::{RetriedRun, RetryPolicy, run_with_retries};
 pub use stream::{Outcome, ParsedRun, ResultSummary, StreamEvent, StreamParser, TokenUsage};

@@ -112,7 +112,11 @@ pub async fn run_with_retries(
         attempts.push(outcome);
         match delay {
             Some(delay) if !cancel.is_cancelled() => {
-                tracing::info!(attempt, delay_ms = delay.as_millis() as u64, "retrying the Claude CLI after a transient failure");
+                tracing::info!(
+                    attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying the Claude CLI after a transient failure"
+                );
                 if !sleep_unless_cancelled(delay, cancel).await {
                     break;
                 }

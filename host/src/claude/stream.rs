@@ -381,7 +381,11 @@ fn parse_init(msg: &Value) -> InitInfo {
         tools: msg
             .get("tools")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|t| t.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default(),
     }
 }
@@ -404,8 +408,8 @@ fn parse_assistant(msg: &Value, events: &mut Vec<StreamEvent>) {
     if let Some(code) = str_field(msg, "error") {
         let text = blocks
             .iter()
-            .filter_map(|b| (str_field(b, "type").as_deref() == Some("text")).then(|| str_field(b, "text")))
-            .flatten()
+            .filter(|b| str_field(b, "type").as_deref() == Some("text"))
+            .filter_map(|b| str_field(b, "text"))
             .collect::<Vec<_>>()
             .join("");
         events.push(StreamEvent::ApiError(ApiErrorMessage { code, text }));
@@ -447,7 +451,10 @@ fn parse_user(msg: &Value, events: &mut Vec<StreamEvent>) {
         events.push(StreamEvent::ToolResult {
             tool_use_id: str_field(block, "tool_use_id").unwrap_or_default(),
             content,
-            is_error: block.get("is_error").and_then(Value::as_bool).unwrap_or(false),
+            is_error: block
+                .get("is_error")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         });
     }
 }
@@ -514,7 +521,10 @@ fn parse_result(msg: &Value) -> ResultSummary {
             .unwrap_or_default(),
         terminal_reason: str_field(msg, "terminal_reason"),
         stop_reason: str_field(msg, "stop_reason"),
-        structured_output: msg.get("structured_output").filter(|v| !v.is_null()).cloned(),
+        structured_output: msg
+            .get("structured_output")
+            .filter(|v| !v.is_null())
+            .cloned(),
         permission_denials: msg
             .get("permission_denials")
             .and_then(Value::as_array)
@@ -609,17 +619,15 @@ impl ParsedRun {
     pub fn apply(&mut self, event: StreamEvent) {
         match event {
             StreamEvent::Init(info) => self.init = Some(info),
-            StreamEvent::AssistantText { message_id, text } => {
-                match self.messages.last_mut() {
-                    Some(last) if message_id.is_some() && last.id == message_id => {
-                        last.text.push_str(&text)
-                    }
-                    _ => self.messages.push(AssistantMessage {
-                        id: message_id,
-                        text,
-                    }),
+            StreamEvent::AssistantText { message_id, text } => match self.messages.last_mut() {
+                Some(last) if message_id.is_some() && last.id == message_id => {
+                    last.text.push_str(&text)
                 }
-            }
+                _ => self.messages.push(AssistantMessage {
+                    id: message_id,
+                    text,
+                }),
+            },
             StreamEvent::ToolUse { id, name, .. } => self.tool_calls.push(ToolCall {
                 id,
                 name,
@@ -712,9 +720,13 @@ mod tests {
         assert_eq!(
             evs,
             vec![
-                StreamEvent::Skipped { line: "hello".into() },
+                StreamEvent::Skipped {
+                    line: "hello".into()
+                },
                 StreamEvent::Skipped { line: "4".into() },
-                StreamEvent::Skipped { line: "{oops".into() },
+                StreamEvent::Skipped {
+                    line: "{oops".into()
+                },
             ]
         );
     }
@@ -738,7 +750,8 @@ mod tests {
     #[test]
     fn older_cost_fields_are_understood() {
         for key in ["total_cost", "cost_usd"] {
-            let line = format!(r#"{{"type":"result","subtype":"success","{key}":0.5,"is_error":false}}"#);
+            let line =
+                format!(r#"{{"type":"result","subtype":"success","{key}":0.5,"is_error":false}}"#);
             let run = ParsedRun::from_stdout(&line);
             assert_eq!(run.result.unwrap().total_cost_usd, Some(0.5), "{key}");
         }
@@ -762,7 +775,11 @@ mod tests {
         }
         let texts: Vec<&str> = run.messages.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["Hello, world.", "Bye."]);
-        assert_eq!(run.final_text(), Some("Bye."), "without a result, the last message");
+        assert_eq!(
+            run.final_text(),
+            Some("Bye."),
+            "without a result, the last message"
+        );
     }
 
     #[test]

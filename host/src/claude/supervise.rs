@@ -274,18 +274,19 @@ pub async fn run_attempt(
     let mut run = ParsedRun::default();
     let mut raw_stdout = Vec::new();
     let mut first_output = None;
-    let mut handle_line = |line: String, run: &mut ParsedRun, on_progress: &mut dyn FnMut(Progress<'_>)| -> bool {
-        let line = line.strip_suffix('\n').unwrap_or(&line).to_string();
-        on_progress(Progress::Line(&line));
-        let mut saw_result = false;
-        for event in parser.feed_line(&line) {
-            saw_result |= matches!(event, StreamEvent::Result(_));
-            on_progress(Progress::Event(&event));
-            run.apply(event);
-        }
-        raw_stdout.push(line);
-        saw_result
-    };
+    let mut handle_line =
+        |line: String, run: &mut ParsedRun, on_progress: &mut dyn FnMut(Progress<'_>)| -> bool {
+            let line = line.strip_suffix('\n').unwrap_or(&line).to_string();
+            on_progress(Progress::Line(&line));
+            let mut saw_result = false;
+            for event in parser.feed_line(&line) {
+                saw_result |= matches!(event, StreamEvent::Result(_));
+                on_progress(Progress::Event(&event));
+                run.apply(event);
+            }
+            raw_stdout.push(line);
+            saw_result
+        };
 
     let overall_deadline = tokio::time::Instant::from_std(t0 + limits.overall_timeout);
     let mut idle_deadline = tokio::time::Instant::now() + limits.no_output_timeout;
@@ -386,7 +387,9 @@ pub async fn run_attempt(
     });
     match &failure {
         None => tracing::debug!(pid, "the Claude CLI run succeeded"),
-        Some(f) => tracing::info!(pid, class = %f.class, message = %f.message, "the Claude CLI run failed"),
+        Some(f) => {
+            tracing::info!(pid, class = %f.class, message = %f.message, "the Claude CLI run failed")
+        }
     }
     Ok(AttemptOutcome {
         pid,
@@ -444,4 +447,41 @@ async fn read_tail(mut pipe: impl tokio::io::AsyncRead + Unpin, limit: usize) ->
         truncated = true;
     }
     (String::from_utf8_lossy(&kept).into_owned(), truncated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon spawns attempts on its runtime, so the future must be `Send`.
+    #[test]
+    fn an_attempt_future_can_be_spawned() {
+        fn assert_send<T: Send>(_: &T) {}
+        let inv = ClaudeInvocation::new("sonnet", "p");
+        let limits = Limits::default();
+        let cancel = CancelToken::new();
+        let future = run_attempt(&inv, &limits, &cancel, |_| {});
+        assert_send(&future);
+    }
+
+    #[test]
+    fn a_cancel_token_is_shared_by_its_clones() {
+        let token = CancelToken::new();
+        let clone = token.clone();
+        assert!(!clone.is_cancelled());
+        token.cancel();
+        assert!(clone.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn the_stderr_tail_keeps_the_last_bytes() {
+        let data = (0..50_000)
+            .map(|i| (b'a' + (i % 26) as u8) as char)
+            .collect::<String>();
+        let (tail, truncated) = read_tail(data.as_bytes(), 100).await;
+        assert!(truncated);
+        assert_eq!(tail, data[data.len() - 100..]);
+        let (all, truncated) = read_tail(&b"short"[..], 100).await;
+        assert_eq!((all.as_str(), truncated), ("short", false));
+    }
 }
