@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use ksi_host::claude::orphan::group_members;
 use ksi_host::claude::stream::StreamEvent;
 use ksi_host::claude::{
     AttemptOutcome, CancelToken, ClaudeInvocation, FailureClass, Limits, PermanentKind, Progress,
@@ -57,27 +58,6 @@ fn is_alive(pid: u32) -> bool {
             .unwrap_or(false)
 }
 
-/// Live processes whose process group is `pgid`.
-fn group_members(pgid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let rest = stat.rsplit_once(") ")?.1.to_string();
-                    let mut fields = rest.split(' ');
-                    let state = fields.next()?;
-                    let pgrp = fields.nth(1)?.parse::<u32>().ok()?;
-                    Some(state != "Z" && pgrp == pgid)
-                })
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 /// Wait up to 2 s for a killed process to disappear (init may reap a grandchild a bit later).
 async fn gone(pid: u32) -> bool {
     for _ in 0..40 {
@@ -100,7 +80,7 @@ async fn a_successful_call_reports_text_cost_tokens_and_session() -> Result<()> 
     let seen = reported_pid.clone();
     let mut lines = 0;
     let outcome = run_attempt(&inv, &quick_limits(), &CancelToken::new(), |p| match p {
-        Progress::Spawned { pid } => seen.store(pid, Ordering::SeqCst),
+        Progress::Spawned { pid, .. } => seen.store(pid, Ordering::SeqCst),
         Progress::Line(_) => lines += 1,
         Progress::Event(_) => {}
     })
@@ -343,6 +323,20 @@ async fn a_cli_that_ignores_sigterm_gets_sigkill_after_the_grace_period() -> Res
 }
 
 #[tokio::test]
+async fn a_cli_that_lingers_after_its_result_is_killed_and_the_result_counts() -> Result<()> {
+    let limits = Limits {
+        linger_after_result: Duration::from_millis(300),
+        ..quick_limits()
+    };
+    let outcome = run(&with_fault("hi", "linger"), &limits).await?;
+    ensure!(outcome.succeeded(), "{:?}", outcome.failure);
+    assert_eq!(outcome.termination, Termination::LingeredAfterResult);
+    assert!(outcome.result().unwrap().total_cost_usd.unwrap() > 0.0);
+    assert!(gone(outcome.pid).await);
+    Ok(())
+}
+
+#[tokio::test]
 async fn cancelling_kills_the_process_group_and_is_not_retried() -> Result<()> {
     let cancel = CancelToken::new();
     let trigger = cancel.clone();
@@ -389,7 +383,7 @@ async fn dropping_a_running_attempt_kills_its_process_group() -> Result<()> {
     let limits = quick_limits();
     let cancel = CancelToken::new();
     let attempt = run_attempt(&inv, &limits, &cancel, |p| {
-        if let Progress::Spawned { pid } = p {
+        if let Progress::Spawned { pid, .. } = p {
             seen.store(pid, Ordering::SeqCst);
         }
     });

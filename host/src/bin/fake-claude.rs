@@ -8,8 +8,9 @@
 //! sentence derived from prompt, model and session, and always starts with `[simulated]`.
 //!
 //! Environment knobs:
-//! - `FAKE_CLAUDE_FAULT`: `hang`, `slow`, `crash`, `garbage`, `no_result`, `auth`, `billing`,
-//!   `overloaded`, `rate_limited`, `unknown_model`, `bad_resume`.
+//! - `FAKE_CLAUDE_FAULT`: `hang` (init, then silence), `slow`, `crash` (abort mid-stream),
+//!   `garbage`, `no_result`, `auth`, `billing`, `overloaded`, `rate_limited`, `unknown_model`,
+//!   `bad_resume`, `linger` (a full successful run that then does not exit).
 //! - `FAKE_CLAUDE_FAULT_ONCE=<file>`: apply the fault only if `<file>` does not exist yet (it is
 //!   created), so a retry succeeds.
 //! - `FAKE_CLAUDE_DELAY_MS`: pause between lines (default 200 for `slow`, 0 otherwise).
@@ -121,6 +122,12 @@ fn main() {
     let code = match fault.as_deref() {
         None | Some("slow") | Some("garbage") => run.succeed(&mut out),
         Some("hang") => run.hang(&mut out),
+        Some("linger") => {
+            run.succeed(&mut out);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
         Some("crash") => run.crash(&mut out),
         Some("no_result") => run.no_result(&mut out),
         Some("auth") => run.api_failure(

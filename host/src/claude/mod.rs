@@ -5,7 +5,7 @@
 //! its own group and watches it (timeouts, cancellation, kill, reap), [`stream`] parses its
 //! stream-json stdout line by line, [`classify`] turns a failed attempt into a transient or
 //! permanent [`FailureClass`](classify::FailureClass) with the CLI's own message, and [`retry`]
-//! decides whether and when to try again. Nothing here touches the database: the daemon records
+//! decides whether and when to try again; [`orphan`] cleans up after a daemon that died. Nothing here touches the database: the daemon records
 //! the pid, events and outcome this module hands it.
 //!
 //! `fake-claude` (`src/bin/fake-claude.rs`) speaks the same flags and line shapes, with injectable
@@ -13,6 +13,7 @@
 
 pub mod classify;
 pub mod command;
+pub mod orphan;
 pub mod retry;
 pub mod stream;
 pub mod supervise;
@@ -24,6 +25,7 @@ pub use classify::{
     Failure, FailureClass, PermanentKind, Termination, TransientKind, is_retryable,
 };
 pub use command::{ClaudeInvocation, SessionMode, default_binary};
+pub use orphan::{OrphanCheck, kill_orphaned_group};
 pub use retry::{RetriedRun, RetryPolicy, run_with_retries};
 pub use stream::{Outcome, ParsedRun, ResultSummary, StreamEvent, StreamParser, TokenUsage};
 pub use supervise::{AttemptOutcome, CancelToken, Limits, Progress, SpawnError, run_attempt};

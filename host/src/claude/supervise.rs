@@ -97,6 +97,10 @@ pub enum Progress<'a> {
     Spawned {
         /// Pid and process-group id of the child.
         pid: u32,
+        /// The child's start time in clock ticks since boot, to tell it from a later process
+        /// with the same pid when reconciling after a daemon crash
+        /// ([`kill_orphaned_group`](super::orphan::kill_orphaned_group)).
+        start_ticks: Option<u64>,
     },
     /// A raw stdout line, before parsing (for `claude_logs/<session>.jsonl`).
     Line(&'a str),
@@ -235,7 +239,10 @@ pub async fn run_attempt(
         armed: true,
     };
     tracing::debug!(pid, command = %inv.display(), "spawned the Claude CLI");
-    on_progress(Progress::Spawned { pid });
+    on_progress(Progress::Spawned {
+        pid,
+        start_ticks: super::orphan::process_start_ticks(pid),
+    });
 
     // The prompt goes on stdin, which is then closed; a CLI that exits early breaks the pipe.
     let mut stdin = child.stdin.take().expect("stdin is piped");
