@@ -4,7 +4,7 @@
 //! [`command`] builds the command line and clean environment, [`supervise`] spawns the process in
 //! its own group and watches it (timeouts, cancellation, kill, reap), [`stream`] parses its
 //! stream-json stdout line by line, [`classify`] turns a failed attempt into a transient or
-//! permanent [`FailureClass`](classify::FailureClass) with the CLI's own message, and [`retry`]
+//! permanent [`FailureClass`] with the CLI's own message, and [`retry`]
 //! decides whether and when to try again; [`orphan`] cleans up after a daemon that died. Nothing here touches the database: the daemon records
 //! the pid, events and outcome this module hands it.
 //!
