@@ -615,3 +615,94 @@ mod real_cli {
         Ok(())
     }
 }
+
+/// `fake-claude` behaves like the real CLI where KSI depends on it.
+mod fake_cli_fidelity {
+    use super::*;
+    use ksi_host::claude::ParsedRun;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    fn fake_cli(args: &[&str], stdin: &str) -> Result<std::process::Output> {
+        let mut child = Command::new(FAKE)
+            .args(args)
+            .env_remove("CLAUDECODE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().unwrap().write_all(stdin.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    }
+
+    #[test]
+    fn a_variadic_tool_list_swallows_the_positional_prompt() -> Result<()> {
+        let out = fake_cli(&["--print", "--allowedTools", "Bash", "my prompt"], "")?;
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8(out.stderr)?;
+        assert!(stderr.starts_with(
+            "Error: Input must be provided either through stdin or as a prompt argument when using --print"
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn stream_json_without_verbose_is_refused_with_the_real_text() -> Result<()> {
+        let out = fake_cli(&["-p", "--output-format", "stream-json"], "hi")?;
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8(out.stderr)?.starts_with(
+            "Error: When using --print, --output-format=stream-json requires --verbose"
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn json_verbose_prints_one_array_that_parses_like_the_stream() -> Result<()> {
+        let session = "11111111-2222-4333-8444-000000000001";
+        let common = [
+            "-p",
+            "--verbose",
+            "--session-id",
+            session,
+            "--model",
+            "haiku",
+        ];
+        let array = fake_cli(&[&common[..], &["--output-format", "json"]].concat(), "hi")?;
+        let stream = fake_cli(
+            &[&common[..], &["--output-format", "stream-json"]].concat(),
+            "hi",
+        )?;
+        let array = String::from_utf8(array.stdout)?;
+        assert!(array.starts_with('[') && array.lines().count() == 1);
+        let from_array = ParsedRun::from_stdout(&array);
+        let from_stream = ParsedRun::from_stdout(&String::from_utf8(stream.stdout)?);
+        assert_eq!(from_array.final_text(), from_stream.final_text());
+        assert_eq!(from_array.session_id(), Some(session));
+        assert_eq!(from_array.messages, from_stream.messages);
+        Ok(())
+    }
+
+    #[test]
+    fn every_answer_says_it_is_simulated() -> Result<()> {
+        for fault in [
+            "",
+            "auth",
+            "billing",
+            "overloaded",
+            "rate_limited",
+            "unknown_model",
+        ] {
+            let out = Command::new(FAKE)
+                .args(["-p", "--output-format", "stream-json", "--verbose"])
+                .env("FAKE_CLAUDE_FAULT", fault)
+                .env_remove("CLAUDECODE")
+                .stdin(Stdio::null())
+                .arg("a prompt")
+                .output()?;
+            let run = ParsedRun::from_stdout(&String::from_utf8(out.stdout)?);
+            let text = run.final_text().unwrap_or_default();
+            assert!(text.contains("simulated"), "{fault}: {text}");
+        }
+        Ok(())
+    }
+}
