@@ -2,10 +2,12 @@
 //!
 //! One module per part (see `shared/ARCHITECTURE.md`): [`store`] owns the SQLite database,
 //! [`bus`] the durable event bus, [`refs`] the files that rows point to, [`settings`] the
-//! dynamic configuration, [`cli`] the command-line faces.
+//! dynamic configuration, [`claude`] runs the Claude CLI, [`workflow`] the durable workflow
+//! engine, [`cli`] the command-line faces.
 
 pub mod bench;
 pub mod bus;
+pub mod claude;
 pub mod cli;
 pub mod config;
 pub mod refs;

@@ -1,7 +1,8 @@
-//! End-to-end tests: they start the real `ksi-host` / `ksi` binaries. One test binary for all
-//! areas (one `mod` each) keeps link time down.
+//! End-to-end tests: they start the real `ksi-host` / `ksi` / `fake-claude` binaries. One test
+//! binary for all areas (one `mod` each) keeps link time down.
 
 mod support;
 
+mod claude;
 mod cli;
 mod crash;

@@ -1,0 +1,33 @@
+//! The Claude CLI executor: runs the real `claude` command headless and makes sense of it.
+//!
+//! One call flows through the files of this module in order: [`command`] builds the command line
+//! and clean environment, [`supervise`] spawns the process in its own group and watches it
+//! (timeouts, cancellation, kill, reap), [`stream`] parses its stream-json stdout line by line,
+//! [`classify`] turns a failed attempt into a transient or permanent [`FailureClass`] with the
+//! CLI's own message, and [`retry`] decides whether and when to try again. [`orphan`] cleans up
+//! after a daemon that died. Nothing here touches the database: the daemon records the pid,
+//! events and outcome this module hands it.
+//!
+//! `fake-claude` (`src/bin/fake-claude.rs`) speaks the same flags and line shapes, with injectable
+//! faults, for tests and offline demos.
+
+#![warn(missing_docs)]
+
+pub mod classify;
+pub mod command;
+pub mod orphan;
+pub mod retry;
+pub mod stream;
+pub mod supervise;
+
+#[cfg(test)]
+mod fixture_tests;
+
+pub use classify::{
+    Failure, FailureClass, PermanentKind, Termination, TransientKind, is_retryable,
+};
+pub use command::{ClaudeInvocation, SessionMode, default_binary};
+pub use orphan::{OrphanCheck, kill_orphaned_group};
+pub use retry::{RetriedRun, RetryPolicy, run_with_retries};
+pub use stream::{Outcome, ParsedRun, ResultSummary, StreamEvent, StreamParser, TokenUsage};
+pub use supervise::{AttemptOutcome, CancelToken, Limits, Progress, SpawnError, run_attempt};
