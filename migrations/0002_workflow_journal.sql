@@ -40,6 +40,7 @@ CREATE TABLE step_calls (
     request_sha256 TEXT    NOT NULL,
     status         TEXT    NOT NULL CHECK (status IN ('started', 'completed', 'failed')),
     process_id     TEXT,                    -- the Claude process started for it
+    request        TEXT,                    -- JSON of the request (prompt, agent, model), for transcripts
     response       TEXT,                    -- JSON, inline
     cost_usd       REAL    NOT NULL DEFAULT 0,
     created_at     INTEGER NOT NULL,

@@ -5,6 +5,7 @@
 //! dynamic configuration, [`claude`] runs the Claude CLI, [`workflow`] the durable workflow
 //! engine, [`cli`] the command-line faces.
 
+pub mod api;
 pub mod bench;
 pub mod bus;
 pub mod claude;

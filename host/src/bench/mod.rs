@@ -2,3 +2,4 @@
 //! never assert on time (machines are shared and noisy).
 
 pub mod bus;
+pub mod workflow;

@@ -67,6 +67,21 @@ pub enum ConfigCmd {
 /// `ksi-host bench ...`
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
+    /// Workflow engine: durable steps/s and per-step latency (10-step echo workflows, 100 at
+    /// once), and the time to resume 1,000 running instances after a restart
+    Workflow {
+        /// Concurrent instances
+        #[arg(long, default_value_t = 100)]
+        instances: usize,
+        /// Instances to resume in the restart phase
+        #[arg(long, default_value_t = 1000)]
+        resume: usize,
+        /// Use the in-process native echo instead of the WebAssembly echo plugin
+        #[arg(long)]
+        native: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Durable bus: publish, batch publish, claim+ack throughput; publish->subscriber latency
     Bus {
         /// Events per phase
@@ -151,6 +166,51 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                     t.add_row(vec![
                         "publish -> subscriber p99".into(),
                         format!("{:.3} ms", r.e2e_p99_ms),
+                    ]);
+                    println!("{t}");
+                }
+                Ok(())
+            }
+            HostCmd::Bench(BenchCmd::Workflow {
+                instances,
+                resume,
+                native,
+                json,
+            }) => {
+                store::prepare_data_dir(&config.data_dir)?;
+                let _ = native;
+                let runner = std::sync::Arc::new(bench::workflow::NativeEcho);
+                let r = bench::workflow::run(
+                    &config.data_dir.join("bench-workflow"),
+                    runner,
+                    "native.echo",
+                    instances,
+                    resume,
+                )
+                .await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    let mut t = table(&["measure", "value"]);
+                    t.add_row(vec!["handler".into(), r.handler.clone()]);
+                    t.add_row(vec![
+                        "workload".into(),
+                        format!(
+                            "{} instances x {} steps, {} workers",
+                            r.instances, r.steps_per_instance, r.workers
+                        ),
+                    ]);
+                    t.add_row(vec![
+                        "durable steps".into(),
+                        format!("{:.0} /s", r.steps_per_s),
+                    ]);
+                    t.add_row(vec![
+                        "step p50 / p99".into(),
+                        format!("{:.1} / {:.1} ms", r.step_p50_ms, r.step_p99_ms),
+                    ]);
+                    t.add_row(vec![
+                        format!("resume {} instances", r.resume_instances),
+                        format!("{:.0} ms", r.resume_ms),
                     ]);
                     println!("{t}");
                 }

@@ -523,6 +523,21 @@ impl Store {
         self.inner.readers.lock().unwrap().clear();
     }
 
+    /// A cheap liveness check of the database (a query on a reader connection).
+    pub fn ping(&self) -> Result<()> {
+        self.read(|c| {
+            c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    /// The id of the newest committed event known to this process.
+    pub fn published_id(&self) -> i64 {
+        *self.inner.published.borrow()
+    }
+
     /// Runs `PRAGMA integrity_check` on a reader and returns its verdict (`"ok"` when sound).
     pub fn integrity_check(&self) -> Result<String> {
         self.read(|c| Ok::<_, StoreError>(c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?))

@@ -125,6 +125,7 @@ impl StepContext {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
         call_seq: u32,
@@ -134,6 +135,7 @@ impl StepContext {
         process_id: Option<String>,
         response: Option<Value>,
         cost: f64,
+        request: Option<Value>,
     ) -> Result<(), StepError> {
         let (wf, seq, attempt, kind, hash) = (
             self.workflow_id.clone(),
@@ -147,12 +149,13 @@ impl StepContext {
                 let now = now_ms();
                 tx.prepare_cached(
                     "INSERT INTO step_calls(workflow_id, seq, attempt, call_seq, kind, request_sha256,
-                        status, process_id, response, cost_usd, created_at, completed_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, CASE WHEN ?7 = 'started' THEN NULL ELSE ?11 END)
+                        status, process_id, response, cost_usd, created_at, completed_at, request)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, CASE WHEN ?7 = 'started' THEN NULL ELSE ?11 END, ?12)
                      ON CONFLICT(workflow_id, seq, attempt, call_seq) DO UPDATE SET status = excluded.status,
                         process_id = COALESCE(excluded.process_id, step_calls.process_id),
                         response = excluded.response, cost_usd = excluded.cost_usd,
-                        completed_at = excluded.completed_at",
+                        completed_at = excluded.completed_at,
+                        request = COALESCE(excluded.request, step_calls.request)",
                 )?
                 .execute(params![
                     wf,
@@ -165,7 +168,8 @@ impl StepContext {
                     process_id,
                     response.map(|r| r.to_string()),
                     cost,
-                    now
+                    now,
+                    request.map(|r| r.to_string())
                 ])?;
                 Ok::<_, BusError>(())
             })
@@ -188,8 +192,17 @@ impl StepContext {
         }
         let out = run()?;
         let value = serde_json::to_value(&out).unwrap_or(Value::Null);
-        self.record(call_seq, kind, &hash, "completed", None, Some(value), 0.0)
-            .await?;
+        self.record(
+            call_seq,
+            kind,
+            &hash,
+            "completed",
+            None,
+            Some(value),
+            0.0,
+            None,
+        )
+        .await?;
         Ok(out)
     }
 
@@ -252,6 +265,7 @@ impl StepContext {
                 Some(answer.process_id.clone()),
                 serde_json::to_value(&answer).ok(),
                 answer.cost_usd,
+                None,
             )
             .await
             .map_err(internal)?;
@@ -278,6 +292,7 @@ impl StepContext {
             Some(process_id.clone()),
             None,
             0.0,
+            serde_json::to_value(&request).ok(),
         )
         .await
         .map_err(internal)?;
@@ -295,6 +310,7 @@ impl StepContext {
                     Some(process_id),
                     serde_json::to_value(answer).ok(),
                     answer.cost_usd,
+                    None,
                 )
                 .await
                 .map_err(internal)?;
@@ -311,6 +327,7 @@ impl StepContext {
                         Some(process_id),
                         serde_json::to_value(f).ok(),
                         0.0,
+                        None,
                     )
                     .await;
             }

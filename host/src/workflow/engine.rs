@@ -422,6 +422,77 @@ impl Engine {
         })
     }
 
+    /// The Claude turns of an instance in order: agent, prompt, answer (read through the
+    /// answer's file reference when it has one), session, cost.
+    pub fn transcript(&self, id: &str) -> Result<Vec<Value>, WorkflowError> {
+        let id = id.to_string();
+        let rows: Vec<(i64, u32, String, Option<String>, Option<String>)> = self.inner.store.read(move |c| {
+            let mut st = c.prepare(
+                "SELECT c.seq, c.call_seq, COALESCE(s.step, ''), c.request, c.response FROM step_calls c
+                 LEFT JOIN workflow_steps s ON s.workflow_id = c.workflow_id AND s.seq = c.seq AND s.attempt = c.attempt
+                 WHERE c.workflow_id = ?1 AND c.kind = 'claude.complete' AND c.status = 'completed'
+                 ORDER BY c.seq, c.call_seq",
+            )?;
+            let rows = st.query_map([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+            Ok::<_, WorkflowError>(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, call, step, req, resp)| {
+                let req: Value = req.and_then(|r| serde_json::from_str(&r).ok()).unwrap_or(Value::Null);
+                let ans: super::ClaudeAnswer = resp.and_then(|r| serde_json::from_str(&r).ok()).unwrap_or_default();
+                let text = ans
+                    .response_ref
+                    .as_ref()
+                    .and_then(|r| self.inner.refs.read(r).ok())
+                    .and_then(|b| text_of_logged_line(&b))
+                    .unwrap_or_else(|| ans.text.clone());
+                json!({"seq": seq, "call": call, "step": step, "agent": req["agent"], "prompt": req["prompt"],
+                       "text": text, "session_id": ans.session_id, "model": ans.model, "cost_usd": ans.cost_usd,
+                       "process_id": ans.process_id, "response_ref": ans.response_ref})
+            })
+            .collect())
+    }
+
+    /// Instances by status.
+    pub fn counts(&self) -> Result<Vec<(String, i64)>, WorkflowError> {
+        self.inner.store.read(|c| {
+            let mut st = c.prepare(
+                "SELECT status, COUNT(*) FROM workflows GROUP BY status ORDER BY status",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    /// Prometheus histogram lines of recent step durations.
+    pub fn step_latency_histogram(&self) -> Result<String, WorkflowError> {
+        let durations: Vec<i64> = self.inner.store.read(|c| {
+            let mut st = c.prepare(
+                "SELECT finished_at - started_at FROM workflow_steps WHERE finished_at IS NOT NULL
+                 ORDER BY finished_at DESC LIMIT 10000",
+            )?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            Ok::<_, WorkflowError>(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
+        let bounds = [1, 5, 10, 50, 100, 500, 1000, 5000, 30000, 120000];
+        let mut out = String::new();
+        for b in bounds {
+            let n = durations.iter().filter(|d| **d <= b).count();
+            out.push_str(&format!("ksi_step_duration_ms_bucket{{le=\"{b}\"}} {n}\n"));
+        }
+        out.push_str(&format!(
+            "ksi_step_duration_ms_bucket{{le=\"+Inf\"}} {}\n",
+            durations.len()
+        ));
+        out.push_str(&format!(
+            "ksi_step_duration_ms_sum {}\n",
+            durations.iter().sum::<i64>()
+        ));
+        out.push_str(&format!("ksi_step_duration_ms_count {}\n", durations.len()));
+        Ok(out)
+    }
+
     async fn transition(
         &self,
         id: &str,
@@ -1130,6 +1201,16 @@ impl RunMeta {
             elapsed: Duration::ZERO,
         }
     }
+}
+
+/// The answer text in a logged response line (a CLI `result` line, or a KSI envelope with
+/// `text`).
+fn text_of_logged_line(bytes: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    v.get("result")
+        .or_else(|| v.get("text"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 struct Row {
