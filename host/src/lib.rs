@@ -1,1 +1,3 @@
 //! KSI host.
+
+pub mod plugins;

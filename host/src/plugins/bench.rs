@@ -1,0 +1,1 @@
+//! `ksi-host bench plugins`: instantiation, call, load and reload timings.
