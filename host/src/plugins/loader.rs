@@ -273,10 +273,18 @@ fn compile(
         .map_err(|e| PluginError::Engine(format!("cannot spawn a compile thread: {e}")))?;
     match rx.recv_timeout(timeout) {
         Ok(Ok(component)) => Ok(component),
-        Ok(Err(e)) => Err(PluginError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!("{e:#}"),
-        }),
+        Ok(Err(e)) => {
+            let reason = format!("{e:#}");
+            // wasmparser reports a cut-off file as a section running past the end.
+            let truncated = reason.contains("out of bounds") || reason.contains("unexpected end");
+            Err(PluginError::Invalid {
+                path: path.to_path_buf(),
+                reason: match truncated {
+                    true => format!("the file is truncated or corrupt ({reason})"),
+                    false => reason,
+                },
+            })
+        }
         Err(_) => Err(PluginError::CompileTimeout {
             path: path.to_path_buf(),
             limit: timeout,

@@ -379,3 +379,23 @@ impl HostServices for NoServices {
         Err(NOT_IN_DESCRIBE.into())
     }
 }
+
+/// Apply a JSON merge patch (RFC 7396) to `target`: objects merge recursively, `null` deletes,
+/// anything else replaces.
+pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::Value::Object(Default::default());
+    }
+    let target = target.as_object_mut().expect("just made an object");
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge_patch(target.entry(key.clone()).or_insert(serde_json::Value::Null), value);
+        }
+    }
+}
