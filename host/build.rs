@@ -61,10 +61,16 @@ fn ensure_target() {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == TARGET))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == TARGET)
+        })
         .unwrap_or(true); // No rustup: let cargo report a missing target itself.
     if !installed {
-        let status = Command::new("rustup").args(["target", "add", TARGET]).status();
+        let status = Command::new("rustup")
+            .args(["target", "add", TARGET])
+            .status();
         assert!(
             matches!(status, Ok(s) if s.success()),
             "cannot install the {TARGET} target; run `rustup target add {TARGET}`"
@@ -104,8 +110,13 @@ fn build(root: &Path, target_dir: &Path, args: &[&str]) {
             cmd.env_remove(key);
         }
     }
-    let status = cmd.status().expect("failed to run cargo for the bundled plugins");
-    assert!(status.success(), "building the bundled plugins failed: {status}");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the bundled plugins");
+    assert!(
+        status.success(),
+        "building the bundled plugins failed: {status}"
+    );
 }
 
 /// Copies into a fresh file: `release/*.wasm` are hard links into cargo's `deps/`, never write through them.

@@ -201,9 +201,8 @@ impl StepInput {
     ///
     /// A fatal [`StepError`] naming the step when the params do not match `T`.
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, StepError> {
-        serde_json::from_str(&self.params).map_err(|e| {
-            StepError::fatal(format!("invalid params for step {}: {e}", self.step))
-        })
+        serde_json::from_str(&self.params)
+            .map_err(|e| StepError::fatal(format!("invalid params for step {}: {e}", self.step)))
     }
 
     /// The workflow state before this step, deserialized.
@@ -213,7 +212,10 @@ impl StepInput {
     /// A fatal [`StepError`] when the state does not match `T`.
     pub fn state<T: DeserializeOwned>(&self) -> Result<T, StepError> {
         serde_json::from_str(&self.state).map_err(|e| {
-            StepError::fatal(format!("unexpected workflow state in step {}: {e}", self.step))
+            StepError::fatal(format!(
+                "unexpected workflow state in step {}: {e}",
+                self.step
+            ))
         })
     }
 }
@@ -487,7 +489,9 @@ pub mod state {
         crate::bindings::ksi::plugin::state::get(key)
             .map(|json| {
                 serde_json::from_str(&json).map_err(|e| {
-                    StepError::fatal(format!("state key {key} does not hold the expected type: {e}"))
+                    StepError::fatal(format!(
+                        "state key {key} does not hold the expected type: {e}"
+                    ))
                 })
             })
             .transpose()

@@ -13,8 +13,7 @@ pub use exports::ksi::plugin::handler::{
     ErrorKind, Event, PluginInfo, StepError, StepInfo, StepInput, StepOutput,
 };
 pub use ksi::plugin::claude::{
-    ClaudeError, ClaudeErrorKind, Request as ClaudeRequest, Response as ClaudeResponse,
-    TokenUsage,
+    ClaudeError, ClaudeErrorKind, Request as ClaudeRequest, Response as ClaudeResponse, TokenUsage,
 };
 pub use ksi::plugin::types::FileRef;
 

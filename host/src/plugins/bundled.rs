@@ -7,9 +7,18 @@ include!(concat!(env!("OUT_DIR"), "/bundled_plugins.rs"));
 
 /// The handlers that ship with KSI: (file name, component bytes).
 pub const BUNDLED: &[(&str, &[u8])] = &[
-    ("debate.wasm", include_bytes!(concat!(env!("OUT_DIR"), "/debate.wasm"))),
-    ("summarize.wasm", include_bytes!(concat!(env!("OUT_DIR"), "/summarize.wasm"))),
-    ("echo.wasm", include_bytes!(concat!(env!("OUT_DIR"), "/echo.wasm"))),
+    (
+        "debate.wasm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/debate.wasm")),
+    ),
+    (
+        "summarize.wasm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/summarize.wasm")),
+    ),
+    (
+        "echo.wasm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/echo.wasm")),
+    ),
 ];
 
 /// Write the bundled handlers into `plugins_dir` (atomically; files that already hold the same

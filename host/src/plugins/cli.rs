@@ -118,11 +118,16 @@ pub fn scaffold_plugin(dir: &Path, name: &str, sdk: &SdkSource) -> anyhow::Resul
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if !valid {
-        bail!("plugin name {name:?} must start with a lowercase letter and use only a-z, 0-9, - and _");
+        bail!(
+            "plugin name {name:?} must start with a lowercase letter and use only a-z, 0-9, - and _"
+        );
     }
     let root = dir.join(name);
     if root.exists() {
-        bail!("{} already exists; choose another name or directory", root.display());
+        bail!(
+            "{} already exists; choose another name or directory",
+            root.display()
+        );
     }
     std::fs::create_dir_all(root.join("src"))
         .with_context(|| format!("cannot create {}", root.display()))?;

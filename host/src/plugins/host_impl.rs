@@ -14,9 +14,9 @@ use sha2::{Digest, Sha256};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
+use super::bindings::TokenUsage;
 use super::bindings::ksi::plugin::{bus, claude, config, files, logging, state, templates, types};
 use super::bindings::{ClaudeError, ClaudeErrorKind, ClaudeRequest, ClaudeResponse, FileRef};
-use super::bindings::TokenUsage;
 use super::limits::StepLimiter;
 
 /// Which step a host call comes from: enough to scope state and files, tag logs and journal
@@ -90,8 +90,12 @@ pub trait HostServices: Send + Sync {
     /// # Errors
     ///
     /// A message for the guest.
-    fn publish(&self, scope: &StepScope, topic: &str, data: serde_json::Value)
-    -> Result<u64, String>;
+    fn publish(
+        &self,
+        scope: &StepScope,
+        topic: &str,
+        data: serde_json::Value,
+    ) -> Result<u64, String>;
 
     /// `files.read`.
     ///
@@ -119,8 +123,12 @@ pub trait HostServices: Send + Sync {
     /// # Errors
     ///
     /// A message for the guest.
-    fn state_set(&self, scope: &StepScope, key: &str, value: serde_json::Value)
-    -> Result<(), String>;
+    fn state_set(
+        &self,
+        scope: &StepScope,
+        key: &str,
+        value: serde_json::Value,
+    ) -> Result<(), String>;
 
     /// `templates.render`.
     ///
@@ -183,7 +191,6 @@ impl EventSink for RecordingEvents {
         self.events.lock().unwrap().push((topic.to_string(), data));
     }
 }
-
 
 /// In-memory [`HostServices`]: a deterministic simulated Claude, maps for config, state, files
 /// and templates, and a log of everything published. Every Claude answer says it is simulated.
@@ -324,7 +331,9 @@ impl HostServices for MemoryHost {
 
     fn state_get(&self, scope: &StepScope, key: &str) -> Option<String> {
         let state = self.state.lock().unwrap();
-        state.get(&(scope.workflow_id.clone(), key.to_string())).cloned()
+        state
+            .get(&(scope.workflow_id.clone(), key.to_string()))
+            .cloned()
     }
 
     fn state_set(
@@ -334,7 +343,10 @@ impl HostServices for MemoryHost {
         value: serde_json::Value,
     ) -> Result<(), String> {
         let mut state = self.state.lock().unwrap();
-        state.insert((scope.workflow_id.clone(), key.to_string()), value.to_string());
+        state.insert(
+            (scope.workflow_id.clone(), key.to_string()),
+            value.to_string(),
+        );
         Ok(())
     }
 

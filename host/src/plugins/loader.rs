@@ -118,6 +118,10 @@ impl LoadedPlugin {
         }
     }
 
+    pub(crate) fn pre(&self) -> &StepHandlerPre<StepState> {
+        &self.pre
+    }
+
     fn instantiator(&self) -> Instantiator<'_> {
         Instantiator {
             engine: &self.engine,
@@ -296,8 +300,14 @@ fn compile(
 /// with a message that says what to do.
 fn check_wit_version(engine: &PluginEngine, path: &Path, component: &Component) -> Result<String> {
     let ty = component.component_type();
-    let exports: Vec<String> = ty.exports(engine.engine()).map(|(n, _)| n.to_string()).collect();
-    let imports: Vec<String> = ty.imports(engine.engine()).map(|(n, _)| n.to_string()).collect();
+    let exports: Vec<String> = ty
+        .exports(engine.engine())
+        .map(|(n, _)| n.to_string())
+        .collect();
+    let imports: Vec<String> = ty
+        .imports(engine.engine())
+        .map(|(n, _)| n.to_string())
+        .collect();
     let host = semver::Version::parse(WIT_VERSION).expect("WIT_VERSION is semver");
     let mut found = None;
     for name in exports.iter().chain(&imports) {
@@ -305,9 +315,8 @@ fn check_wit_version(engine: &PluginEngine, path: &Path, component: &Component) 
             continue;
         };
         let version = rest.split_once('@').map(|(_, v)| v).unwrap_or("");
-        let compatible = semver::Version::parse(version).is_ok_and(|v| {
-            v.major == host.major && (host.major != 0 || v.minor == host.minor)
-        });
+        let compatible = semver::Version::parse(version)
+            .is_ok_and(|v| v.major == host.major && (host.major != 0 || v.minor == host.minor));
         if !compatible {
             let range = match host.major {
                 0 => format!("{}.{}.x", host.major, host.minor),
@@ -315,7 +324,11 @@ fn check_wit_version(engine: &PluginEngine, path: &Path, component: &Component) 
             };
             return Err(PluginError::IncompatibleWit {
                 path: path.to_path_buf(),
-                found: if version.is_empty() { "(no version)".into() } else { version.into() },
+                found: if version.is_empty() {
+                    "(no version)".into()
+                } else {
+                    version.into()
+                },
                 host: range.clone(),
                 sdk: range,
             });
@@ -323,7 +336,13 @@ fn check_wit_version(engine: &PluginEngine, path: &Path, component: &Component) 
         found.get_or_insert_with(|| version.to_string());
     }
     if !exports.iter().any(|n| n.starts_with("ksi:plugin/handler@")) {
-        let list = |v: &[String]| if v.is_empty() { "nothing".to_string() } else { v.join(", ") };
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "nothing".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
         return Err(PluginError::WrongWorld {
             path: path.to_path_buf(),
             reason: format!(

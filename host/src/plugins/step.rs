@@ -325,7 +325,12 @@ fn check_output(
     let events = output
         .events
         .iter()
-        .map(|e| Ok((e.topic.clone(), json(&format!("event {}", e.topic), &e.data)?)))
+        .map(|e| {
+            Ok((
+                e.topic.clone(),
+                json(&format!("event {}", e.topic), &e.data)?,
+            ))
+        })
         .collect::<Result<Vec<_>, StepFailure>>()?;
     Ok(StepResult {
         state_patch,
@@ -344,7 +349,11 @@ struct NoServices;
 const NOT_IN_DESCRIBE: &str = "host services are not available in describe()";
 
 impl HostServices for NoServices {
-    fn claude_complete(&self, _: &StepScope, _: ClaudeRequest) -> Result<ClaudeResponse, ClaudeError> {
+    fn claude_complete(
+        &self,
+        _: &StepScope,
+        _: ClaudeRequest,
+    ) -> Result<ClaudeResponse, ClaudeError> {
         Err(ClaudeError {
             kind: ClaudeErrorKind::Permanent,
             message: NOT_IN_DESCRIBE.into(),
@@ -375,7 +384,12 @@ impl HostServices for NoServices {
         Err(NOT_IN_DESCRIBE.into())
     }
 
-    fn render_template(&self, _: &StepScope, _: &str, _: serde_json::Value) -> Result<String, String> {
+    fn render_template(
+        &self,
+        _: &StepScope,
+        _: &str,
+        _: serde_json::Value,
+    ) -> Result<String, String> {
         Err(NOT_IN_DESCRIBE.into())
     }
 }
@@ -395,7 +409,10 @@ pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
         if value.is_null() {
             target.remove(key);
         } else {
-            merge_patch(target.entry(key.clone()).or_insert(serde_json::Value::Null), value);
+            merge_patch(
+                target.entry(key.clone()).or_insert(serde_json::Value::Null),
+                value,
+            );
         }
     }
 }

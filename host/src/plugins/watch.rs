@@ -34,17 +34,16 @@ impl PluginWatcher {
             source: std::io::Error::other(e.to_string()),
         };
         let (tx, rx) = channel::<PathBuf>();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            match event {
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
                 Ok(event) => {
                     for path in event.paths {
                         let _ = tx.send(path);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "plugin directory watch error"),
-            }
-        })
-        .map_err(io_error)?;
+            })
+            .map_err(io_error)?;
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(io_error)?;

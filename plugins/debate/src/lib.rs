@@ -119,15 +119,23 @@ fn ask_both(
         request(debate, &debate.con, con_prompt),
     ];
     let mut answers = claude::complete_all(&requests).into_iter();
-    let pro = answers.next().ok_or_else(|| StepError::fatal("no answer for pro"))??;
-    let con = answers.next().ok_or_else(|| StepError::fatal("no answer for con"))??;
+    let pro = answers
+        .next()
+        .ok_or_else(|| StepError::fatal("no answer for pro"))??;
+    let con = answers
+        .next()
+        .ok_or_else(|| StepError::fatal("no answer for con"))??;
     record(debate, step, "pro", pro);
     record(debate, step, "con", con);
     Ok(())
 }
 
 fn record(debate: &mut Debate, step: &str, speaker: &str, answer: Response) {
-    let side = if speaker == "pro" { &mut debate.pro } else { &mut debate.con };
+    let side = if speaker == "pro" {
+        &mut debate.pro
+    } else {
+        &mut debate.con
+    };
     side.session = Some(answer.session_id);
     side.last = answer.text.clone();
     debate.transcript.push(Turn {
@@ -154,7 +162,11 @@ fn opening(input: &StepInput) -> Result<StepOutput, StepError> {
         },
         ..Debate::default()
     };
-    log::info!("debate on {:?}: {} rebuttal round(s)", debate.topic, debate.rounds);
+    log::info!(
+        "debate on {:?}: {} rebuttal round(s)",
+        debate.topic,
+        debate.rounds
+    );
     let for_side = |side: &str| {
         prompt(
             "debate/opening",
@@ -167,7 +179,11 @@ fn opening(input: &StepInput) -> Result<StepOutput, StepError> {
         )
     };
     ask_both(&mut debate, "opening", for_side("for"), for_side("against"))?;
-    let next = if debate.rounds > 0 { "rebuttal" } else { "closing" };
+    let next = if debate.rounds > 0 {
+        "rebuttal"
+    } else {
+        "closing"
+    };
     finish(debate, next)
 }
 
@@ -198,7 +214,11 @@ fn exchange(input: &StepInput) -> Result<StepOutput, StepError> {
         "judge"
     } else {
         debate.round += 1;
-        if debate.round < debate.rounds { "rebuttal" } else { "closing" }
+        if debate.round < debate.rounds {
+            "rebuttal"
+        } else {
+            "closing"
+        }
     };
     finish(debate, next)
 }

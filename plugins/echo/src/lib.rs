@@ -6,7 +6,11 @@ use ksi_sdk::{Plugin, PluginInfo, StepError, StepInput, StepOutput, claude, log}
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-const VERSION: &str = if cfg!(feature = "v2") { "0.2.0" } else { "0.1.0" };
+const VERSION: &str = if cfg!(feature = "v2") {
+    "0.2.0"
+} else {
+    "0.1.0"
+};
 
 #[derive(Deserialize, Default)]
 #[serde(default)]

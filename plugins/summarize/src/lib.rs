@@ -110,7 +110,9 @@ fn source_text(input: &StepInput, params: &Params) -> Result<String, StepError> 
             other => Ok(other.to_string()),
         };
     }
-    Err(StepError::fatal("summarize needs one of text, file or state_key"))
+    Err(StepError::fatal(
+        "summarize needs one of text, file or state_key",
+    ))
 }
 
 ksi_sdk::export!(Summarize);

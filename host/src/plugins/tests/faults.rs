@@ -14,9 +14,14 @@ use crate::plugins::{PluginError, StepFailure, StepInput, bundled};
 fn echo_still_works(fx: &Fixture) -> anyhow::Result<()> {
     let echo = match fx.runtime.resolve("echo") {
         Ok(echo) => echo,
-        Err(_) => fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?,
+        Err(_) => fx
+            .runtime
+            .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?,
     };
-    let out = echo.run_step(&StepInput::new("echo", json!({"still": "alive"})), fx.services())?;
+    let out = echo.run_step(
+        &StepInput::new("echo", json!({"still": "alive"})),
+        fx.services(),
+    )?;
     assert_eq!(out.result["params"]["still"], "alive");
     Ok(())
 }
@@ -24,10 +29,15 @@ fn echo_still_works(fx: &Fixture) -> anyhow::Result<()> {
 fn load_bytes(fx: &Fixture, name: &str, bytes: &[u8]) -> PluginError {
     let path = fx.plugins_dir().join(name);
     std::fs::write(&path, bytes).unwrap();
-    fx.runtime.load_file(&path).expect_err("the file must be refused")
+    fx.runtime
+        .load_file(&path)
+        .expect_err("the file must be refused")
 }
 
-fn run_echo(fx: &Fixture, params: serde_json::Value) -> Result<crate::plugins::StepResult, StepFailure> {
+fn run_echo(
+    fx: &Fixture,
+    params: serde_json::Value,
+) -> Result<crate::plugins::StepResult, StepFailure> {
     let echo = fx.runtime.resolve("echo").expect("echo is loaded");
     echo.run_step(&StepInput::new("echo", params), fx.services())
 }
@@ -39,8 +49,18 @@ fn garbage_bytes_are_refused_as_not_wasm() -> anyhow::Result<()> {
     assert!(matches!(err, PluginError::NotWasm { .. }), "{err}");
     let failed = fx.events.on("plugin.load_failed");
     assert_eq!(failed.len(), 1);
-    assert!(failed[0]["file"].as_str().unwrap().ends_with("garbage.wasm"));
-    assert!(failed[0]["error"].as_str().unwrap().contains("not a WebAssembly file"));
+    assert!(
+        failed[0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("garbage.wasm")
+    );
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly file")
+    );
     echo_still_works(&fx)
 }
 
@@ -51,7 +71,10 @@ fn truncated_component_is_refused_as_invalid() -> anyhow::Result<()> {
     let err = load_bytes(&fx, "truncated.wasm", &bytes[..bytes.len() / 2]);
     match &err {
         PluginError::Invalid { reason, .. } => {
-            assert!(reason.contains("the file is truncated or corrupt"), "{reason}")
+            assert!(
+                reason.contains("the file is truncated or corrupt"),
+                "{reason}"
+            )
         }
         other => panic!("expected Invalid, got {other}"),
     }
@@ -75,7 +98,10 @@ fn component_of_another_world_is_refused_as_wrong_world() -> anyhow::Result<()> 
     let err = load_bytes(&fx, "command.wasm", &std::fs::read(bundled::NOT_A_PLUGIN)?);
     match &err {
         PluginError::WrongWorld { reason, .. } => {
-            assert!(reason.contains("does not export ksi:plugin/handler"), "{reason}");
+            assert!(
+                reason.contains("does not export ksi:plugin/handler"),
+                "{reason}"
+            );
             assert!(reason.contains("wasi:cli/run"), "{reason}");
         }
         other => panic!("expected WrongWorld, got {other}"),
@@ -91,7 +117,10 @@ fn plugin_built_for_another_wit_major_is_refused_by_version() -> anyhow::Result<
     let mut i = 0;
     while let Some(pos) = find(&bytes[i..], b"ksi:plugin/") {
         let start = i + pos;
-        if let Some(at) = find(&bytes[start..start + 40.min(bytes.len() - start)], b"@0.1.0") {
+        if let Some(at) = find(
+            &bytes[start..start + 40.min(bytes.len() - start)],
+            b"@0.1.0",
+        ) {
             bytes[start + at + 1] = b'2';
             bytes[start + at + 3] = b'0';
         }
@@ -101,7 +130,9 @@ fn plugin_built_for_another_wit_major_is_refused_by_version() -> anyhow::Result<
     assert!(matches!(err, PluginError::IncompatibleWit { .. }), "{err}");
     let message = err.to_string();
     assert!(
-        message.contains("was built for ksi:plugin@2.0.0; this host speaks 0.1.x — rebuild it with ksi-sdk 0.1.x"),
+        message.contains(
+            "was built for ksi:plugin@2.0.0; this host speaks 0.1.x — rebuild it with ksi-sdk 0.1.x"
+        ),
         "{message}"
     );
     echo_still_works(&fx)
@@ -119,7 +150,10 @@ fn failure_in_describe_is_a_load_failure() -> anyhow::Result<()> {
     let err = fx.runtime.load_file(&path).unwrap_err();
     match &err {
         PluginError::Describe { failure, .. } => {
-            assert!(matches!(**failure, StepFailure::OutOfMemory { limit: 65536, .. }), "{failure}")
+            assert!(
+                matches!(**failure, StepFailure::OutOfMemory { limit: 65536, .. }),
+                "{failure}"
+            )
         }
         other => panic!("expected Describe, got {other}"),
     }
@@ -143,13 +177,28 @@ fn compile_timeout_is_a_load_failure() -> anyhow::Result<()> {
 #[test]
 fn infinite_loop_is_stopped_by_the_cpu_limit_as_a_timeout() -> anyhow::Result<()> {
     let fx = Fixture::with(|c| {
-        override_for(c, "echo", LimitOverrides { cpu_time: Some(Duration::from_millis(200)), ..Default::default() })
+        override_for(
+            c,
+            "echo",
+            LimitOverrides {
+                cpu_time: Some(Duration::from_millis(200)),
+                ..Default::default()
+            },
+        )
     })?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let start = Instant::now();
     let err = run_echo(&fx, json!({"loop_forever": true})).unwrap_err();
-    assert!(matches!(err, StepFailure::Timeout { limit } if limit == Duration::from_millis(200)), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(2), "stopped after {:?}", start.elapsed());
+    assert!(
+        matches!(err, StepFailure::Timeout { limit } if limit == Duration::from_millis(200)),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "stopped after {:?}",
+        start.elapsed()
+    );
     assert!(!err.is_retryable());
     echo_still_works(&fx)
 }
@@ -162,7 +211,11 @@ fn time_spent_in_host_calls_does_not_count_against_the_cpu_limit() -> anyhow::Re
     /// A Claude that takes 400 ms to answer.
     struct SlowClaude(std::sync::Arc<MemoryHost>);
     impl HostServices for SlowClaude {
-        fn claude_complete(&self, s: &StepScope, r: ClaudeRequest) -> Result<ClaudeResponse, ClaudeError> {
+        fn claude_complete(
+            &self,
+            s: &StepScope,
+            r: ClaudeRequest,
+        ) -> Result<ClaudeResponse, ClaudeError> {
             std::thread::sleep(Duration::from_millis(400));
             self.0.claude_complete(s, r)
         }
@@ -184,28 +237,62 @@ fn time_spent_in_host_calls_does_not_count_against_the_cpu_limit() -> anyhow::Re
         fn state_set(&self, s: &StepScope, k: &str, v: serde_json::Value) -> Result<(), String> {
             self.0.state_set(s, k, v)
         }
-        fn render_template(&self, s: &StepScope, n: &str, v: serde_json::Value) -> Result<String, String> {
+        fn render_template(
+            &self,
+            s: &StepScope,
+            n: &str,
+            v: serde_json::Value,
+        ) -> Result<String, String> {
             self.0.render_template(s, n, v)
         }
     }
 
     let fx = Fixture::with(|c| {
-        override_for(c, "echo", LimitOverrides { cpu_time: Some(Duration::from_millis(100)), ..Default::default() })
+        override_for(
+            c,
+            "echo",
+            LimitOverrides {
+                cpu_time: Some(Duration::from_millis(100)),
+                ..Default::default()
+            },
+        )
     })?;
-    let echo = fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    let echo = fx
+        .runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let slow = std::sync::Arc::new(SlowClaude(fx.host.clone()));
-    let out = echo.run_step(&StepInput::new("echo", json!({"claude_prompt": "take your time"})), slow)?;
-    assert!(out.result["claude"].as_str().unwrap().contains("take your time"));
-    assert!(out.guest_time < Duration::from_millis(100), "{:?}", out.guest_time);
+    let out = echo.run_step(
+        &StepInput::new("echo", json!({"claude_prompt": "take your time"})),
+        slow,
+    )?;
+    assert!(
+        out.result["claude"]
+            .as_str()
+            .unwrap()
+            .contains("take your time")
+    );
+    assert!(
+        out.guest_time < Duration::from_millis(100),
+        "{:?}",
+        out.guest_time
+    );
     Ok(())
 }
 
 #[test]
 fn allocating_beyond_the_memory_limit_is_out_of_memory() -> anyhow::Result<()> {
     let fx = Fixture::with(|c| {
-        override_for(c, "echo", LimitOverrides { memory_bytes: Some(32 << 20), ..Default::default() })
+        override_for(
+            c,
+            "echo",
+            LimitOverrides {
+                memory_bytes: Some(32 << 20),
+                ..Default::default()
+            },
+        )
     })?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let err = run_echo(&fx, json!({"alloc_mb": 100})).unwrap_err();
     match err {
         StepFailure::OutOfMemory { limit, requested } => {
@@ -223,7 +310,8 @@ fn allocating_beyond_the_memory_limit_is_out_of_memory() -> anyhow::Result<()> {
 #[test]
 fn panic_is_reported_as_an_unreachable_trap_with_its_message() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let err = run_echo(&fx, json!({"panic": "the plugin gave up"})).unwrap_err();
     match &err {
         StepFailure::Trap { trap, detail } => {
@@ -238,7 +326,8 @@ fn panic_is_reported_as_an_unreachable_trap_with_its_message() -> anyhow::Result
 #[test]
 fn huge_output_is_refused_as_too_large() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let err = run_echo(&fx, json!({"huge_output_mb": 4})).unwrap_err();
     match err {
         StepFailure::OutputTooLarge { bytes, limit } => {
@@ -253,7 +342,8 @@ fn huge_output_is_refused_as_too_large() -> anyhow::Result<()> {
 #[test]
 fn files_and_environment_variables_that_were_not_granted_are_invisible() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     // SAFETY: tests in this module do not read this variable concurrently.
     unsafe { std::env::set_var("KSI_TEST_SECRET", "hunter2") };
     let secret_file = fx.dir.path().join("secret.txt");
@@ -263,12 +353,21 @@ fn files_and_environment_variables_that_were_not_granted_are_invisible() -> anyh
         json!({"read_file": secret_file.display().to_string(), "env_var": "KSI_TEST_SECRET"}),
     )?;
     let read = &out.result["read_file"];
-    assert!(read.get("ok").is_none(), "the plugin read a file it was not granted: {read}");
     assert!(
-        read["error"].as_str().unwrap().contains("No such file or directory"),
+        read.get("ok").is_none(),
+        "the plugin read a file it was not granted: {read}"
+    );
+    assert!(
+        read["error"]
+            .as_str()
+            .unwrap()
+            .contains("No such file or directory"),
         "{read}"
     );
-    assert_eq!(out.result["env_var"]["error"], "environment variable not found");
+    assert_eq!(
+        out.result["env_var"]["error"],
+        "environment variable not found"
+    );
     assert_eq!(out.result["env_count"], 0);
     Ok(())
 }
@@ -281,10 +380,14 @@ fn a_granted_directory_is_readable() -> anyhow::Result<()> {
     let fx = Fixture::with(move |c| {
         c.load.grants.insert(
             "echo".into(),
-            vec![crate::plugins::step::DirGrant { host_path, guest_path: "/shared".into() }],
+            vec![crate::plugins::step::DirGrant {
+                host_path,
+                guest_path: "/shared".into(),
+            }],
         );
     })?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let out = run_echo(&fx, json!({"read_file": "/shared/note.txt"}))?;
     assert_eq!(out.result["read_file"]["ok"], "granted");
     Ok(())
@@ -293,22 +396,36 @@ fn a_granted_directory_is_readable() -> anyhow::Result<()> {
 #[test]
 fn step_error_from_the_plugin_keeps_its_kind() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let err = run_echo(&fx, json!({"fail": "try later"})).unwrap_err();
-    assert!(matches!(&err, StepFailure::Failed { retryable: true, message } if message == "try later"), "{err}");
+    assert!(
+        matches!(&err, StepFailure::Failed { retryable: true, message } if message == "try later"),
+        "{err}"
+    );
     assert!(err.is_retryable());
     let err = run_echo(&fx, json!({"sleep_ms": "not a number"})).unwrap_err();
-    assert!(matches!(&err, StepFailure::Failed { retryable: false, message } if message.contains("invalid params")), "{err}");
+    assert!(
+        matches!(&err, StepFailure::Failed { retryable: false, message } if message.contains("invalid params")),
+        "{err}"
+    );
     Ok(())
 }
 
 #[test]
 fn unknown_step_is_refused_before_running() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    let echo = fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
-    let err = echo.run_step(&StepInput::new("opening", json!({})), fx.services()).unwrap_err();
+    let echo = fx
+        .runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    let err = echo
+        .run_step(&StepInput::new("opening", json!({})), fx.services())
+        .unwrap_err();
     assert!(matches!(err, StepFailure::UnknownStep { .. }), "{err}");
-    assert!(err.to_string().contains("echo@0.1.0 has no step \"opening\" (it handles: echo)"));
+    assert!(
+        err.to_string()
+            .contains("echo@0.1.0 has no step \"opening\" (it handles: echo)")
+    );
     Ok(())
 }
 

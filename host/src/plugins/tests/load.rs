@@ -33,21 +33,35 @@ fn echo_loads_describes_itself_and_runs() -> anyhow::Result<()> {
 #[test]
 fn echo_calls_claude_through_the_host() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    let plugin = fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    let plugin = fx
+        .runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let out = plugin.run_step(
         &StepInput::new("echo", json!({"claude_prompt": "Say hi"})),
         fx.services(),
     )?;
-    assert!(out.result["claude"].as_str().unwrap().contains("[simulated answer #1 from echo] Say hi"));
+    assert!(
+        out.result["claude"]
+            .as_str()
+            .unwrap()
+            .contains("[simulated answer #1 from echo] Say hi")
+    );
     assert_eq!(fx.host.claude_requests()[0].agent.as_deref(), Some("echo"));
-    assert!(fx.host.logs().iter().any(|(_, m)| m.contains("claude answered")));
+    assert!(
+        fx.host
+            .logs()
+            .iter()
+            .any(|(_, m)| m.contains("claude answered"))
+    );
     Ok(())
 }
 
 #[test]
 fn debate_runs_every_step_and_debaters_keep_their_sessions() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    let plugin = fx.runtime.load_file(&fx.install(bundled::DEBATE, "debate.wasm")?)?;
+    let plugin = fx
+        .runtime
+        .load_file(&fx.install(bundled::DEBATE, "debate.wasm")?)?;
     let steps: Vec<_> = plugin.info.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(steps, ["opening", "rebuttal", "closing", "judge"]);
 
@@ -72,7 +86,12 @@ fn debate_runs_every_step_and_debaters_keep_their_sessions() -> anyhow::Result<(
         match out.next_step {
             Some(next) => step = next,
             None => {
-                assert!(out.result["verdict"].as_str().unwrap().contains("simulated"));
+                assert!(
+                    out.result["verdict"]
+                        .as_str()
+                        .unwrap()
+                        .contains("simulated")
+                );
                 break;
             }
         }
@@ -88,8 +107,15 @@ fn debate_runs_every_step_and_debaters_keep_their_sessions() -> anyhow::Result<(
         .collect();
     assert_eq!(pro.len(), 4);
     assert_eq!(pro[0].session, None);
-    let first_session = pro[1].session.clone().expect("rebuttal resumes the opening session");
-    assert!(pro[2..].iter().all(|r| r.session.as_ref() == Some(&first_session)));
+    let first_session = pro[1]
+        .session
+        .clone()
+        .expect("rebuttal resumes the opening session");
+    assert!(
+        pro[2..]
+            .iter()
+            .all(|r| r.session.as_ref() == Some(&first_session))
+    );
     assert_eq!(state["debate"]["transcript"].as_array().unwrap().len(), 8);
     Ok(())
 }
@@ -97,25 +123,41 @@ fn debate_runs_every_step_and_debaters_keep_their_sessions() -> anyhow::Result<(
 #[test]
 fn summarize_reads_a_file_reference_and_writes_its_summary() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    let plugin = fx.runtime.load_file(&fx.install(bundled::SUMMARIZE, "summarize.wasm")?)?;
-    let file = fx.host.put_file("prompts/archive/essay.txt", b"A long essay about WebAssembly.");
+    let plugin = fx
+        .runtime
+        .load_file(&fx.install(bundled::SUMMARIZE, "summarize.wasm")?)?;
+    let file = fx.host.put_file(
+        "prompts/archive/essay.txt",
+        b"A long essay about WebAssembly.",
+    );
     let mut input = StepInput::new(
         "summarize",
         json!({"file": {"path": file.path, "sha256": file.sha256, "bytes": file.bytes}, "max_words": 10}),
     );
     input.workflow_id = "wf-2".into();
     let out = plugin.run_step(&input, fx.services())?;
-    assert!(out.result["summary"].as_str().unwrap().contains("A long essay"));
-    assert_eq!(out.result["summary_ref"]["path"], "state/workflows/wf-2/summary.md");
+    assert!(
+        out.result["summary"]
+            .as_str()
+            .unwrap()
+            .contains("A long essay")
+    );
+    assert_eq!(
+        out.result["summary_ref"]["path"],
+        "state/workflows/wf-2/summary.md"
+    );
     Ok(())
 }
 
 #[test]
 fn lookup_picks_the_highest_version_matching_the_requirement() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V1, "echo-a.wasm")?)?;
-    fx.runtime.load_file(&fx.install(bundled::ECHO_V2, "echo-b.wasm")?)?;
-    let version = |r: &str| -> anyhow::Result<String> { Ok(fx.runtime.resolve(r)?.version.to_string()) };
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo-a.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V2, "echo-b.wasm")?)?;
+    let version =
+        |r: &str| -> anyhow::Result<String> { Ok(fx.runtime.resolve(r)?.version.to_string()) };
     assert_eq!(version("echo")?, "0.2.0");
     assert_eq!(version("echo@^0.1")?, "0.1.0");
     assert_eq!(version("echo@>=0.1.0")?, "0.2.0");
@@ -124,8 +166,14 @@ fn lookup_picks_the_highest_version_matching_the_requirement() -> anyhow::Result
         Err(PluginError::NoMatchingVersion { loaded, .. }) => assert_eq!(loaded, "0.1.0, 0.2.0"),
         other => panic!("expected NoMatchingVersion, got {other:?}"),
     }
-    assert!(matches!(fx.runtime.resolve("debate"), Err(PluginError::NotFound { .. })));
-    assert!(matches!(fx.runtime.resolve("echo@!!"), Err(PluginError::BadReference { .. })));
+    assert!(matches!(
+        fx.runtime.resolve("debate"),
+        Err(PluginError::NotFound { .. })
+    ));
+    assert!(matches!(
+        fx.runtime.resolve("echo@!!"),
+        Err(PluginError::BadReference { .. })
+    ));
     assert_eq!(fx.runtime.list().len(), 2);
     Ok(())
 }
@@ -157,7 +205,10 @@ fn corrupt_cache_entry_is_recompiled() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
     let path = fx.install(bundled::ECHO_V1, "echo.wasm")?;
     let first = fx.runtime.load_file(&path)?;
-    let entry = std::fs::read_dir(fx.dir.path().join("cache"))?.next().unwrap()?.path();
+    let entry = std::fs::read_dir(fx.dir.path().join("cache"))?
+        .next()
+        .unwrap()?
+        .path();
     let mut bytes = std::fs::read(&entry)?;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
@@ -203,10 +254,16 @@ fn run_step_file_runs_one_step_with_json_input() -> anyhow::Result<()> {
 #[test]
 fn plugins_list_shows_name_version_steps_file_and_hash() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    fx.runtime.load_file(&fx.install(bundled::DEBATE, "debate.wasm")?)?;
+    fx.runtime
+        .load_file(&fx.install(bundled::DEBATE, "debate.wasm")?)?;
     let list = fx.runtime.list();
     let table = cli::list_table(&list);
-    for needle in ["debate", "0.1.0", "opening, rebuttal, closing, judge", "debate.wasm"] {
+    for needle in [
+        "debate",
+        "0.1.0",
+        "opening, rebuttal, closing, judge",
+        "debate.wasm",
+    ] {
         assert!(table.contains(needle), "{needle} missing from\n{table}");
     }
     assert!(table.contains(&list[0].sha256[..12]));
@@ -222,7 +279,13 @@ fn scaffolded_plugin_builds_into_a_component_that_loads() -> anyhow::Result<()> 
     let root = cli::scaffold_plugin(dir.path(), "hello-world", &SdkSource::Path(sdk))?;
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
     let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
         .arg(&target)
         .current_dir(&root)
         .status()?;
@@ -230,8 +293,31 @@ fn scaffolded_plugin_builds_into_a_component_that_loads() -> anyhow::Result<()> 
     let wasm = target.join("wasm32-wasip2/release/hello_world.wasm");
     let report = cli::check_file(&wasm)?;
     assert_eq!(report.summary.name, "hello-world");
-    let out = cli::run_step_file(&wasm, &crate::plugins::StepInput::new("greet", json!({"name": "Ada"})), None)?;
+    let out = cli::run_step_file(
+        &wasm,
+        &crate::plugins::StepInput::new("greet", json!({"name": "Ada"})),
+        None,
+    )?;
     assert!(out.result["greeting"].as_str().unwrap().contains("Ada"));
     let _: Value = out.state_patch;
+    Ok(())
+}
+
+#[test]
+fn bench_reports_every_number() -> anyhow::Result<()> {
+    let report = crate::plugins::bench::try_bench_plugins()?;
+    println!("{report:#}");
+    for key in [
+        "instantiate_call_p50_us",
+        "hot_call_p50_us",
+        "reload_ms",
+        "reload_cold_ms",
+    ] {
+        assert!(report[key].as_f64().is_some(), "{key} missing: {report}");
+    }
+    for plugin in ["echo", "debate", "summarize"] {
+        assert!(report["cold_load_ms"][plugin].as_f64().is_some());
+        assert!(report["cached_load_ms"][plugin].as_f64().is_some());
+    }
     Ok(())
 }

@@ -71,11 +71,7 @@ impl Fixture {
 }
 
 /// Overrides for one plugin.
-pub(crate) fn override_for(
-    config: &mut RuntimeConfig,
-    plugin: &str,
-    overrides: LimitOverrides,
-) {
+pub(crate) fn override_for(config: &mut RuntimeConfig, plugin: &str, overrides: LimitOverrides) {
     config.load.limits.plugins.insert(plugin.into(), overrides);
 }
 
@@ -88,7 +84,10 @@ pub(crate) fn replace_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()
 }
 
 /// Poll `check` until it returns `Some` or `timeout` passes.
-pub(crate) fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub(crate) fn wait_for<T>(
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = check() {

@@ -12,7 +12,10 @@ use crate::plugins::{PluginError, StepInput, bundled};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn serving_version(fx: &Fixture) -> Option<String> {
-    fx.runtime.resolve("echo").ok().map(|p| p.version.to_string())
+    fx.runtime
+        .resolve("echo")
+        .ok()
+        .map(|p| p.version.to_string())
 }
 
 #[test]
@@ -29,7 +32,10 @@ fn replacing_echo_while_steps_run_finishes_old_steps_on_old_version() -> anyhow:
             let plugin = fx.runtime.resolve("echo").unwrap();
             let services = fx.services();
             std::thread::spawn(move || {
-                plugin.run_step(&StepInput::new("echo", json!({"sleep_ms": 600, "i": i})), services)
+                plugin.run_step(
+                    &StepInput::new("echo", json!({"sleep_ms": 600, "i": i})),
+                    services,
+                )
             })
         })
         .collect();
@@ -54,7 +60,10 @@ fn replacing_echo_while_steps_run_finishes_old_steps_on_old_version() -> anyhow:
 
     for step in in_flight {
         let out = step.join().unwrap()?;
-        assert_eq!(out.result["version"], "0.1.0", "an in-flight step changed version");
+        assert_eq!(
+            out.result["version"], "0.1.0",
+            "an in-flight step changed version"
+        );
     }
     let out = fx
         .runtime
@@ -66,8 +75,14 @@ fn replacing_echo_while_steps_run_finishes_old_steps_on_old_version() -> anyhow:
     let seen = client.join().unwrap()?;
     assert!(!seen.is_empty());
     let switch = seen.iter().position(|v| v == "0.2.0").unwrap_or(seen.len());
-    assert!(seen[..switch].iter().all(|v| v == "0.1.0"), "versions went back and forth: {seen:?}");
-    assert!(seen[switch..].iter().all(|v| v == "0.2.0"), "versions went back and forth: {seen:?}");
+    assert!(
+        seen[..switch].iter().all(|v| v == "0.1.0"),
+        "versions went back and forth: {seen:?}"
+    );
+    assert!(
+        seen[switch..].iter().all(|v| v == "0.2.0"),
+        "versions went back and forth: {seen:?}"
+    );
 
     let loaded = fx.events.on("plugin.loaded");
     assert_eq!(loaded.last().unwrap()["replaces"], json!(["echo@0.1.0"]));
@@ -94,7 +109,11 @@ fn deleting_a_plugin_unloads_it_after_its_running_steps_finish() -> anyhow::Resu
     std::thread::sleep(Duration::from_millis(50));
     std::fs::remove_file(&path)?;
     wait_for(WAIT, || {
-        matches!(fx.runtime.resolve("echo"), Err(PluginError::NotFound { .. })).then_some(())
+        matches!(
+            fx.runtime.resolve("echo"),
+            Err(PluginError::NotFound { .. })
+        )
+        .then_some(())
     })?;
     let out = running.join().unwrap()?;
     assert_eq!(out.result["version"], "0.1.0");
@@ -114,7 +133,12 @@ fn bad_file_dropped_over_a_watched_good_one_keeps_the_good_version() -> anyhow::
 
     replace_atomically(&path, b"garbage")?;
     let failed = wait_for(WAIT, || fx.events.on("plugin.load_failed").pop())?;
-    assert!(failed["error"].as_str().unwrap().contains("not a WebAssembly file"));
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly file")
+    );
     assert_eq!(failed["still_serving"], "echo@0.1.0");
     assert_eq!(serving_version(&fx).as_deref(), Some("0.1.0"));
     let out = fx
