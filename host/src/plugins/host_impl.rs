@@ -37,6 +37,10 @@ pub struct StepScope {
     pub step_index: u32,
     /// 1 on the first try.
     pub attempt: u32,
+    /// Sequence number of the current host call within the step (0-based). A guest is
+    /// deterministic, so (workflow, step index, attempt-independent call number) identifies a
+    /// call across re-runs: the journal's replay key.
+    pub call: u32,
 }
 
 /// Log levels a plugin can use.
@@ -407,6 +411,7 @@ impl StepState {
     fn host_call<R>(&mut self, f: impl FnOnce(&dyn HostServices, &StepScope) -> R) -> R {
         let start = Instant::now();
         let r = f(self.services.as_ref(), &self.scope);
+        self.scope.call += 1;
         self.host_time += start.elapsed();
         r
     }

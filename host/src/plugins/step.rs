@@ -285,6 +285,7 @@ pub(crate) fn run(
         step: input.step.clone(),
         step_index: input.step_index,
         attempt: input.attempt,
+        call: 0,
     };
     let (outcome, guest_time) = inst.call(scope, services, |store, handler| {
         handler.ksi_plugin_handler().call_run(store, input)

@@ -113,19 +113,7 @@ fn component_of_another_world_is_refused_as_wrong_world() -> anyhow::Result<()> 
 fn plugin_built_for_another_wit_major_is_refused_by_version() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
     // Echo, relabelled as built for ksi:plugin@2.0.0 (same length, so still a valid binary).
-    let mut bytes = std::fs::read(bundled::ECHO_V1)?;
-    let mut i = 0;
-    while let Some(pos) = find(&bytes[i..], b"ksi:plugin/") {
-        let start = i + pos;
-        if let Some(at) = find(
-            &bytes[start..start + 40.min(bytes.len() - start)],
-            b"@0.1.0",
-        ) {
-            bytes[start + at + 1] = b'2';
-            bytes[start + at + 3] = b'0';
-        }
-        i = start + 1;
-    }
+    let bytes = relabel_contract(&std::fs::read(bundled::ECHO_V1)?, b"2.0.0");
     let err = load_bytes(&fx, "future.wasm", &bytes);
     assert!(matches!(err, PluginError::IncompatibleWit { .. }), "{err}");
     let message = err.to_string();
@@ -136,6 +124,34 @@ fn plugin_built_for_another_wit_major_is_refused_by_version() -> anyhow::Result<
         "{message}"
     );
     echo_still_works(&fx)
+}
+
+/// Rewrite every `ksi:plugin/...@0.1.0` name in a component to another version of the same
+/// length, as if the plugin had been built against that version of the contract.
+fn relabel_contract(bytes: &[u8], version: &[u8; 5]) -> Vec<u8> {
+    let mut bytes = bytes.to_vec();
+    let mut i = 0;
+    while let Some(pos) = find(&bytes[i..], b"ksi:plugin/") {
+        let start = i + pos;
+        let window = &bytes[start..(start + 40).min(bytes.len())];
+        if let Some(at) = find(window, b"@0.1.0") {
+            bytes[start + at + 1..start + at + 6].copy_from_slice(version);
+        }
+        i = start + 1;
+    }
+    bytes
+}
+
+#[test]
+fn plugin_built_for_a_newer_patch_of_the_contract_loads() -> anyhow::Result<()> {
+    let fx = Fixture::new()?;
+    let path = fx.plugins_dir().join("echo.wasm");
+    std::fs::write(&path, relabel_contract(&std::fs::read(bundled::ECHO_V1)?, b"0.1.9"))?;
+    let echo = fx.runtime.load_file(&path)?;
+    assert_eq!(echo.wit_version, "0.1.9");
+    let out = echo.run_step(&StepInput::new("echo", json!({"claude_prompt": "hi"})), fx.services())?;
+    assert_eq!(out.result["version"], "0.1.0");
+    Ok(())
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
