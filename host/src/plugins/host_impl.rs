@@ -60,7 +60,8 @@ pub enum LogLevel {
 }
 
 /// The services a plugin reaches through its imports. Calls block the step's thread (steps run
-/// on blocking threads), so implementations may block on async work.
+/// on blocking threads: `spawn_blocking` or their own), so implementations may block on async
+/// work with `tokio::runtime::Handle::block_on`.
 ///
 /// Each method receives the [`StepScope`] of the calling step: state and files are scoped to its
 /// workflow, and the journal keys calls by it.

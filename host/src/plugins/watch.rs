@@ -97,14 +97,17 @@ fn debounce_loop(runtime: Arc<PluginRuntime>, rx: Receiver<PathBuf>, debounce: D
             .filter(|(_, seen)| now.duration_since(**seen) >= debounce)
             .map(|(p, _)| p.clone())
             .collect();
-        for path in due {
-            pending.remove(&path);
-            if path.is_file() {
-                // Failures are reported by the runtime (log + plugin.load_failed).
-                let _ = runtime.load_file(&path);
-            } else {
-                runtime.unload_file(&path);
-            }
+        for path in &due {
+            pending.remove(path);
+        }
+        // Loads before unloads: a plugin renamed in the directory keeps serving throughout.
+        let (present, gone): (Vec<_>, Vec<_>) = due.into_iter().partition(|p| p.is_file());
+        for path in present {
+            // Failures are reported by the runtime (log + plugin.load_failed).
+            let _ = runtime.load_file(&path);
+        }
+        for path in gone {
+            runtime.unload_file(&path);
         }
     }
 }

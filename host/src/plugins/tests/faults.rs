@@ -146,10 +146,16 @@ fn relabel_contract(bytes: &[u8], version: &[u8; 5]) -> Vec<u8> {
 fn plugin_built_for_a_newer_patch_of_the_contract_loads() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
     let path = fx.plugins_dir().join("echo.wasm");
-    std::fs::write(&path, relabel_contract(&std::fs::read(bundled::ECHO_V1)?, b"0.1.9"))?;
+    std::fs::write(
+        &path,
+        relabel_contract(&std::fs::read(bundled::ECHO_V1)?, b"0.1.9"),
+    )?;
     let echo = fx.runtime.load_file(&path)?;
     assert_eq!(echo.wit_version, "0.1.9");
-    let out = echo.run_step(&StepInput::new("echo", json!({"claude_prompt": "hi"})), fx.services())?;
+    let out = echo.run_step(
+        &StepInput::new("echo", json!({"claude_prompt": "hi"})),
+        fx.services(),
+    )?;
     assert_eq!(out.result["version"], "0.1.0");
     Ok(())
 }
