@@ -33,6 +33,17 @@ struct Params {
     claude_prompt: Option<String>,
     /// Fail with a retryable step error carrying this message.
     fail: Option<String>,
+    /// Recurse this deep (to overflow the wasm stack).
+    recurse: u64,
+}
+
+/// Recursion the optimiser cannot flatten: each frame keeps a value live across the call.
+fn depth(n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    let here = std::hint::black_box(n);
+    depth(here - 1).wrapping_add(here)
 }
 
 struct Echo;
@@ -65,6 +76,9 @@ impl Plugin for Echo {
                 v.extend(std::iter::repeat_n(1u8, 1 << 20));
             }
             extra.insert("allocated".into(), json!(std::hint::black_box(&v).len()));
+        }
+        if params.recurse > 0 {
+            extra.insert("depth".into(), json!(depth(params.recurse)));
         }
         if let Some(message) = params.panic {
             panic!("{message}");

@@ -346,6 +346,28 @@ fn panic_is_reported_as_an_unreachable_trap_with_its_message() -> anyhow::Result
 }
 
 #[test]
+fn runaway_recursion_is_a_stack_overflow_trap() -> anyhow::Result<()> {
+    let fx = Fixture::new()?;
+    fx.runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    let err = run_echo(&fx, json!({"recurse": 100_000_000u64})).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StepFailure::Trap {
+                trap: Trap::StackOverflow,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Shallow recursion is fine.
+    let out = run_echo(&fx, json!({"recurse": 1000}))?;
+    assert_eq!(out.result["depth"], 500_500);
+    echo_still_works(&fx)
+}
+
+#[test]
 fn huge_output_is_refused_as_too_large() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
     fx.runtime
