@@ -163,5 +163,27 @@ pub enum PluginError {
     Engine(String),
 }
 
+impl PluginError {
+    /// A short machine-readable kind for events and metrics: `not_wasm`, `core_module`,
+    /// `invalid`, `compile_timeout`, `wrong_world`, `incompatible_wit`, `describe_failed`, ...
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Io { .. } => "io",
+            PluginError::NotWasm { .. } => "not_wasm",
+            PluginError::CoreModule { .. } => "core_module",
+            PluginError::Invalid { .. } => "invalid",
+            PluginError::CompileTimeout { .. } => "compile_timeout",
+            PluginError::WrongWorld { .. } => "wrong_world",
+            PluginError::IncompatibleWit { .. } => "incompatible_wit",
+            PluginError::Describe { .. } => "describe_failed",
+            PluginError::BadInfo { .. } => "bad_info",
+            PluginError::NotFound { .. } => "not_found",
+            PluginError::NoMatchingVersion { .. } => "no_matching_version",
+            PluginError::BadReference { .. } => "bad_reference",
+            PluginError::Engine(_) => "engine",
+        }
+    }
+}
+
 /// Results of this module.
 pub type Result<T, E = PluginError> = std::result::Result<T, E>;

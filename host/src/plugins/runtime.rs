@@ -173,6 +173,7 @@ impl PluginRuntime {
                 json!({
                     "file": path.display().to_string(),
                     "error": e.to_string(),
+                    "kind": e.kind(),
                     "still_serving": serving,
                 }),
             );

@@ -321,3 +321,35 @@ fn bench_reports_every_number() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_run_from_async_code_on_blocking_threads() -> anyhow::Result<()> {
+    let fx = Fixture::new()?;
+    let path = fx.install(bundled::ECHO_V1, "echo.wasm")?;
+    let runtime = fx.runtime.clone();
+    let echo = tokio::task::spawn_blocking(move || runtime.load_file(&path)).await??;
+    // WASI calls (clocks, files) from inside a tokio runtime must not deadlock or panic.
+    let input = StepInput::new("echo", json!({"sleep_ms": 5, "read_file": "/etc/hostname"}));
+    let (a, b) = tokio::join!(
+        fx.runtime.run_step(echo.clone(), input.clone(), None),
+        fx.runtime.run_step(echo, input, None),
+    );
+    assert_eq!(a?.result["version"], "0.1.0");
+    assert!(b?.result["read_file"]["error"].is_string());
+    Ok(())
+}
+
+#[test]
+fn on_demand_allocator_runs_steps_too() -> anyhow::Result<()> {
+    let fx = Fixture::with(|c| c.engine.pooling = false)?;
+    assert_eq!(
+        fx.runtime.engine().allocator(),
+        crate::plugins::AllocatorKind::OnDemand
+    );
+    let echo = fx
+        .runtime
+        .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
+    let out = echo.run_step(&StepInput::new("echo", json!({})), fx.services())?;
+    assert_eq!(out.result["version"], "0.1.0");
+    Ok(())
+}
