@@ -3,7 +3,7 @@
 //! One module per part (see `shared/ARCHITECTURE.md`): [`store`] owns the SQLite database,
 //! [`bus`] the durable event bus, [`refs`] the files that rows point to, [`settings`] the
 //! dynamic configuration, [`claude`] runs the Claude CLI, [`workflow`] the durable workflow
-//! engine, [`cli`] the command-line faces.
+//! engine, [`plugins`] the WebAssembly step handlers, [`cli`] the command-line faces.
 
 pub mod api;
 pub mod bench;
@@ -11,6 +11,7 @@ pub mod bus;
 pub mod claude;
 pub mod cli;
 pub mod config;
+pub mod plugins;
 pub mod refs;
 pub mod settings;
 pub mod store;

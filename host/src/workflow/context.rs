@@ -351,13 +351,12 @@ impl StepContext {
     }
 
     /// Buffers an event; it is published when the step commits (never if it fails).
-    pub fn publish(&self, topic: &str, data: Value) -> Result<(), String> {
+    /// Returns its position among this step's events (the bus id is assigned at commit).
+    pub fn publish(&self, topic: &str, data: Value) -> Result<u64, String> {
         crate::bus::validate_topic(topic).map_err(|e| e.to_string())?;
-        self.events
-            .lock()
-            .unwrap()
-            .push(NewEvent::new(topic, data).correlated(self.workflow_id.clone()));
-        Ok(())
+        let mut events = self.events.lock().unwrap();
+        events.push(NewEvent::new(topic, data).correlated(self.workflow_id.clone()));
+        Ok(events.len() as u64)
     }
 
     /// Reads a state key (as of the step's start plus its own `state_set`s).

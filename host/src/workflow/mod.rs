@@ -12,6 +12,7 @@ pub mod condition;
 pub mod context;
 pub mod definition;
 pub mod engine;
+pub mod plugin_runner;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,6 +24,7 @@ use serde_json::Value;
 pub use context::StepContext;
 pub use definition::{Definition, DefinitionError, HandlerRef};
 pub use engine::{Engine, EngineOptions, InstanceView, StepRecord, WorkflowError};
+pub use plugin_runner::PluginRunner;
 
 /// A boxed, sendable future (the traits below are used as trait objects).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -1,0 +1,182 @@
+//! `ksi-host bench plugins`: instantiation, call, load and reload timings of the bundled
+//! plugins, measured on this machine (run it from a release build).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::bindings::StepInput;
+use super::host_impl::{HostServices, MemoryHost, RecordingEvents, StepScope};
+use super::loader::{self, LoadOptions};
+use super::runtime::{PluginRuntime, RuntimeConfig};
+use super::step::Instantiator;
+use super::{EngineConfig, PluginEngine, bundled};
+
+const ITERATIONS: usize = 2000;
+const WARMUP: usize = 200;
+
+/// Run the plugin benchmark and return its numbers as JSON:
+///
+/// - `instantiate_call_p50_us` / `_p99_us`: a trivial `echo` step from a fresh instance (new
+///   store, instantiate from the `InstancePre`, call `run`, check the output);
+/// - `hot_call_p50_us`: the same call repeated on one instance;
+/// - `cold_load_ms` / `cached_load_ms`: load of each bundled plugin (validate, compile or read
+///   the cache, type-check, `describe()`);
+/// - `reload_ms`: from the file replaced (atomic rename) to the new version serving, through the
+///   watcher and its debounce; `reload_cold_ms` is the same when the new file must be compiled.
+///
+/// On failure the JSON holds `error`.
+pub fn bench_plugins() -> Value {
+    match try_bench_plugins() {
+        Ok(v) => v,
+        Err(e) => json!({ "error": format!("{e:#}") }),
+    }
+}
+
+/// [`bench_plugins`], with errors.
+///
+/// # Errors
+///
+/// When a bundled plugin does not load or a step fails.
+pub fn try_bench_plugins() -> anyhow::Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let mut config = RuntimeConfig::for_data_dir(dir.path());
+    config.load.limits.defaults.cpu_time = Duration::from_secs(60);
+    let host: Arc<dyn HostServices> = MemoryHost::new();
+    let events = Arc::new(RecordingEvents::default());
+    let runtime = PluginRuntime::new(config.clone(), host.clone(), events)?;
+
+    let echo_path = runtime.config().plugins_dir.join("echo.wasm");
+    std::fs::copy(bundled::ECHO_V1, &echo_path)?;
+    let echo = runtime.load_file(&echo_path)?;
+    let input = StepInput::new("echo", json!({}));
+
+    // Fresh instance per call.
+    let mut fresh = Vec::with_capacity(ITERATIONS);
+    for i in 0..WARMUP + ITERATIONS {
+        let start = Instant::now();
+        echo.run_step(&input, host.clone())?;
+        if i >= WARMUP {
+            fresh.push(start.elapsed());
+        }
+    }
+
+    // One instance, many calls.
+    let hot = {
+        let inst = Instantiator {
+            engine: runtime.engine(),
+            pre: echo.pre(),
+            limits: echo.limits,
+            grants: &[],
+        };
+        let (times, _) = inst
+            .call(StepScope::default(), host.clone(), |store, handler| {
+                let mut times = Vec::with_capacity(ITERATIONS);
+                for i in 0..WARMUP + ITERATIONS {
+                    let start = Instant::now();
+                    handler
+                        .ksi_plugin_handler()
+                        .call_run(&mut *store, &input)?
+                        .map_err(|e| wasmtime::format_err!("echo failed: {}", e.message))?;
+                    if i >= WARMUP {
+                        times.push(start.elapsed());
+                    }
+                }
+                Ok(times)
+            })
+            .map_err(|e| anyhow::anyhow!("hot calls failed: {e}"))?;
+        times
+    };
+
+    // Loads: cold (compile) and cached, per bundled plugin, on a fresh engine each.
+    let mut cold = serde_json::Map::new();
+    let mut cached = serde_json::Map::new();
+    for (name, path) in [
+        ("echo", bundled::ECHO_V1),
+        ("debate", bundled::DEBATE),
+        ("summarize", bundled::SUMMARIZE),
+    ] {
+        let (c, w) = time_loads(Path::new(path))?;
+        cold.insert(name.into(), json!(ms(c)));
+        cached.insert(name.into(), json!(ms(w)));
+    }
+
+    // Reload through the watcher.
+    let _watcher = runtime.watch()?;
+    let v1 = std::fs::read(bundled::ECHO_V1)?;
+    let v2 = std::fs::read(bundled::ECHO_V2)?;
+    let mut reloads = Vec::new();
+    for round in 0..6 {
+        let (bytes, version) = if round % 2 == 0 {
+            (&v2, "0.2.0")
+        } else {
+            (&v1, "0.1.0")
+        };
+        let tmp = echo_path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        let start = Instant::now();
+        std::fs::rename(&tmp, &echo_path)?;
+        loop {
+            if runtime
+                .resolve("echo")
+                .is_ok_and(|p| p.version.to_string() == version)
+            {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("echo {version} was not serving 30 s after its file was replaced");
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        reloads.push(start.elapsed());
+    }
+    let reload_cold = reloads[0];
+    let mut warm_reloads = reloads[2..].to_vec();
+
+    Ok(json!({
+        "allocator": runtime.engine().allocator(),
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "iterations": ITERATIONS,
+        "instantiate_call_p50_us": us(percentile(&mut fresh, 50)),
+        "instantiate_call_p99_us": us(percentile(&mut fresh, 99)),
+        "hot_call_p50_us": us(percentile(&mut hot.clone(), 50)),
+        "cold_load_ms": cold,
+        "cached_load_ms": cached,
+        "reload_ms": ms(percentile(&mut warm_reloads, 50)),
+        "reload_cold_ms": ms(reload_cold),
+        "reload_debounce_ms": config.debounce.as_millis() as u64,
+    }))
+}
+
+/// (compile, from cache) load times of one plugin.
+fn time_loads(path: &Path) -> anyhow::Result<(Duration, Duration)> {
+    let cache_dir = tempfile::tempdir()?;
+    let engine = PluginEngine::new(EngineConfig::default())?;
+    let cache = super::cache::CompiledCache::new(cache_dir.path(), engine.engine())?;
+    let options = LoadOptions::default();
+    let start = Instant::now();
+    loader::load_file(&engine, Some(&cache), path, &options)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let cold = start.elapsed();
+    let start = Instant::now();
+    let again = loader::load_file(&engine, Some(&cache), path, &options)?;
+    let warm = start.elapsed();
+    anyhow::ensure!(again.from_cache, "the second load did not use the cache");
+    Ok((cold, warm))
+}
+
+fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    samples.sort_unstable();
+    samples[(samples.len() - 1) * p / 100]
+}
+
+fn us(d: Duration) -> f64 {
+    (d.as_nanos() as f64 / 100.0).round() / 10.0
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_micros() as f64 / 100.0).round() / 10.0
+}

@@ -1,0 +1,159 @@
+//! Per-step limits: CPU time, memory, output size; defaults plus per-plugin overrides.
+//!
+//! The wasm stack limit is engine-wide (see [`super::EngineConfig::max_wasm_stack`]): wasmtime
+//! fixes it when the engine is created.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The limits one step runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepLimits {
+    /// Time the guest may spend executing wasm. Time inside host calls (a Claude call that takes
+    /// a minute) does not count. Exceeding it interrupts the guest: [`super::StepFailure::Timeout`].
+    #[serde(with = "millis")]
+    pub cpu_time: Duration,
+    /// Largest linear memory of any one instance, in bytes: [`super::StepFailure::OutOfMemory`].
+    pub memory_bytes: usize,
+    /// Largest table, in elements.
+    pub table_elements: usize,
+    /// Largest step output (result + state patch + events), in bytes:
+    /// [`super::StepFailure::OutputTooLarge`].
+    pub output_bytes: usize,
+}
+
+impl Default for StepLimits {
+    fn default() -> Self {
+        StepLimits {
+            cpu_time: Duration::from_secs(10),
+            memory_bytes: 128 << 20,
+            table_elements: 100_000,
+            output_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Per-plugin overrides of [`StepLimits`]; unset fields keep the defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitOverrides {
+    /// See [`StepLimits::cpu_time`].
+    #[serde(default, with = "opt_millis")]
+    pub cpu_time: Option<Duration>,
+    /// See [`StepLimits::memory_bytes`].
+    #[serde(default)]
+    pub memory_bytes: Option<usize>,
+    /// See [`StepLimits::table_elements`].
+    #[serde(default)]
+    pub table_elements: Option<usize>,
+    /// See [`StepLimits::output_bytes`].
+    #[serde(default)]
+    pub output_bytes: Option<usize>,
+}
+
+impl StepLimits {
+    /// These limits with `overrides` applied.
+    pub fn with(self, overrides: &LimitOverrides) -> StepLimits {
+        StepLimits {
+            cpu_time: overrides.cpu_time.unwrap_or(self.cpu_time),
+            memory_bytes: overrides.memory_bytes.unwrap_or(self.memory_bytes),
+            table_elements: overrides.table_elements.unwrap_or(self.table_elements),
+            output_bytes: overrides.output_bytes.unwrap_or(self.output_bytes),
+        }
+    }
+}
+
+/// Default limits plus overrides by plugin name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitPolicy {
+    /// Limits of plugins without overrides.
+    pub defaults: StepLimits,
+    /// Overrides by plugin name.
+    #[serde(default)]
+    pub plugins: HashMap<String, LimitOverrides>,
+}
+
+impl LimitPolicy {
+    /// The limits for plugin `name`.
+    pub fn for_plugin(&self, name: &str) -> StepLimits {
+        match self.plugins.get(name) {
+            Some(overrides) => self.defaults.with(overrides),
+            None => self.defaults,
+        }
+    }
+}
+
+/// The `ResourceLimiter` of one step's store. It refuses growth beyond the limits and remembers
+/// the refusal, so that the trap that usually follows (a Rust guest aborts when allocation
+/// fails) is reported as running out of memory rather than as a bare `unreachable`.
+#[derive(Debug)]
+pub(crate) struct StepLimiter {
+    pub memory_bytes: usize,
+    pub table_elements: usize,
+    /// The size of the refused memory growth, if any.
+    pub memory_denied: Option<usize>,
+}
+
+impl StepLimiter {
+    pub fn new(limits: &StepLimits) -> Self {
+        StepLimiter {
+            memory_bytes: limits.memory_bytes,
+            table_elements: limits.table_elements,
+            memory_denied: None,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for StepLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.memory_bytes && maximum.is_none_or(|max| desired <= max);
+        if !allowed {
+            self.memory_denied = Some(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.table_elements && maximum.is_none_or(|max| desired <= max))
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+mod opt_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
