@@ -11,6 +11,7 @@ pub mod bus;
 pub mod claude;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod plugins;
 pub mod refs;
 pub mod settings;

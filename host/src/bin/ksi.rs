@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Start a workflow and follow it live, then print its result
+    Run(ksi_host::cli::run::RunArgs),
     /// Publish, follow and list bus events of the data dir
     #[command(subcommand)]
     Events(EventsCmd),
@@ -24,13 +26,35 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = (|| {
-        let config = cli.global.config()?;
+        let mut config = cli.global.config()?;
+        // The client's own output is the interface: only warnings go to the log unless asked.
+        if cli.global.log_level.is_none()
+            && std::env::var_os("RUST_LOG").is_none()
+            && std::env::var_os("KSI_LOG_LEVEL").is_none()
+        {
+            config.log_level = "warn".into();
+        }
         init_logging(&config);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
         rt.block_on(async move {
             match cli.cmd {
+                Cmd::Run(args) => {
+                    let (bin, simulated) = ksi_host::cli::run::choose_claude_bin(args.claude_bin.clone());
+                    if simulated {
+                        eprintln!(
+                            "note: the real `claude` CLI is not on PATH, so this run uses {} (simulated answers, no cost). Install Claude Code to use the real one.",
+                            bin.display()
+                        );
+                    }
+                    let host = ksi_host::daemon::Host::open(config, |s, b, r| ksi_host::daemon::claude_executor(s, b, r, bin), false).await?;
+                    let v = ksi_host::cli::run::run_in_process(&host, &args).await?;
+                    if v.status != "completed" {
+                        anyhow::bail!("workflow {} ended {}", v.id, v.status);
+                    }
+                    Ok(())
+                }
                 Cmd::Events(cmd) => ksi_host::cli::events::run(cmd, open(config)?).await,
             }
         })

@@ -23,6 +23,8 @@ pub struct HostCli {
 /// The subcommands of `ksi-host`.
 #[derive(Debug, Subcommand)]
 pub enum HostCmd {
+    /// Run the daemon: HTTP API, dashboard, engine, executor, plugins with hot reload
+    Serve(super::serve::ServeArgs),
     /// Apply pending schema migrations (or show the schema version with --status)
     Migrate {
         /// Only show the current and latest version; change nothing
@@ -123,6 +125,14 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
+            HostCmd::Serve(args) => {
+                let (bin, simulated) = super::run::choose_claude_bin(args.claude_bin.clone());
+                if simulated {
+                    eprintln!("note: the real `claude` CLI is not on PATH; running on {} (simulated answers)", bin.display());
+                }
+                let host = crate::daemon::Host::open(config.clone(), |s, b, r| crate::daemon::claude_executor(s, b, r, bin), true).await?;
+                super::serve::serve(config, args, host).await
+            }
             HostCmd::Migrate { status, json } => migrate(&config, status, json),
             HostCmd::Events(cmd) => super::events::run(cmd, open(config)?).await,
             HostCmd::Config(cmd) => config_cmd(cmd, open(config)?).await,

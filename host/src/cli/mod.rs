@@ -3,6 +3,8 @@
 
 pub mod events;
 pub mod host;
+pub mod run;
+pub mod serve;
 pub mod soak;
 
 use std::path::PathBuf;

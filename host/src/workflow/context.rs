@@ -476,8 +476,13 @@ pub fn render_template_file(
     name: &str,
     vars: &Value,
 ) -> Result<String, String> {
-    if name.contains('/') || name.contains("..") {
-        return Err(format!("template name {name:?} must be a plain name"));
+    if name.is_empty()
+        || name.starts_with('/')
+        || name.split('/').any(|c| c.is_empty() || c.starts_with('.'))
+    {
+        return Err(format!(
+            "template name {name:?} must be a relative name like debate/opening"
+        ));
     }
     let path = ["md", "txt", ""]
         .iter()

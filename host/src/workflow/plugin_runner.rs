@@ -42,14 +42,23 @@ impl StepRunner for PluginRunner {
             Some(req) => format!("{}@{req}", h.plugin),
             None => h.plugin.clone(),
         };
-        let plugin = self.runtime.resolve(&reference).map_err(|e| e.to_string())?;
+        let plugin = self
+            .runtime
+            .resolve(&reference)
+            .map_err(|e| e.to_string())?;
         if !plugin.info.steps.iter().any(|s| s.name == h.step) {
             return Err(format!(
                 "plugin {}@{} has no step {:?} (it handles: {})",
                 plugin.info.name,
                 plugin.version,
                 h.step,
-                plugin.info.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                plugin
+                    .info
+                    .steps
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         Ok(ResolvedStep {
@@ -61,7 +70,12 @@ impl StepRunner for PluginRunner {
         })
     }
 
-    fn run(&self, step: ResolvedStep, input: StepInput, ctx: Arc<StepContext>) -> BoxFuture<'static, Result<StepOutput, StepError>> {
+    fn run(
+        &self,
+        step: ResolvedStep,
+        input: StepInput,
+        ctx: Arc<StepContext>,
+    ) -> BoxFuture<'static, Result<StepOutput, StepError>> {
         let runtime = self.runtime.clone();
         Box::pin(async move {
             let plugin: Arc<LoadedPlugin> = step
@@ -78,9 +92,17 @@ impl StepRunner for PluginRunner {
                 params: input.params.to_string(),
                 state: input.state.to_string(),
             };
-            let host: Arc<dyn HostServices> = Arc::new(ContextHost { ctx, handle: tokio::runtime::Handle::current() });
+            let host: Arc<dyn HostServices> = Arc::new(ContextHost {
+                ctx,
+                handle: tokio::runtime::Handle::current(),
+            });
             match runtime.run_step(plugin, wit_input, Some(host)).await {
-                Ok(r) => Ok(StepOutput { state_patch: r.state_patch, result: r.result, next: r.next_step, events: r.events }),
+                Ok(r) => Ok(StepOutput {
+                    state_patch: r.state_patch,
+                    result: r.result,
+                    next: r.next_step,
+                    events: r.events,
+                }),
                 Err(f) => Err(step_error(&step, f)),
             }
         })
@@ -88,8 +110,14 @@ impl StepRunner for PluginRunner {
 }
 
 fn step_error(step: &ResolvedStep, f: StepFailure) -> StepError {
-    let message = format!("plugin {}@{} step {:?}: {f}", step.plugin, step.version, step.step);
-    StepError { retryable: f.is_retryable(), message }
+    let message = format!(
+        "plugin {}@{} step {:?}: {f}",
+        step.plugin, step.version, step.step
+    );
+    StepError {
+        retryable: f.is_retryable(),
+        message,
+    }
 }
 
 /// Serves a plugin's host calls from the step's journaled context.
@@ -99,15 +127,33 @@ struct ContextHost {
 }
 
 fn to_wit_ref(r: &FileRef) -> WitFileRef {
-    WitFileRef { path: r.path.clone(), line: r.line, sha256: r.sha256.clone(), bytes: r.bytes }
+    WitFileRef {
+        path: r.path.clone(),
+        line: r.line,
+        sha256: r.sha256.clone(),
+        bytes: r.bytes,
+    }
 }
 
 fn from_wit_ref(r: &WitFileRef) -> FileRef {
-    FileRef { path: r.path.clone(), line: r.line, offset: None, sha256: r.sha256.clone(), bytes: r.bytes }
+    FileRef {
+        path: r.path.clone(),
+        line: r.line,
+        offset: None,
+        sha256: r.sha256.clone(),
+        bytes: r.bytes,
+    }
 }
 
 fn request(r: ClaudeRequest) -> WfRequest {
-    WfRequest { prompt: r.prompt, model: r.model, system_prompt: r.system_prompt, agent: r.agent, session: r.session, max_turns: r.max_turns }
+    WfRequest {
+        prompt: r.prompt,
+        model: r.model,
+        system_prompt: r.system_prompt,
+        agent: r.agent,
+        session: r.session,
+        max_turns: r.max_turns,
+    }
 }
 
 fn response(a: ClaudeAnswer) -> ClaudeResponse {
@@ -118,8 +164,18 @@ fn response(a: ClaudeAnswer) -> ClaudeResponse {
             .response_ref
             .as_ref()
             .map(to_wit_ref)
-            .unwrap_or(WitFileRef { path: String::new(), line: None, sha256: String::new(), bytes: 0 }),
-        tokens: TokenUsage { input: a.tokens_in, output: a.tokens_out, cache_read: a.tokens_cache_read, cache_write: a.tokens_cache_write },
+            .unwrap_or(WitFileRef {
+                path: String::new(),
+                line: None,
+                sha256: String::new(),
+                bytes: 0,
+            }),
+        tokens: TokenUsage {
+            input: a.tokens_in,
+            output: a.tokens_out,
+            cache_read: a.tokens_cache_read,
+            cache_write: a.tokens_cache_write,
+        },
         cost_usd: a.cost_usd,
         duration_ms: a.duration_ms,
         model: a.model,
@@ -133,15 +189,29 @@ fn failure(f: ClaudeFailure) -> ClaudeError {
         _ if f.transient => ClaudeErrorKind::Transient,
         _ => ClaudeErrorKind::Permanent,
     };
-    ClaudeError { kind, message: f.message }
+    ClaudeError {
+        kind,
+        message: f.message,
+    }
 }
 
 impl HostServices for ContextHost {
-    fn claude_complete(&self, _scope: &StepScope, req: ClaudeRequest) -> Result<ClaudeResponse, ClaudeError> {
-        self.handle.block_on(self.ctx.claude_complete(request(req))).map(response).map_err(failure)
+    fn claude_complete(
+        &self,
+        _scope: &StepScope,
+        req: ClaudeRequest,
+    ) -> Result<ClaudeResponse, ClaudeError> {
+        self.handle
+            .block_on(self.ctx.claude_complete(request(req)))
+            .map(response)
+            .map_err(failure)
     }
 
-    fn claude_complete_all(&self, _scope: &StepScope, reqs: Vec<ClaudeRequest>) -> Vec<Result<ClaudeResponse, ClaudeError>> {
+    fn claude_complete_all(
+        &self,
+        _scope: &StepScope,
+        reqs: Vec<ClaudeRequest>,
+    ) -> Vec<Result<ClaudeResponse, ClaudeError>> {
         let reqs = reqs.into_iter().map(request).collect();
         self.handle
             .block_on(self.ctx.claude_complete_all(reqs))
@@ -158,7 +228,12 @@ impl HostServices for ContextHost {
         self.ctx.files_read(&from_wit_ref(file))
     }
 
-    fn write_file(&self, _scope: &StepScope, name: &str, contents: &[u8]) -> Result<WitFileRef, String> {
+    fn write_file(
+        &self,
+        _scope: &StepScope,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<WitFileRef, String> {
         self.ctx.files_write(name, contents).map(|r| to_wit_ref(&r))
     }
 
@@ -185,8 +260,15 @@ impl HostServices for ContextHost {
         Ok(())
     }
 
-    fn render_template(&self, _scope: &StepScope, name: &str, vars: Value) -> Result<String, String> {
-        self.handle.block_on(self.ctx.render_template(name, &vars)).map_err(|e| e.message)
+    fn render_template(
+        &self,
+        _scope: &StepScope,
+        name: &str,
+        vars: Value,
+    ) -> Result<String, String> {
+        self.handle
+            .block_on(self.ctx.render_template(name, &vars))
+            .map_err(|e| e.message)
     }
 
     fn log(&self, _scope: &StepScope, level: LogLevel, message: &str) {

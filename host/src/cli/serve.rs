@@ -1,0 +1,127 @@
+//! `ksi-host serve`: the daemon. HTTP on a loopback address and on a Unix socket in the data
+//! dir; SIGTERM/SIGINT drain (stop claiming, let running steps finish within a grace period,
+//! then exit 0).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::daemon::Host;
+
+/// Arguments of `ksi-host serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// TCP address to listen on
+    #[arg(long, default_value = "127.0.0.1:8787", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Seconds running steps get to finish after SIGTERM
+    #[arg(long, default_value_t = 30)]
+    pub grace_secs: u64,
+    /// The Claude CLI to run (default: KSI_CLAUDE_BIN, else `claude` on PATH, else fake-claude)
+    #[arg(long, value_name = "PATH")]
+    pub claude_bin: Option<std::path::PathBuf>,
+}
+
+/// Path of the daemon's Unix socket.
+pub fn socket_path(config: &Config) -> std::path::PathBuf {
+    config.data_dir.join("ksi.sock")
+}
+
+/// Runs the daemon until a signal, then drains.
+pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Result<()> {
+    let token_file = config.data_dir.join("api.token");
+    if !args.listen.ip().is_loopback() && !token_file.exists() {
+        anyhow::bail!(
+            "refusing to listen on {} without an API token: anyone on the network could run Claude on your account. Create {} (mode 0600) or listen on 127.0.0.1",
+            args.listen,
+            token_file.display()
+        );
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    let workers = host.spawn_workers(stop_rx.clone());
+    let state = AppState {
+        store: host.store.clone(),
+        bus: host.bus.clone(),
+        refs: host.refs.clone(),
+        engine: host.engine.clone(),
+        started: Instant::now(),
+        data_dir: config.data_dir.clone(),
+        parts: Arc::new(Vec::new()),
+    };
+    let app = api::router(state);
+    let tcp = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is another daemon running? choose another --listen)",
+                args.listen
+            )
+        })?;
+    let sock = socket_path(&config);
+    let _ = std::fs::remove_file(&sock); // a stale socket of a dead daemon (the data-dir lock is ours)
+    let unix = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("binding {}", sock.display()))?;
+    tracing::info!(listen = %args.listen, socket = %sock.display(), "ksi-host serving");
+    eprintln!(
+        "ksi-host serving on http://{} and {}",
+        args.listen,
+        sock.display()
+    );
+
+    let shutdown = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let shutdown2 = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let tcp_server = tokio::spawn(
+        axum::serve(tcp, app.clone())
+            .with_graceful_shutdown(shutdown)
+            .into_future(),
+    );
+    let unix_server = tokio::spawn(
+        axum::serve(unix, app)
+            .with_graceful_shutdown(shutdown2)
+            .into_future(),
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+    eprintln!(
+        "ksi-host: draining (running steps have {} s to finish)",
+        args.grace_secs
+    );
+    let _ = stop.send(true);
+    // Running steps finish and commit; claimed-but-unstarted events are released by the next
+    // start-up's recovery (the lock proves they are ours).
+    if tokio::time::timeout(Duration::from_secs(args.grace_secs), workers)
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: steps still running will be re-run after restart");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = tcp_server.await;
+        let _ = unix_server.await;
+    })
+    .await;
+    let _ = std::fs::remove_file(&sock);
+    host.store.close();
+    eprintln!("ksi-host: stopped");
+    Ok(())
+}

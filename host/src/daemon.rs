@@ -1,0 +1,288 @@
+//! Assembling a running KSI: the data-dir lock, the store, the bundled assets, the plugin
+//! runtime with hot reload, the executor and the workflow engine — used by `ksi-host serve`
+//! and by `ksi run` when no daemon is running.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use crate::bus::{Bus, NewEvent};
+use crate::config::Config;
+use crate::plugins::{EventSink, HostServices, PluginRuntime, RuntimeConfig, StepScope};
+use crate::refs::Refs;
+use crate::store::Store;
+use crate::workflow::{ClaudeApi, Engine, EngineOptions, PluginRunner};
+
+/// Holds the data directory exclusively (an `flock` on `ksi.lock`) for the life of the
+/// process, so a second daemon (or a `ksi run` beside a daemon) on the same data is refused.
+pub struct DataDirLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+impl DataDirLock {
+    /// Takes the lock.
+    ///
+    /// # Errors
+    /// Another process holds it (the message names its pid).
+    pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
+        let path = data_dir.join("ksi.lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "another KSI process (pid {}) is using the data directory {}. Stop it, talk to it with `ksi`, or choose another --data-dir",
+                holder.trim(),
+                data_dir.display()
+            );
+        }
+        let _ = file.set_len(0);
+        let _ = std::fs::write(&path, format!("{}\n", std::process::id()));
+        Ok(DataDirLock { _file: file, path })
+    }
+}
+
+/// Workflow definitions and prompt templates that ship with KSI.
+pub const BUNDLED_DEFINITIONS: &[(&str, &str)] = &[(
+    "debate.toml",
+    include_str!("../assets/definitions/debate.toml"),
+)];
+
+/// Prompt templates that ship with KSI (`prompts/templates/<path>`).
+pub const BUNDLED_TEMPLATES: &[(&str, &str)] = &[
+    (
+        "debate/opening.md",
+        include_str!("../assets/templates/debate/opening.md"),
+    ),
+    (
+        "debate/rebuttal.md",
+        include_str!("../assets/templates/debate/rebuttal.md"),
+    ),
+    (
+        "debate/closing.md",
+        include_str!("../assets/templates/debate/closing.md"),
+    ),
+    (
+        "debate/judge.md",
+        include_str!("../assets/templates/debate/judge.md"),
+    ),
+    (
+        "summarize.md",
+        include_str!("../assets/templates/summarize.md"),
+    ),
+];
+
+/// Installs the bundled plugins, definitions and templates into a data dir. Definitions and
+/// templates are written only when missing, so a user's edits are kept.
+pub fn install_bundled(refs: &Refs) -> anyhow::Result<()> {
+    let root = refs.root();
+    crate::plugins::bundled::install_bundled(&root.join("plugins"))
+        .context("installing the bundled plugins")?;
+    for (dir, files) in [
+        ("definitions", BUNDLED_DEFINITIONS),
+        ("prompts/templates", BUNDLED_TEMPLATES),
+    ] {
+        for (name, text) in files {
+            let rel = format!("{dir}/{name}");
+            if !root.join(&rel).exists() {
+                refs.write(&rel, text.as_bytes())
+                    .with_context(|| format!("installing {rel}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Host services outside a step (a plugin's `describe()`): nothing is available.
+struct NoStep;
+
+impl HostServices for NoStep {
+    fn claude_complete(
+        &self,
+        _: &StepScope,
+        _: crate::plugins::ClaudeRequest,
+    ) -> Result<crate::plugins::ClaudeResponse, crate::plugins::ClaudeError> {
+        Err(crate::plugins::ClaudeError {
+            kind: crate::plugins::ClaudeErrorKind::Permanent,
+            message: "host calls are only available inside a step".into(),
+        })
+    }
+    fn publish(&self, _: &StepScope, _: &str, _: Value) -> Result<u64, String> {
+        Err("host calls are only available inside a step".into())
+    }
+    fn read_file(&self, _: &StepScope, _: &crate::plugins::FileRef) -> Result<Vec<u8>, String> {
+        Err("host calls are only available inside a step".into())
+    }
+    fn write_file(
+        &self,
+        _: &StepScope,
+        _: &str,
+        _: &[u8],
+    ) -> Result<crate::plugins::FileRef, String> {
+        Err("host calls are only available inside a step".into())
+    }
+    fn config_get(&self, _: &StepScope, _: &str) -> Option<String> {
+        None
+    }
+    fn state_get(&self, _: &StepScope, _: &str) -> Option<String> {
+        None
+    }
+    fn state_set(&self, _: &StepScope, _: &str, _: Value) -> Result<(), String> {
+        Err("host calls are only available inside a step".into())
+    }
+    fn render_template(&self, _: &StepScope, _: &str, _: Value) -> Result<String, String> {
+        Err("host calls are only available inside a step".into())
+    }
+}
+
+/// Publishes the plugin runtime's events (`plugin.loaded`, ...) on the bus.
+struct BusSink {
+    tx: mpsc::UnboundedSender<(String, Value)>,
+}
+
+impl EventSink for BusSink {
+    fn emit(&self, topic: &str, data: Value) {
+        let _ = self.tx.send((topic.to_string(), data));
+    }
+}
+
+fn bus_sink(bus: Bus) -> Arc<BusSink> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, Value)>();
+    tokio::spawn(async move {
+        while let Some((topic, data)) = rx.recv().await {
+            if let Err(e) = bus.publish(NewEvent::new(topic.clone(), data)).await {
+                tracing::warn!(%topic, error = %e, "could not publish a plugin event");
+            }
+        }
+    });
+    Arc::new(BusSink { tx })
+}
+
+/// A running KSI in this process.
+pub struct Host {
+    pub config: Config,
+    pub store: Store,
+    pub bus: Bus,
+    pub refs: Refs,
+    pub plugins: Arc<PluginRuntime>,
+    pub engine: Engine,
+    pub claude: Arc<dyn ClaudeApi>,
+    _watcher: Option<crate::plugins::PluginWatcher>,
+    _lock: DataDirLock,
+}
+
+impl Host {
+    /// Opens everything on `config.data_dir`. `claude` builds the executor once the store is
+    /// open.
+    pub async fn open(
+        config: Config,
+        claude: impl FnOnce(&Store, &Bus, &Refs) -> anyhow::Result<Arc<dyn ClaudeApi>>,
+        watch_plugins: bool,
+    ) -> anyhow::Result<Host> {
+        crate::store::prepare_data_dir(&config.data_dir)?;
+        let lock = DataDirLock::acquire(&config.data_dir)?;
+        let store = Store::open(&config)?;
+        let bus = Bus::new(store.clone());
+        let refs = Refs::open(&config.data_dir)?;
+        install_bundled(&refs)?;
+        let plugins = PluginRuntime::new(
+            RuntimeConfig::for_data_dir(refs.root()),
+            Arc::new(NoStep),
+            bus_sink(bus.clone()),
+        )
+        .context("starting the plugin runtime")?;
+        for (path, result) in plugins.load_dir() {
+            if let Err(e) = result {
+                tracing::error!(file = %path.display(), error = %e, "plugin not loaded");
+            }
+        }
+        let watcher = if watch_plugins {
+            Some(plugins.watch().context("watching the plugins directory")?)
+        } else {
+            None
+        };
+        let claude = claude(&store, &bus, &refs)?;
+        let engine = Engine::new(
+            store.clone(),
+            refs.clone(),
+            Arc::new(PluginRunner::new(plugins.clone())),
+            claude.clone(),
+            EngineOptions::default(),
+        )
+        .await?;
+        for e in engine
+            .load_definitions(&refs.root().join("definitions"))
+            .await
+        {
+            tracing::error!(error = %e, "workflow definition not loaded");
+        }
+        engine.recover().await?;
+        Ok(Host {
+            config,
+            store,
+            bus,
+            refs,
+            plugins,
+            engine,
+            claude,
+            _watcher: watcher,
+            _lock: lock,
+        })
+    }
+
+    /// Runs the engine's workers until `shutdown` turns true.
+    pub fn spawn_workers(&self, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let engine = self.engine.clone();
+        tokio::spawn(async move { engine.run_workers(shutdown).await })
+    }
+}
+
+/// The Claude executor for a host. (Wired to the supervised CLI executor.)
+pub fn claude_executor(
+    _store: &Store,
+    _bus: &Bus,
+    _refs: &Refs,
+    binary: PathBuf,
+) -> anyhow::Result<Arc<dyn ClaudeApi>> {
+    struct Pending(PathBuf);
+    impl ClaudeApi for Pending {
+        fn complete(
+            &self,
+            _: String,
+            _: Option<String>,
+            _: crate::workflow::ClaudeRequest,
+        ) -> crate::workflow::BoxFuture<
+            'static,
+            Result<crate::workflow::ClaudeAnswer, crate::workflow::ClaudeFailure>,
+        > {
+            let bin = self.0.display().to_string();
+            Box::pin(async move {
+                Err(crate::workflow::ClaudeFailure {
+                    transient: false,
+                    class: "unavailable".into(),
+                    message: format!("the executor for {bin} is not wired yet"),
+                })
+            })
+        }
+        fn recover(
+            &self,
+            _: String,
+        ) -> crate::workflow::BoxFuture<'static, Option<crate::workflow::ClaudeAnswer>> {
+            Box::pin(async { None })
+        }
+    }
+    Ok(Arc::new(Pending(binary)))
+}
