@@ -259,7 +259,9 @@ fn revise(input: &StepInput) -> Result<StepOutput, StepError> {
     collab.text_ref = answer.response_ref.path;
     collab.round += 1;
     Ok(StepOutput::new()
-        .result(&json!({ "revision": collab.text, "round": collab.round, "text_ref": collab.text_ref }))?
+        .result(
+            &json!({ "revision": collab.text, "round": collab.round, "text_ref": collab.text_ref }),
+        )?
         .patch(&json!({ "collaboration": collab }))?
         .next("critique"))
 }
@@ -278,12 +280,10 @@ fn finalize(input: &StepInput) -> Result<StepOutput, StepError> {
             "critique": c.text,
         })).collect::<Vec<_>>(),
     });
-    StepOutput::new()
-        .result(&result)?
-        .event(
-            "collaboration.finalized",
-            &json!({ "topic": collab.topic, "rounds": collab.round, "approved": collab.approved }),
-        )
+    StepOutput::new().result(&result)?.event(
+        "collaboration.finalized",
+        &json!({ "topic": collab.topic, "rounds": collab.round, "approved": collab.approved }),
+    )
 }
 
 /// The critic's verdict: the last line that mentions `verdict`, case-insensitive and with

@@ -197,7 +197,9 @@ fn explain(input: &StepInput) -> Result<StepOutput, StepError> {
 }
 
 fn ask(input: &StepInput) -> Result<StepOutput, StepError> {
-    let State { teaching: mut lesson } = input.state()?;
+    let State {
+        teaching: mut lesson,
+    } = input.state()?;
     // What the student reacts to: the explanation first, then the teacher's latest answer.
     let teacher = lesson
         .qa
@@ -232,7 +234,9 @@ fn ask(input: &StepInput) -> Result<StepOutput, StepError> {
 }
 
 fn answer(input: &StepInput) -> Result<StepOutput, StepError> {
-    let State { teaching: mut lesson } = input.state()?;
+    let State {
+        teaching: mut lesson,
+    } = input.state()?;
     let questions = lesson
         .qa
         .last()
@@ -264,7 +268,9 @@ fn answer(input: &StepInput) -> Result<StepOutput, StepError> {
 }
 
 fn check(input: &StepInput) -> Result<StepOutput, StepError> {
-    let State { teaching: mut lesson } = input.state()?;
+    let State {
+        teaching: mut lesson,
+    } = input.state()?;
     // Two calls in sequence: the student must see the teacher's question.
     let text = prompt(
         "teaching/check_question",
@@ -296,7 +302,9 @@ fn check(input: &StepInput) -> Result<StepOutput, StepError> {
 }
 
 fn summary(input: &StepInput) -> Result<StepOutput, StepError> {
-    let State { teaching: mut lesson } = input.state()?;
+    let State {
+        teaching: mut lesson,
+    } = input.state()?;
     let check = lesson
         .check
         .clone()
