@@ -306,14 +306,24 @@ fn sub_answers(analysis: &Analysis) -> Vec<Value> {
 }
 
 /// The sub-questions in the lead's answer: the first JSON array in it (of strings, or of
-/// objects with a `question` field), else its numbered or bulleted lines.
+/// objects with a `question` field), else its numbered or bulleted lines, else its other
+/// non-empty lines (a model that ignored the format still yields something to analyse).
 fn parse_questions(text: &str) -> Vec<String> {
     if let Some(questions) = json_array(text) {
         return questions;
     }
-    text.lines()
+    let items: Vec<String> = text
+        .lines()
         .filter_map(list_item)
         .filter(|q| !q.is_empty())
+        .collect();
+    if !items.is_empty() {
+        return items;
+    }
+    text.lines()
+        .map(|l| l.trim().trim_start_matches('#').trim())
+        .filter(|l| !l.is_empty() && !l.starts_with("```") && !l.ends_with(':'))
+        .map(str::to_string)
         .collect()
 }
 
@@ -375,7 +385,16 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_without_questions_yields_none() {
-        assert!(parse_questions("I cannot help with that.").is_empty());
+    fn an_answer_without_a_list_falls_back_to_its_lines() {
+        let text = "Questions:\n\nWhy is it so?\nHow does it work?\n";
+        assert_eq!(
+            parse_questions(text),
+            ["Why is it so?", "How does it work?"]
+        );
+    }
+
+    #[test]
+    fn an_empty_answer_yields_no_questions() {
+        assert!(parse_questions(" \n```\n").is_empty());
     }
 }
