@@ -161,7 +161,7 @@ fn decompose(input: &StepInput) -> Result<StepOutput, StepError> {
     analysis.lead.session = Some(answer.session_id.clone());
     let mut questions = parse_questions(&answer.text);
     if questions.is_empty() {
-        // Another attempt asks again; the answer above is journaled under this attempt only.
+        // Let the retry policy ask again (journal entries are kept per attempt).
         return Err(StepError::retryable(format!(
             "the lead's answer holds no sub-questions: {:?}",
             answer.text
