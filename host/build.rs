@@ -53,7 +53,12 @@ fn main() {
     std::fs::write(out.join("bundled_plugins.rs"), generated).unwrap();
     // The shipped handlers are embedded in the binary (`plugins::bundled::BUNDLED`).
     copy(&out_dir.join("debate.wasm"), &out.join("debate.wasm"));
-    copy(&out_dir.join("summarize.wasm"), &out.join("summarize.wasm"));
+    for name in ["summarize", "analysis", "collaboration", "teaching"] {
+        copy(
+            &out_dir.join(format!("{name}.wasm")),
+            &out.join(format!("{name}.wasm")),
+        );
+    }
     copy(&staged.join("echo-0.1.0.wasm"), &out.join("echo.wasm"));
 }
 

@@ -107,7 +107,7 @@ pub fn install_bundled(refs: &Refs) -> anyhow::Result<()> {
 }
 
 /// Host services outside a step (a plugin's `describe()`): nothing is available.
-struct NoStep;
+pub struct NoStep;
 
 impl HostServices for NoStep {
     fn claude_complete(

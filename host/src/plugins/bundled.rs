@@ -16,6 +16,18 @@ pub const BUNDLED: &[(&str, &[u8])] = &[
         include_bytes!(concat!(env!("OUT_DIR"), "/summarize.wasm")),
     ),
     (
+        "analysis.wasm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/analysis.wasm")),
+    ),
+    (
+        "collaboration.wasm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/collaboration.wasm")),
+    ),
+    (
+        "teaching.wasm",
+        include_bytes!(concat!(env!("OUT_DIR"), "/teaching.wasm")),
+    ),
+    (
         "echo.wasm",
         include_bytes!(concat!(env!("OUT_DIR"), "/echo.wasm")),
     ),
