@@ -168,7 +168,7 @@ pub(super) fn metrics(s: &AppState) -> String {
         }
     }
     if let Ok(h) = s.engine.step_latency_histogram() {
-        out.push_str("# HELP ksi_step_duration_ms Step durations (last 10,000 steps).\n# TYPE ksi_step_duration_ms histogram\n");
+        out.push_str("# HELP ksi_step_latency_ms Step latency, claim to durable commit (last 10,000 steps).\n# TYPE ksi_step_latency_ms histogram\n");
         out.push_str(&h);
     }
     out

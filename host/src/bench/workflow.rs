@@ -108,9 +108,9 @@ pub async fn run(
     handler: &str,
     instances: usize,
     resume_instances: usize,
+    workers: usize,
 ) -> anyhow::Result<WorkflowBenchReport> {
     const STEPS: usize = 10;
-    let workers = 32;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
 
@@ -134,14 +134,11 @@ pub async fn run(
         );
     }
     let elapsed = t0.elapsed();
-    let mut step_ms = Vec::new();
-    for id in &ids {
-        for s in engine.history(id)? {
-            if let Some(f) = s.finished_at {
-                step_ms.push((f - s.started_at) as f64);
-            }
-        }
-    }
+    let mut step_ms: Vec<f64> = engine
+        .step_latencies_us()
+        .into_iter()
+        .map(|us| us as f64 / 1000.0)
+        .collect();
     step_ms.sort_by(|a, b| a.total_cmp(b));
     let total_steps = instances * STEPS;
     let _ = stop.send(true);
@@ -205,8 +202,8 @@ pub async fn run(
         steps_per_instance: STEPS,
         workers,
         steps_per_s: (total_steps as f64 / elapsed.as_secs_f64()).round(),
-        step_p50_ms: percentile(&step_ms, 0.5),
-        step_p99_ms: percentile(&step_ms, 0.99),
+        step_p50_ms: (percentile(&step_ms, 0.5) * 1000.0).round() / 1000.0,
+        step_p99_ms: (percentile(&step_ms, 0.99) * 1000.0).round() / 1000.0,
         resume_instances,
         resume_ms: resume_ms.round(),
     })

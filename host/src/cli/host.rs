@@ -81,6 +81,9 @@ pub enum BenchCmd {
         /// Use the in-process native echo instead of the WebAssembly echo plugin
         #[arg(long)]
         native: bool,
+        /// Steps run concurrently
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
         #[arg(long)]
         json: bool,
     },
@@ -185,19 +188,27 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 instances,
                 resume,
                 native,
+                workers,
                 json,
             }) => {
                 store::prepare_data_dir(&config.data_dir)?;
-                let _ = native;
-                let runner = std::sync::Arc::new(bench::workflow::NativeEcho);
-                let r = bench::workflow::run(
-                    &config.data_dir.join("bench-workflow"),
-                    runner,
-                    "native.echo",
-                    instances,
-                    resume,
-                )
-                .await?;
+                let dir = config.data_dir.join("bench-workflow");
+                let (runner, handler): (std::sync::Arc<dyn crate::workflow::StepRunner>, &str) =
+                    if native {
+                        (std::sync::Arc::new(bench::workflow::NativeEcho), "native.echo")
+                    } else {
+                        // The WebAssembly echo plugin: every step instantiates and calls a component.
+                        let pdir = config.data_dir.join("bench-plugins");
+                        crate::plugins::bundled::install_bundled(&pdir.join("plugins"))?;
+                        let rt = crate::plugins::PluginRuntime::new(
+                            crate::plugins::RuntimeConfig::for_data_dir(&pdir),
+                            std::sync::Arc::new(crate::daemon::NoStep),
+                            std::sync::Arc::new(crate::plugins::RecordingEvents::default()),
+                        )?;
+                        rt.load_file(&pdir.join("plugins/echo.wasm"))?;
+                        (std::sync::Arc::new(crate::workflow::PluginRunner::new(rt)), "echo.echo")
+                    };
+                let r = bench::workflow::run(&dir, runner, handler, instances, resume, workers).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 } else {

@@ -26,6 +26,10 @@ use crate::store::{Store, Tx, now_ms};
 pub const INLINE_STATE_MAX: usize = 10 * 1024;
 /// Step outputs larger than this go to a file.
 const INLINE_OUTPUT_MAX: usize = 16 * 1024;
+/// How long a step runs before it gets a `running` row.
+const RUNNING_MARKER_AFTER: Duration = Duration::from_millis(50);
+/// Step latencies kept for metrics and benchmarks.
+const LATENCY_WINDOW: usize = 10_000;
 /// The engine's bus subscription.
 pub const SUBSCRIPTION: &str = "engine.steps";
 
@@ -156,6 +160,8 @@ struct Inner {
     sub: Subscription,
     /// Cancel switches of running steps, by (workflow id, seq).
     cancels: Mutex<HashMap<(String, u64), watch::Sender<bool>>>,
+    /// Claim-to-commit time of recent steps, in µs.
+    latencies: Mutex<std::collections::VecDeque<u32>>,
     opts: EngineOptions,
 }
 
@@ -223,6 +229,7 @@ impl Engine {
                 defs: RwLock::default(),
                 sub,
                 cancels: Mutex::default(),
+                latencies: Mutex::default(),
                 opts,
             }),
         })
@@ -454,6 +461,17 @@ impl Engine {
             .collect())
     }
 
+    /// Claim-to-commit latencies of the most recent steps (µs, oldest first).
+    pub fn step_latencies_us(&self) -> Vec<u32> {
+        self.inner
+            .latencies
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
+    }
+
     /// Instances by status.
     pub fn counts(&self) -> Result<Vec<(String, i64)>, WorkflowError> {
         self.inner.store.read(|c| {
@@ -465,31 +483,26 @@ impl Engine {
         })
     }
 
-    /// Prometheus histogram lines of recent step durations.
+    /// Prometheus histogram lines of recent step latencies (claim to commit).
     pub fn step_latency_histogram(&self) -> Result<String, WorkflowError> {
-        let durations: Vec<i64> = self.inner.store.read(|c| {
-            let mut st = c.prepare(
-                "SELECT finished_at - started_at FROM workflow_steps WHERE finished_at IS NOT NULL
-                 ORDER BY finished_at DESC LIMIT 10000",
-            )?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            Ok::<_, WorkflowError>(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-        })?;
-        let bounds = [1, 5, 10, 50, 100, 500, 1000, 5000, 30000, 120000];
+        let lat = self.step_latencies_us();
+        let bounds_ms = [
+            1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 30000.0, 120000.0,
+        ];
         let mut out = String::new();
-        for b in bounds {
-            let n = durations.iter().filter(|d| **d <= b).count();
-            out.push_str(&format!("ksi_step_duration_ms_bucket{{le=\"{b}\"}} {n}\n"));
+        for b in bounds_ms {
+            let n = lat.iter().filter(|us| (**us as f64) / 1000.0 <= b).count();
+            out.push_str(&format!("ksi_step_latency_ms_bucket{{le=\"{b}\"}} {n}\n"));
         }
         out.push_str(&format!(
-            "ksi_step_duration_ms_bucket{{le=\"+Inf\"}} {}\n",
-            durations.len()
+            "ksi_step_latency_ms_bucket{{le=\"+Inf\"}} {}\n",
+            lat.len()
         ));
         out.push_str(&format!(
-            "ksi_step_duration_ms_sum {}\n",
-            durations.iter().sum::<i64>()
+            "ksi_step_latency_ms_sum {:.3}\n",
+            lat.iter().map(|u| *u as f64 / 1000.0).sum::<f64>()
         ));
-        out.push_str(&format!("ksi_step_duration_ms_count {}\n", durations.len()));
+        out.push_str(&format!("ksi_step_latency_ms_count {}\n", lat.len()));
         Ok(out)
     }
 
@@ -705,7 +718,16 @@ impl Engine {
                 return;
             }
         };
-        if let Err(e) = self.execute(&d, &ev).await {
+        let t0 = Instant::now();
+        let result = self.execute(&d, &ev).await;
+        if result.is_ok() {
+            let mut l = self.inner.latencies.lock().unwrap();
+            if l.len() == LATENCY_WINDOW {
+                l.pop_front();
+            }
+            l.push_back(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        }
+        if let Err(e) = result {
             tracing::error!(workflow = %ev.workflow_id, step = %ev.step, error = %e, "step could not be committed; it will be retried");
             let _ = self
                 .inner
@@ -789,31 +811,36 @@ impl Engine {
             crate::refs::sha256_hex(serde_json::to_string(&input).unwrap_or_default().as_bytes());
         let plugin = format!("{}@{}", resolved.plugin, resolved.version);
         let started = now_ms();
-        {
-            // Visible at once in listings; not worth an fsync (a crash re-runs the step anyway).
-            let (ev2, plugin2, sha2, isha) = (
+        // A step still running after a moment gets a `running` row, so listings show it. Fast
+        // steps skip that write entirely. The marker is aborted before the outcome commits; a
+        // marker already queued commits first (the writer is FIFO), so it never overwrites it.
+        let marker = {
+            let (store, ev2, plugin2, sha2, isha) = (
+                inner.store.clone(),
                 ev.clone(),
                 plugin.clone(),
                 resolved.sha256.clone(),
                 input_sha.clone(),
             );
-            inner
-                .store
-                .write_relaxed(move |tx| {
-                    tx.execute(
-                        "INSERT OR REPLACE INTO workflow_steps(workflow_id, seq, attempt, step, group_seq, status,
-                            input_sha256, plugin, plugin_sha256, started_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)",
-                        params![ev2.workflow_id, ev2.seq as i64, ev2.attempt, ev2.step, ev2.group.map(|g| g as i64), isha, plugin2, sha2, started],
-                    )?;
-                    tx.execute(
-                        "UPDATE workflows SET current_step = ?2, current_step_index = ?3, updated_at = ?4 WHERE id = ?1",
-                        params![ev2.workflow_id, ev2.step, ev2.seq as i64, started],
-                    )?;
-                    Ok::<_, WorkflowError>(())
-                })
-                .await?;
-        }
+            tokio::spawn(async move {
+                tokio::time::sleep(RUNNING_MARKER_AFTER).await;
+                let _ = store
+                    .write_relaxed(move |tx| {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO workflow_steps(workflow_id, seq, attempt, step, group_seq, status,
+                                input_sha256, plugin, plugin_sha256, started_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)",
+                            params![ev2.workflow_id, ev2.seq as i64, ev2.attempt, ev2.step, ev2.group.map(|g| g as i64), isha, plugin2, sha2, started],
+                        )?;
+                        tx.execute(
+                            "UPDATE workflows SET current_step = ?2, current_step_index = ?3, updated_at = ?4 WHERE id = ?1",
+                            params![ev2.workflow_id, ev2.step, ev2.seq as i64, started],
+                        )?;
+                        Ok::<_, WorkflowError>(())
+                    })
+                    .await;
+            })
+        };
         let ctx = Arc::new(StepContext::new(
             inner.store.clone(),
             inner.refs.clone(),
@@ -858,6 +885,7 @@ impl Engine {
             _ = cancelled => None,
         };
         heartbeat.abort();
+        marker.abort();
         inner.cancels.lock().unwrap().remove(&cancel_key);
         let elapsed = t0.elapsed();
         let meta = RunMeta {

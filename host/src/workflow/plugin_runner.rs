@@ -86,7 +86,8 @@ impl StepRunner for PluginRunner {
             let wit_input = crate::plugins::StepInput {
                 workflow_id: input.workflow_id.clone(),
                 workflow_type: input.workflow_type.clone(),
-                step: input.step.clone(),
+                // The plugin's own step name (the handler), which a workflow step may rename.
+                step: step.step.clone(),
                 step_index: input.seq as u32,
                 attempt: input.attempt,
                 params: input.params.to_string(),
