@@ -18,6 +18,14 @@ struct Cli {
 enum Cmd {
     /// Start a workflow and follow it live, then print its result
     Run(ksi_host::cli::run::RunArgs),
+    /// Plugins of the data dir: name, version, steps, file, hash, loaded-at
+    Plugins {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a plugin crate (`ksi plugin new NAME`), check or run one
+    #[command(subcommand)]
+    Plugin(ksi_host::cli::plugins::PluginCmd),
     /// Publish, follow and list bus events of the data dir
     #[command(subcommand)]
     Events(EventsCmd),
@@ -55,6 +63,8 @@ fn main() {
                     }
                     Ok(())
                 }
+                Cmd::Plugins { json } => ksi_host::cli::plugins::list(&config, json),
+                Cmd::Plugin(cmd) => ksi_host::cli::plugins::run(cmd),
                 Cmd::Events(cmd) => ksi_host::cli::events::run(cmd, open(config)?).await,
             }
         })

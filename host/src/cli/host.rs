@@ -37,6 +37,9 @@ pub enum HostCmd {
     /// Publish, follow and list bus events
     #[command(subcommand)]
     Events(EventsCmd),
+    /// Check a plugin component or run one of its steps, without a daemon
+    #[command(subcommand)]
+    Plugin(super::plugins::PluginCmd),
     /// Read and change dynamic settings (the config table)
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -69,6 +72,11 @@ pub enum ConfigCmd {
 /// `ksi-host bench ...`
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
+    /// Plugins: instantiate+call latency, compile and cached load times, hot-reload time
+    Plugins {
+        #[arg(long)]
+        json: bool,
+    },
     /// Workflow engine: durable steps/s and per-step latency (10-step echo workflows, 100 at
     /// once), and the time to resume 1,000 running instances after a restart
     Workflow {
@@ -121,7 +129,15 @@ pub fn main() -> i32 {
 }
 
 fn run(cli: HostCli) -> anyhow::Result<()> {
-    let config = cli.global.config()?;
+    let mut config = cli.global.config()?;
+    // One-shot commands print their own output; only the daemon logs at info by default.
+    let quiet_default = !matches!(cli.cmd, HostCmd::Serve(_))
+        && cli.global.log_level.is_none()
+        && std::env::var_os("RUST_LOG").is_none()
+        && std::env::var_os("KSI_LOG_LEVEL").is_none();
+    if quiet_default {
+        config.log_level = "warn".into();
+    }
     init_logging(&config);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,6 +151,22 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 }
                 let host = crate::daemon::Host::open(config.clone(), |s, b, r| crate::daemon::claude_executor(s, b, r, bin), true).await?;
                 super::serve::serve(config, args, host).await
+            }
+            HostCmd::Plugin(cmd) => super::plugins::run(cmd),
+            HostCmd::Bench(BenchCmd::Plugins { json }) => {
+                let r = tokio::task::spawn_blocking(crate::plugins::bench::try_bench_plugins).await??;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    let mut t = table(&["measure", "value"]);
+                    if let Some(o) = r.as_object() {
+                        for (k, v) in o {
+                            t.add_row(vec![k.clone(), v.to_string()]);
+                        }
+                    }
+                    println!("{t}");
+                }
+                Ok(())
             }
             HostCmd::Migrate { status, json } => migrate(&config, status, json),
             HostCmd::Events(cmd) => super::events::run(cmd, open(config)?).await,

@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod host;
+pub mod plugins;
 pub mod run;
 pub mod serve;
 pub mod soak;
