@@ -56,20 +56,50 @@ impl DataDirLock {
 }
 
 /// Workflow definitions and prompt templates that ship with KSI.
-pub const BUNDLED_DEFINITIONS: &[(&str, &str)] = &[(
-    "debate.toml",
-    include_str!("../assets/definitions/debate.toml"),
-)];
+pub const BUNDLED_DEFINITIONS: &[(&str, &str)] = &[
+    (
+        "analysis.toml",
+        include_str!("../assets/definitions/analysis.toml"),
+    ),
+    (
+        "collaboration.toml",
+        include_str!("../assets/definitions/collaboration.toml"),
+    ),
+    (
+        "debate.toml",
+        include_str!("../assets/definitions/debate.toml"),
+    ),
+    (
+        "teaching.toml",
+        include_str!("../assets/definitions/teaching.toml"),
+    ),
+];
 
 /// Prompt templates that ship with KSI (`prompts/templates/<path>`).
 pub const BUNDLED_TEMPLATES: &[(&str, &str)] = &[
     (
-        "debate/opening.md",
-        include_str!("../assets/templates/debate/opening.md"),
+        "analysis/analyze.md",
+        include_str!("../assets/templates/analysis/analyze.md"),
     ),
     (
-        "debate/rebuttal.md",
-        include_str!("../assets/templates/debate/rebuttal.md"),
+        "analysis/decompose.md",
+        include_str!("../assets/templates/analysis/decompose.md"),
+    ),
+    (
+        "analysis/synthesize.md",
+        include_str!("../assets/templates/analysis/synthesize.md"),
+    ),
+    (
+        "collaboration/critique.md",
+        include_str!("../assets/templates/collaboration/critique.md"),
+    ),
+    (
+        "collaboration/draft.md",
+        include_str!("../assets/templates/collaboration/draft.md"),
+    ),
+    (
+        "collaboration/revise.md",
+        include_str!("../assets/templates/collaboration/revise.md"),
     ),
     (
         "debate/closing.md",
@@ -80,8 +110,40 @@ pub const BUNDLED_TEMPLATES: &[(&str, &str)] = &[
         include_str!("../assets/templates/debate/judge.md"),
     ),
     (
+        "debate/opening.md",
+        include_str!("../assets/templates/debate/opening.md"),
+    ),
+    (
+        "debate/rebuttal.md",
+        include_str!("../assets/templates/debate/rebuttal.md"),
+    ),
+    (
         "summarize.md",
         include_str!("../assets/templates/summarize.md"),
+    ),
+    (
+        "teaching/answer.md",
+        include_str!("../assets/templates/teaching/answer.md"),
+    ),
+    (
+        "teaching/ask.md",
+        include_str!("../assets/templates/teaching/ask.md"),
+    ),
+    (
+        "teaching/check_answer.md",
+        include_str!("../assets/templates/teaching/check_answer.md"),
+    ),
+    (
+        "teaching/check_question.md",
+        include_str!("../assets/templates/teaching/check_question.md"),
+    ),
+    (
+        "teaching/explain.md",
+        include_str!("../assets/templates/teaching/explain.md"),
+    ),
+    (
+        "teaching/summary.md",
+        include_str!("../assets/templates/teaching/summary.md"),
     ),
 ];
 
@@ -285,4 +347,36 @@ pub fn claude_executor(
         }
     }
     Ok(Arc::new(Pending(binary)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files_under(dir: &Path, base: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                files_under(&p, base, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn every_asset_file_is_bundled() {
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+        for (sub, list) in [
+            ("definitions", BUNDLED_DEFINITIONS),
+            ("templates", BUNDLED_TEMPLATES),
+        ] {
+            let mut files = Vec::new();
+            files_under(&assets.join(sub), &assets.join(sub), &mut files);
+            files.sort();
+            let mut listed: Vec<String> = list.iter().map(|(n, _)| n.to_string()).collect();
+            listed.sort();
+            assert_eq!(files, listed, "assets/{sub} and the bundled list differ");
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod api;
 mod claude;
 mod cli;
 mod crash;

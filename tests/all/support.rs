@@ -42,3 +42,116 @@ pub fn file_digest(path: &Path) -> Vec<u8> {
     out.extend((bytes.len() as u64).to_le_bytes());
     out
 }
+
+/// A `ksi-host serve` running on a free loopback port, killed on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `dir` with fake-claude and waits until `/health` answers.
+    pub async fn start(dir: &Path, extra_env: &[(&str, &str)]) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(bin("ksi-host"));
+        cmd.arg("--data-dir")
+            .arg(dir)
+            .args(["--log-level", "warn", "serve", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--claude-bin")
+            .arg(bin("fake-claude"))
+            .env_remove("KSI_DATA_DIR")
+            .stdout(std::process::Stdio::null());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start ksi-host serve");
+        let d = Daemon {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        };
+        for _ in 0..300 {
+            if let Ok((200, _)) = d.get("/health").await {
+                return d;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the daemon did not become healthy on port {port}");
+    }
+
+    /// GET, returning (status, JSON body or {"text": ...}).
+    pub async fn get(&self, path: &str) -> Result<(u16, serde_json::Value), String> {
+        http(self.port, "GET", path, None).await
+    }
+
+    /// POST a JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value), String> {
+        http(self.port, "POST", path, Some(body.to_string().into_bytes())).await
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (hyper).
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(u16, serde_json::Value), String> {
+    http_raw(port, method, path, body, "application/json").await
+}
+
+/// Like [`http`], with an explicit content type.
+pub async fn http_raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    content_type: &str,
+) -> Result<(u16, serde_json::Value), String> {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", content_type)
+        .body(Full::new(hyper::body::Bytes::from(
+            body.unwrap_or_default(),
+        )))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::json!({ "text": String::from_utf8_lossy(&bytes) }));
+    Ok((status, v))
+}
