@@ -2,3 +2,6 @@
 //! never assert on time (machines are shared and noisy).
 
 pub mod bus;
+pub mod executor;
+
+pub use executor::bench_executor;
