@@ -99,7 +99,9 @@ pub async fn bench_executor(
     let mut child_ms = Vec::new();
     for t in tasks {
         let (id, wall, out) = t.await?;
-        out.map_err(|f| anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message))?;
+        out.map_err(|f| {
+            anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message)
+        })?;
         let row = get_process(&store, &id)?.ok_or_else(|| anyhow::anyhow!("no row for {id}"))?;
         let child_us = row
             .metrics

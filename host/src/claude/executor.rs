@@ -61,6 +61,9 @@ pub struct ExecutorConfig {
     pub archive_retention: Duration,
     /// Variables given to every CLI process on top of the clean environment.
     pub extra_env: Vec<(String, String)>,
+    /// Whether the CLI inherits the daemon's PATH, HOME, LANG, `ANTHROPIC_*`, ... (see
+    /// [`ClaudeInvocation::env`]); false gives it only `extra_env`.
+    pub inherit_env: bool,
 }
 
 impl Default for ExecutorConfig {
@@ -73,6 +76,7 @@ impl Default for ExecutorConfig {
             spend: SpendLimits::default(),
             archive_retention: Duration::from_secs(7 * 24 * 3600),
             extra_env: Vec::new(),
+            inherit_env: true,
         }
     }
 }
@@ -925,6 +929,7 @@ impl Executor {
         let mut inv = ClaudeInvocation::new(model, prompt);
         inv.binary = eff.binary.clone();
         inv.extra_env = eff.extra_env.clone();
+        inv.inherit_env = eff.inherit_env;
         if let Some(s) = session {
             inv.session = SessionMode::Resume(s.clone());
         }

@@ -169,7 +169,9 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 super::claude::spawn_many(args, open(config)?).await
             }
             HostCmd::Dev(DevCmd::Reconcile { json }) => {
-                super::claude::reconcile(open(config)?, json).await.map(|_| ())
+                super::claude::reconcile(open(config)?, json)
+                    .await
+                    .map(|_| ())
             }
         }
     })
