@@ -36,6 +36,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The child's spawn-to-exit time of process `id`, in ms.
+fn child_ms_of(store: &Store, id: &str) -> anyhow::Result<f64> {
+    let row = get_process(store, id)?.ok_or_else(|| anyhow::anyhow!("no row for {id}"))?;
+    let us = row
+        .metrics
+        .as_ref()
+        .and_then(|m| m.get("spawn_to_exit_us"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok(us as f64 / 1000.0)
+}
+
 /// Runs the benchmark in a fresh `data_dir` (created; existing data is not touched but shares
 /// the database) with `calls` concurrent calls of `fake_claude_bin`.
 ///
@@ -75,6 +87,25 @@ pub async fn bench_executor(
         })
     };
     let run = format!("{:x}", rand::random::<u32>());
+    // One at a time first: KSI's own cost per call, without 50 children competing for the CPU.
+    let mut sequential = Vec::new();
+    for i in 0..calls.min(20) {
+        let id = format!("bench-{run}-seq-{i}");
+        let start = Instant::now();
+        exec.complete(
+            id.clone(),
+            None,
+            ClaudeRequest {
+                prompt: format!("sequential benchmark call {i}"),
+                ..ClaudeRequest::default()
+            },
+        )
+        .await
+        .map_err(|f| anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message))?;
+        let wall = start.elapsed().as_secs_f64() * 1000.0;
+        sequential.push(wall - child_ms_of(&store, &id)?);
+    }
+    sequential.sort_by(f64::total_cmp);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..calls {
@@ -102,14 +133,7 @@ pub async fn bench_executor(
         out.map_err(|f| {
             anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message)
         })?;
-        let row = get_process(&store, &id)?.ok_or_else(|| anyhow::anyhow!("no row for {id}"))?;
-        let child_us = row
-            .metrics
-            .as_ref()
-            .and_then(|m| m.get("spawn_to_exit_us"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let child = child_us as f64 / 1000.0;
+        let child = child_ms_of(&store, &id)?;
         child_ms.push(child);
         overheads.push(wall.as_secs_f64() * 1000.0 - child);
     }
@@ -123,6 +147,7 @@ pub async fn bench_executor(
         "calls": calls,
         "concurrency": calls,
         "overhead_p50_ms": percentile(&overheads, 0.5),
+        "sequential_overhead_p50_ms": percentile(&sequential, 0.5),
         "overhead_p90_ms": percentile(&overheads, 0.9),
         "overhead_max_ms": overheads.last().copied().unwrap_or(0.0),
         "child_p50_ms": percentile(&child_ms, 0.5),

@@ -343,6 +343,9 @@ pub struct ReconcileReport {
 
 type Outcome = Result<ClaudeAnswer, ClaudeFailure>;
 
+/// Where an attempt's log went: the result line (if any) and the envelope line.
+type AttemptLog = (Option<FileRef>, FileRef);
+
 struct InFlight {
     done: watch::Receiver<Option<Outcome>>,
     cancel: CancelToken,
@@ -579,10 +582,10 @@ impl Executor {
             .unwrap()
             .get(process_id)
             .map(|c| c.done.clone());
-        if let Some(mut rx) = rx {
-            if let Ok(v) = rx.wait_for(Option::is_some).await {
-                return v.clone().expect("checked by wait_for");
-            }
+        if let Some(mut rx) = rx
+            && let Ok(v) = rx.wait_for(Option::is_some).await
+        {
+            return v.clone().expect("checked by wait_for");
         }
         let row = get_process(&self.inner.store, process_id)
             .map_err(internal)?
@@ -1008,7 +1011,7 @@ impl Executor {
         stream_rel: &str,
         class: Option<&FailureClass>,
         error: Option<&str>,
-    ) -> Option<(Option<FileRef>, FileRef)> {
+    ) -> Option<AttemptLog> {
         let envelope = json!({
             "type": "ksi_envelope",
             "process_id": id,
@@ -1028,7 +1031,7 @@ impl Executor {
             "prompt_file": format!("prompts/archive/{id}.txt"),
         });
         let refs = &self.inner.refs;
-        let out = match o.run.session_id().filter(|s| responses::safe_session_id(s)) {
+        match o.run.session_id().filter(|s| responses::safe_session_id(s)) {
             Some(session) => {
                 match responses::append_to_session(refs, session, &o.raw_stdout, &envelope) {
                     Ok(r) => {
@@ -1044,8 +1047,7 @@ impl Executor {
             None => responses::close_pending(refs, stream_rel, &envelope)
                 .map(|r| (None, r))
                 .ok(),
-        };
-        out
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1248,7 +1250,7 @@ impl Executor {
         message: &str,
         o: &AttemptOutcome,
         delay: Duration,
-        log: Option<(Option<FileRef>, FileRef)>,
+        log: Option<AttemptLog>,
     ) {
         let next = now_ms() + delay.as_millis() as i64;
         let w = self
@@ -1279,7 +1281,7 @@ impl Executor {
         attempt: u32,
         class: &FailureClass,
         message: &str,
-        attempt_info: Option<(&AttemptOutcome, Option<(Option<FileRef>, FileRef)>)>,
+        attempt_info: Option<(&AttemptOutcome, Option<AttemptLog>)>,
     ) -> Outcome {
         let st = if class.is_retryable() {
             status::DEAD
@@ -1318,7 +1320,7 @@ impl Executor {
         class: &str,
         message: &str,
         o: Option<&AttemptOutcome>,
-        log: Option<(Option<FileRef>, FileRef)>,
+        log: Option<AttemptLog>,
         next_attempt_at: Option<i64>,
         transient: bool,
     ) -> Result<(), BusError> {
@@ -1647,11 +1649,11 @@ impl Executor {
             {
                 report.killed_pids.push(pid as u32);
             }
-            if let Some(found) = self.result_on_disk(&row) {
-                if self.complete_from_log(&row, found).await.is_ok() {
-                    report.completed.push(row.id.clone());
-                    continue;
-                }
+            if let Some(found) = self.result_on_disk(&row)
+                && self.complete_from_log(&row, found).await.is_ok()
+            {
+                report.completed.push(row.id.clone());
+                continue;
             }
             let class = FailureClass::Transient(TransientKind::Crash);
             let (st, msg) = if row.attempts >= row.max_attempts {

@@ -434,8 +434,8 @@ impl Admission {
             .window
             .map_or(0, |w| now_ms() - w.as_millis() as i64);
         let mut reservations = self.inner.reservations.lock().unwrap();
-        let mut scopes: Vec<(String, Budget, Option<(&str, &str)>)> =
-            vec![("global".into(), limits.budgets.global, None)];
+        type Scope<'a> = (String, Budget, Option<(&'a str, &'a str)>);
+        let mut scopes: Vec<Scope<'_>> = vec![("global".into(), limits.budgets.global, None)];
         if let Some(a) = &payer.agent {
             let b = payer.agent_budget.unwrap_or(limits.budgets.per_agent);
             scopes.push((format!("agent {a}"), b, Some(("agent_id", a.as_str()))));

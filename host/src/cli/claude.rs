@@ -370,6 +370,7 @@ pub fn session_transcript(refs: &Refs, id: &str) -> anyhow::Result<Vec<Transcrip
         .with_context(|| format!("no log for session {id} ({rel}); `ksi sessions` lists them"))?;
     let mut out = Vec::new();
     let mut turn: Vec<TranscriptEntry> = Vec::new();
+    let mut last_msg_id: Option<String> = None;
     for line in BufReader::new(f).lines() {
         let line = line?;
         let Ok(v) = serde_json::from_str::<Value>(&line) else {
@@ -406,6 +407,13 @@ pub fn session_transcript(refs: &Refs, id: &str) -> anyhow::Result<Vec<Transcrip
                 }
             }
             Some("assistant") => {
+                // One message may come as several lines (one per content block, same id).
+                let msg_id = v
+                    .pointer("/message/id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                let continues = msg_id.is_some() && msg_id == last_msg_id;
+                last_msg_id = msg_id;
                 for block in v
                     .pointer("/message/content")
                     .and_then(Value::as_array)
@@ -413,15 +421,22 @@ pub fn session_transcript(refs: &Refs, id: &str) -> anyhow::Result<Vec<Transcrip
                     .flatten()
                 {
                     match block.get("type").and_then(Value::as_str) {
-                        Some("text") => turn.push(TranscriptEntry {
-                            kind: "assistant".into(),
-                            text: block
+                        Some("text") => {
+                            let text = block
                                 .get("text")
                                 .and_then(Value::as_str)
-                                .unwrap_or_default()
-                                .to_string(),
-                            process_id: None,
-                        }),
+                                .unwrap_or_default();
+                            match turn.last_mut() {
+                                Some(last) if continues && last.kind == "assistant" => {
+                                    last.text.push_str(text)
+                                }
+                                _ => turn.push(TranscriptEntry {
+                                    kind: "assistant".into(),
+                                    text: text.to_string(),
+                                    process_id: None,
+                                }),
+                            }
+                        }
                         Some("tool_use") => turn.push(TranscriptEntry {
                             kind: "tool".into(),
                             text: format!(
@@ -601,10 +616,12 @@ pub struct SpawnManyArgs {
 /// # Errors
 /// A store failure.
 pub async fn spawn_many(args: SpawnManyArgs, o: Opened) -> anyhow::Result<()> {
-    let mut config = ExecutorConfig::default();
-    config.extra_env = std::env::vars()
-        .filter(|(k, _)| k.starts_with("FAKE_CLAUDE_"))
-        .collect();
+    let mut config = ExecutorConfig {
+        extra_env: std::env::vars()
+            .filter(|(k, _)| k.starts_with("FAKE_CLAUDE_"))
+            .collect(),
+        ..ExecutorConfig::default()
+    };
     config.spend.max_concurrency = args.n.max(1);
     config.spend.spawn_rate_per_min = 0.0;
     let exec = executor(&o, config);
@@ -626,11 +643,11 @@ pub async fn spawn_many(args: SpawnManyArgs, o: Opened) -> anyhow::Result<()> {
             if reported.contains_key(id) {
                 continue;
             }
-            if let Some(row) = executor::get_process(&o.store, id)? {
-                if row.status != "PENDING" {
-                    println!("RUNNING {id} {}", row.pid.unwrap_or(0));
-                    reported.insert(id.clone(), row.pid);
-                }
+            if let Some(row) = executor::get_process(&o.store, id)?
+                && row.status != "PENDING"
+            {
+                println!("RUNNING {id} {}", row.pid.unwrap_or(0));
+                reported.insert(id.clone(), row.pid);
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
