@@ -655,7 +655,8 @@ fn alive(pid: u32) -> bool {
 }
 
 #[test]
-fn a_sigkilled_daemon_leaves_no_claude_process_and_no_running_row_after_reconcile() -> Result<()> {
+fn a_sigkilled_daemon_leaves_no_claude_process_and_no_running_row_and_its_calls_resume()
+-> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path();
     let log = data.join("fake.log");
@@ -730,6 +731,22 @@ fn a_sigkilled_daemon_leaves_no_claude_process_and_no_running_row_after_reconcil
         Some(5),
         "{report}"
     );
+
+    // A restarted daemon runs the interrupted calls again from their queued prompts.
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let (store, bus, refs) = open(data)?;
+        let exec = Executor::new(store.clone(), bus, refs, base_config(&log, &[]));
+        let resumed = exec.resume_retries().await?;
+        assert_eq!(resumed.len(), 5);
+        for id in &resumed {
+            let a = exec.wait(id).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            assert!(a.text.starts_with("[simulated]"));
+            let r = get_process(&store, id)?.context("row")?;
+            assert_eq!((r.status.as_str(), r.attempts), ("COMPLETED", 2));
+        }
+        anyhow::Ok(())
+    })?;
     Ok(())
 }
 
@@ -945,5 +962,92 @@ async fn ps_cost_sessions_and_transcript_read_back_what_the_executor_recorded() 
     let agents = ksi_host::claude::agents::list(&f.store)?;
     assert_eq!(agents[0].metrics["calls"], 2);
     assert_eq!(agents[0].status, "active");
+    Ok(())
+}
+
+#[test]
+fn a_result_printed_before_the_daemon_died_is_completed_from_the_log_not_paid_twice() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let data = dir.path();
+    let log = data.join("fake.log");
+    // `linger`: the CLI prints its whole answer, then does not exit; the daemon dies meanwhile.
+    let mut child = Command::new(bin("ksi-host"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-level", "warn", "dev", "spawn-many", "--n", "2"])
+        .env("KSI_CLAUDE_BIN", FAKE)
+        .env("FAKE_CLAUDE_FAULT", "linger")
+        .env("FAKE_CLAUDE_LOG", &log)
+        .env_remove("KSI_DATA_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pending = data.join("claude_logs/pending");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let results_on_disk = || {
+        std::fs::read_dir(&pending)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read_to_string(e.path())
+                            .is_ok_and(|t| t.contains("\"type\":\"result\""))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    while results_on_disk() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        results_on_disk(),
+        2,
+        "both results reached the pending logs"
+    );
+    child.kill()?;
+    child.wait()?;
+
+    let out = Command::new(bin("ksi-host"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-level", "warn", "dev", "reconcile", "--json"])
+        .env_remove("KSI_DATA_DIR")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        report["completed"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+    assert_eq!(
+        report["killed_pids"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+    let (store, bus, refs) = open(data)?;
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM processes WHERE status = 'COMPLETED'"
+        ),
+        2
+    );
+    assert_eq!(invocations(&log).len(), 2, "nothing ran twice");
+    let exec = Executor::new(store.clone(), bus, refs, base_config(&log, &[]));
+    let rt = tokio::runtime::Runtime::new()?;
+    for id in report["completed"].as_array().unwrap() {
+        let id = id.as_str().unwrap().to_string();
+        let a = rt
+            .block_on(exec.recover(id))
+            .context("the recorded answer")?;
+        assert!(a.text.starts_with("[simulated]"), "{}", a.text);
+        assert!(a.cost_usd > 0.0);
+    }
     Ok(())
 }

@@ -1622,6 +1622,133 @@ impl Executor {
         }
     }
 
+    /// Runs a RETRY row again (from its stored request and queued prompt), after its
+    /// `next_attempt_at`. For calls nobody else re-runs: `spawn` requests after a restart. The
+    /// workflow engine re-runs its own calls under new ids, so rows with a workflow are refused.
+    ///
+    /// # Errors
+    /// No such row, not in RETRY, attempts used up, already running, or its prompt is gone.
+    pub async fn resume(&self, process_id: &str) -> Result<(), ClaudeFailure> {
+        let inner = &self.inner;
+        let row = get_process(&inner.store, process_id)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                failure_of(
+                    "not_found",
+                    format!("no Claude process {process_id:?}"),
+                    false,
+                )
+            })?;
+        let refuse = |why: &str| {
+            Err(failure_of(
+                "invalid_request",
+                format!("Claude process {process_id} cannot be resumed: {why}"),
+                false,
+            ))
+        };
+        if row.status != status::RETRY {
+            return refuse(&format!("it is {}, not RETRY", row.status));
+        }
+        if row.workflow_id.is_some() {
+            return refuse("it belongs to a workflow, whose engine re-runs its calls itself");
+        }
+        if row.attempts >= row.max_attempts {
+            return refuse("its attempts are used up");
+        }
+        if inner.calls.lock().unwrap().contains_key(process_id) {
+            return refuse("it is already running");
+        }
+        let stored: StoredRequest = inner
+            .store
+            .read({
+                let id = process_id.to_string();
+                move |c| {
+                    let s: Option<String> =
+                        c.query_row("SELECT request FROM processes WHERE id = ?1", [id], |r| {
+                            r.get(0)
+                        })?;
+                    Ok::<_, BusError>(s)
+                }
+            })
+            .map_err(internal)?
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .ok_or_else(|| internal("the stored request is missing"))?;
+        let prompt = row
+            .prompt_file
+            .as_ref()
+            .and_then(|r| inner.refs.read(r).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let Some(prompt) = prompt else {
+            return refuse("its prompt file is gone");
+        };
+        let request = SpawnRequest {
+            prompt,
+            model: Some(stored.model.clone()),
+            system_prompt: stored.system_prompt,
+            agent: row.agent_id.clone(),
+            session: stored.session,
+            max_turns: stored.max_turns,
+        };
+        let profile = match &request.agent {
+            Some(agent) => Some(
+                agents::ensure(&inner.store, &inner.bus, inner.refs.root(), agent)
+                    .await
+                    .map_err(|m| failure_of("invalid_request", m, false))?
+                    .1,
+            ),
+            None => None,
+        };
+        let (done_tx, done_rx) = watch::channel(None);
+        let cancel = CancelToken::new();
+        inner.calls.lock().unwrap().insert(
+            process_id.to_string(),
+            InFlight {
+                done: done_rx,
+                cancel: cancel.clone(),
+            },
+        );
+        let delay = row
+            .next_attempt_at
+            .map_or(0, |at| (at - now_ms()).max(0) as u64);
+        let (this, id) = (self.clone(), process_id.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let out = this
+                .clone()
+                .drive(id.clone(), None, request, profile, stored.model, cancel)
+                .await;
+            let _ = done_tx.send(Some(out));
+            this.inner.calls.lock().unwrap().remove(&id);
+        });
+        Ok(())
+    }
+
+    /// Resumes every RETRY row without a workflow that has attempts left (after
+    /// [`Executor::reconcile`] at start-up). Returns their ids.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn resume_retries(&self) -> Result<Vec<String>, BusError> {
+        let ids: Vec<String> = self.inner.store.read(|c| {
+            let mut st = c.prepare(
+                "SELECT id FROM processes WHERE status = 'RETRY' AND workflow_id IS NULL
+                 AND attempts < max_attempts ORDER BY created_at",
+            )?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            Ok::<_, BusError>(rows.collect::<rusqlite::Result<_>>()?)
+        })?;
+        let mut resumed = Vec::new();
+        for id in ids {
+            match self.resume(&id).await {
+                Ok(()) => resumed.push(id),
+                Err(e) => {
+                    tracing::warn!(process_id = %id, error = %e, "not resuming a Claude call")
+                }
+            }
+        }
+        Ok(resumed)
+    }
+
     /// Start-up reconciliation: settles every row a previous daemon left PENDING, RUNNING or
     /// SUCCESS. Orphaned process groups are killed first; a result line on disk completes the
     /// row; otherwise it goes to RETRY (attempts left) or DEAD. Nothing is left RUNNING. Also
