@@ -1051,3 +1051,61 @@ fn a_result_printed_before_the_daemon_died_is_completed_from_the_log_not_paid_tw
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn workflow_and_agent_profile_budgets_are_separate_from_each_other() -> Result<()> {
+    let f = fixture(&[])?;
+    settings::set(&f.store, "claude.budget.workflow_calls", json!(2), None).await?;
+    let profiles = f.dir.path().join("agents/profiles");
+    std::fs::create_dir_all(&profiles)?;
+    std::fs::write(
+        profiles.join("frugal.toml"),
+        "model = \"haiku\"\nrole = \"saves money\"\nbudget_calls = 1\n",
+    )?;
+    for i in 0..2 {
+        f.exec
+            .complete(
+                format!("w1-{i}"),
+                Some("w1".into()),
+                req(&format!("step {i}")),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let err = f
+        .exec
+        .complete("w1-2".into(), Some("w1".into()), req("step 2"))
+        .await
+        .err()
+        .context("w1 is over its budget")?;
+    assert!(
+        err.message.contains("workflow w1 budget"),
+        "{}",
+        err.message
+    );
+    f.exec
+        .complete("w2-0".into(), Some("w2".into()), req("other workflow"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The profile's budget (1 call) and model apply to its agent.
+    let a = f
+        .exec
+        .complete("frugal-0".into(), None, agent_req("frugal", "one"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(a.model.contains("haiku"), "{}", a.model);
+    let err = f
+        .exec
+        .complete("frugal-1".into(), None, agent_req("frugal", "two"))
+        .await
+        .err()
+        .context("the agent is over its budget")?;
+    assert_eq!(err.class, "budget");
+    assert!(
+        err.message.contains("agent frugal budget"),
+        "{}",
+        err.message
+    );
+    assert_eq!(invocations(&f.log).len(), 4);
+    Ok(())
+}

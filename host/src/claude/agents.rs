@@ -327,3 +327,41 @@ pub async fn send(bus: &Bus, to: &str, text: &str, from: Option<&str>) -> Result
     .await
     .map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_profile_is_the_default_and_a_broken_one_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            AgentProfile::load(dir.path(), "nobody").unwrap(),
+            AgentProfile::default()
+        );
+        let path = profile_path(dir.path(), "writer");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(
+            &path,
+            "model = \"opus\"\nallowed_tools = [\"Read\"]\nbudget_usd = 2.0\nsubscriptions = [\"workflow.>\"]\n",
+        )
+        .unwrap();
+        let p = AgentProfile::load(dir.path(), "writer").unwrap();
+        assert_eq!(p.model.as_deref(), Some("opus"));
+        assert_eq!(p.budget().unwrap().usd, Some(2.0));
+        std::fs::write(&path, "modle = \"opus\"\n").unwrap();
+        let err = AgentProfile::load(dir.path(), "writer").unwrap_err();
+        assert!(
+            err.contains("writer.toml") && err.contains("modle"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn agent_ids_are_safe_as_directory_names_and_topic_segments() {
+        assert!(valid_agent_id("alice_2-b"));
+        for bad in ["", "a/b", "..", "a.b", "a b", &"x".repeat(65)] {
+            assert!(!valid_agent_id(bad), "{bad}");
+        }
+    }
+}

@@ -883,6 +883,7 @@ impl Executor {
                         Some(&class),
                         Some(&message),
                     );
+                    let moved = log.as_ref().is_some_and(|(_, e)| e.path != stream_rel);
                     let delay = retry.next_delay(attempt, &class);
                     if let Some(delay) = delay.filter(|_| !cancel.is_cancelled()) {
                         self.record_retry(
@@ -896,6 +897,7 @@ impl Executor {
                             log,
                         )
                         .await;
+                        self.drop_stream(&stream_rel, moved);
                         drop(ticket);
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
@@ -913,6 +915,7 @@ impl Executor {
                             Some((&outcome, log)),
                         )
                         .await;
+                    self.drop_stream(&stream_rel, moved);
                     drop(ticket);
                     return out;
                 }
@@ -1034,10 +1037,9 @@ impl Executor {
         match o.run.session_id().filter(|s| responses::safe_session_id(s)) {
             Some(session) => {
                 match responses::append_to_session(refs, session, &o.raw_stdout, &envelope) {
-                    Ok(r) => {
-                        let _ = std::fs::remove_file(refs.root().join(stream_rel));
-                        Some(r)
-                    }
+                    // The pending log stays until the row that references the session log
+                    // has committed (see `drop_stream`): a crash in between still finds it.
+                    Ok(r) => Some(r),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot write the Claude response log");
                         None
@@ -1075,17 +1077,31 @@ impl Executor {
         self.record_success(id, &result, &metrics).await;
         let logged = self.log_attempt(id, request, attempt, o, stream_rel, None, None);
         let response = logged.and_then(|(r, _)| r);
-        self.commit_completed(
-            id,
-            request.agent.clone(),
-            workflow_id.clone(),
-            model,
-            &result,
-            response,
-            metrics,
-            false,
-        )
-        .await
+        let moved = response.is_some();
+        let out = self
+            .commit_completed(
+                id,
+                request.agent.clone(),
+                workflow_id.clone(),
+                model,
+                &result,
+                response,
+                metrics,
+                false,
+            )
+            .await;
+        if out.is_ok() {
+            self.drop_stream(stream_rel, moved);
+        }
+        out
+    }
+
+    /// Removes an attempt's pending log once a committed row references its copy in the
+    /// session log (`moved`); without a session it is the attempt's log and stays.
+    fn drop_stream(&self, stream_rel: &str, moved: bool) {
+        if moved {
+            let _ = std::fs::remove_file(self.inner.refs.root().join(stream_rel));
+        }
     }
 
     async fn record_success(&self, id: &str, result: &ResultSummary, metrics: &Value) {

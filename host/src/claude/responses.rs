@@ -196,3 +196,34 @@ pub fn read_result(refs: &Refs, r: &FileRef) -> Option<ResultSummary> {
     let run = ParsedRun::from_stdout(&String::from_utf8_lossy(&bytes));
     run.result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_successful_result_line_in_a_pending_log_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.jsonl");
+        std::fs::write(
+            &ok,
+            "{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s1\"}\nnot json\n\
+             {\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"hi\",\"session_id\":\"s1\",\"total_cost_usd\":0.5}\n",
+        )
+        .unwrap();
+        let found = successful_result_in(&ok).unwrap();
+        assert_eq!(found.result.text.as_deref(), Some("hi"));
+        assert_eq!(found.lines.len(), 3);
+        assert_eq!(last_result_line(&found.lines), Some(2));
+        let err = dir.path().join("err.jsonl");
+        std::fs::write(
+            &err,
+            "{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":true,\"result\":\"Invalid API key\"}\n",
+        )
+        .unwrap();
+        assert!(successful_result_in(&err).is_none());
+        let torn = dir.path().join("torn.jsonl");
+        std::fs::write(&torn, "{\"type\":\"result\",\"subtype\":\"succ").unwrap();
+        assert!(successful_result_in(&torn).is_none());
+    }
+}
