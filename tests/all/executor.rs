@@ -1109,3 +1109,56 @@ async fn workflow_and_agent_profile_budgets_are_separate_from_each_other() -> Re
     assert_eq!(invocations(&f.log).len(), 4);
     Ok(())
 }
+
+#[tokio::test]
+async fn timeouts_and_retries_follow_the_config_table_at_run_time() -> Result<()> {
+    let f = fixture(&[("FAKE_CLAUDE_FAULT", "hang")])?;
+    settings::set(&f.store, "claude.timeout.no_output_secs", json!(0.3), None).await?;
+    settings::set(&f.store, "claude.retry.max_attempts", json!(1), None).await?;
+    let started = Instant::now();
+    let err = f
+        .exec
+        .complete("cfg-1".into(), None, req("hang"))
+        .await
+        .err()
+        .context("times out")?;
+    assert_eq!(err.class, "transient.no_output_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let r = row(&f, "cfg-1");
+    assert_eq!(
+        (r.status.as_str(), r.attempts, r.max_attempts),
+        ("DEAD", 1, 1)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn archived_prompts_older_than_the_retention_are_pruned() -> Result<()> {
+    let f = fixture(&[])?;
+    f.exec
+        .complete("prune-1".into(), None, req("to be pruned"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let archived = f.dir.path().join("prompts/archive/prune-1.txt");
+    assert!(archived.exists());
+    assert_eq!(
+        f.exec.prune_archive(),
+        0,
+        "kept within the default retention"
+    );
+    settings::set(
+        &f.store,
+        "claude.prompts.archive_retention_secs",
+        json!(0),
+        None,
+    )
+    .await?;
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(f.exec.prune_archive(), 1);
+    assert!(!archived.exists());
+    Ok(())
+}

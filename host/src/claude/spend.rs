@@ -604,4 +604,34 @@ mod tests {
         assert!(third.is_ok(), "freeing a slot admits the waiter");
         assert_eq!(adm.running(), 2);
     }
+
+    #[tokio::test]
+    async fn a_model_limit_holds_back_only_that_model() {
+        let adm = Admission::default();
+        let mut limits = SpendLimits::default();
+        limits.model_concurrency.insert("opus".into(), 1);
+        let _o = adm.slot(&limits, "opus").await;
+        let blocked = tokio::time::timeout(Duration::from_millis(50), adm.slot(&limits, "opus"));
+        assert!(blocked.await.is_err(), "a second opus waits");
+        let other = tokio::time::timeout(Duration::from_millis(50), adm.slot(&limits, "haiku"));
+        assert!(other.await.is_ok(), "another model runs");
+    }
+
+    #[tokio::test]
+    async fn the_spawn_rate_bucket_allows_a_burst_then_makes_the_next_wait() {
+        let adm = Admission::default();
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_millis(50), adm.rate_limit(3.0))
+                .await
+                .expect("within the burst");
+        }
+        let fourth = tokio::time::timeout(Duration::from_millis(100), adm.rate_limit(3.0));
+        assert!(
+            fourth.await.is_err(),
+            "the fourth spawn in a minute waits ~20 s"
+        );
+        tokio::time::timeout(Duration::from_millis(50), adm.rate_limit(0.0))
+            .await
+            .expect("0 = unlimited");
+    }
 }

@@ -708,3 +708,41 @@ pub fn status_counts(store: &Store) -> Result<BTreeMap<String, i64>, BusError> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: ClaudeCmd,
+    }
+
+    #[test]
+    fn the_commands_parse_as_documented() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let c = Cli::parse_from([
+            "ksi", "spawn", "hi there", "--model", "haiku", "--agent", "a1",
+        ]);
+        assert!(matches!(
+            c.cmd,
+            ClaudeCmd::Spawn { ref prompt, model: Some(ref m), agent: Some(ref a), json: false }
+                if prompt == "hi there" && m == "haiku" && a == "a1"
+        ));
+        let c = Cli::parse_from(["ksi", "agent", "send", "a1", "hello"]);
+        assert!(matches!(c.cmd, ClaudeCmd::Agent(AgentCmd::Send { .. })));
+        let c = Cli::parse_from(["ksi", "sessions", "show", "abc"]);
+        assert!(matches!(
+            c.cmd,
+            ClaudeCmd::Sessions {
+                cmd: Some(SessionsCmd::Show { .. }),
+                ..
+            }
+        ));
+        let c = Cli::parse_from(["ksi", "ps", "--status", "RUNNING", "--json"]);
+        assert!(matches!(c.cmd, ClaudeCmd::Ps { json: true, .. }));
+    }
+}
