@@ -805,6 +805,7 @@ impl Executor {
             let stream_rel = responses::pending_path(&id, attempt);
             let mut stream = StreamLog::create(&inner.refs, &stream_rel).ok();
             let mut running_write: Option<tokio::task::JoinHandle<()>> = None;
+            let mut result_sync: Option<tokio::task::JoinHandle<()>> = None;
             let t_spawn = Instant::now();
             let result = run_attempt(&inv, &eff.limits, &cancel, |p| match p {
                 Progress::Spawned { pid, start_ticks } => {
@@ -824,16 +825,22 @@ impl Executor {
                     }
                 }
                 Progress::Event(StreamEvent::Result(_)) => {
-                    if let Some(s) = &mut stream {
-                        s.sync();
+                    // fsync off the supervisor's task (it must keep watching the child); the
+                    // result is acted on only after this has finished.
+                    if let Some(s) = &stream {
+                        result_sync = s.sync_in_background();
                     }
                 }
                 Progress::Event(_) => {}
             })
             .await;
-            drop(slot);
+            // The slot is held until the attempt's outcome is recorded, so a RUNNING row never
+            // outnumbers the limit.
             drop(stream);
             if let Some(h) = running_write {
+                let _ = h.await;
+            }
+            if let Some(h) = result_sync {
                 let _ = h.await;
             }
             let outcome = match result {
@@ -898,6 +905,7 @@ impl Executor {
                         )
                         .await;
                         self.drop_stream(&stream_rel, moved);
+                        drop(slot);
                         drop(ticket);
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}

@@ -1,8 +1,9 @@
 //! Response logs: the CLI's raw stdout, kept so no paid answer is ever lost.
 //!
 //! While an attempt runs, every stdout line is appended AS IT ARRIVES to
-//! `claude_logs/pending/<process_id>.<attempt>.jsonl`, and the file is fsynced the moment the
-//! `result` line is seen, before the daemon acts on it. When the attempt ends, its lines plus one
+//! `claude_logs/pending/<process_id>.<attempt>.jsonl` (so it survives a daemon crash in the page
+//! cache), and an fsync starts the moment the `result` line is seen (on a blocking thread, so the
+//! supervisor keeps watching the child); the daemon acts on the result only after it finished. When the attempt ends, its lines plus one
 //! KSI envelope line (process id, agent, attempt, timings, exit, class) are appended to
 //! `claude_logs/<session>.jsonl` with one write and one fsync; `claude_logs/latest.jsonl` is
 //! re-pointed at that file; the row commits with a reference to the result line; then the
@@ -88,13 +89,15 @@ impl StreamLog {
         }
     }
 
-    /// The result line was written: make it durable before anything acts on it.
-    pub fn sync(&mut self) {
-        if let Some(f) = &self.file
-            && let Err(e) = f.sync_data()
-        {
-            tracing::warn!(error = %e, "cannot fsync a pending Claude response log");
-        }
+    /// The result line was written: start making it durable on a blocking thread. Await the
+    /// handle before acting on the result.
+    pub fn sync_in_background(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let f = self.file.as_ref()?.try_clone().ok()?;
+        Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = f.sync_data() {
+                tracing::warn!(error = %e, "cannot fsync a pending Claude response log");
+            }
+        }))
     }
 }
 
