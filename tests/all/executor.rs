@@ -1162,3 +1162,32 @@ async fn archived_prompts_older_than_the_retention_are_pruned() -> Result<()> {
     assert!(!archived.exists());
     Ok(())
 }
+
+#[tokio::test]
+async fn an_agent_whose_session_the_cli_lost_starts_a_new_one_on_its_next_call() -> Result<()> {
+    let f = fixture(&[])?;
+    f.exec
+        .complete("lost-0".into(), None, agent_req("erin", "hello"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let broken = Executor::new(
+        f.store.clone(),
+        f.bus.clone(),
+        f.refs.clone(),
+        base_config(&f.log, &[("FAKE_CLAUDE_FAULT", "bad_resume")]),
+    );
+    let err = broken
+        .complete("lost-1".into(), None, agent_req("erin", "again"))
+        .await
+        .err()
+        .context("bad resume")?;
+    assert_eq!(err.class, "permanent.unknown_session");
+    f.exec
+        .complete("lost-2".into(), None, agent_req("erin", "fresh start"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let calls = invocations(&f.log);
+    let args: Vec<String> = serde_json::from_value(calls[2]["args"].clone())?;
+    assert!(!args.contains(&"--resume".to_string()), "{args:?}");
+    Ok(())
+}

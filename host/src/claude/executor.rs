@@ -472,21 +472,47 @@ impl Executor {
                 false,
             ));
         }
-        if inner.calls.lock().unwrap().contains_key(&process_id)
-            || get_process(&inner.store, &process_id)
-                .map_err(internal)?
-                .is_some()
+        // Claim the id in memory first, so two concurrent spawns of one id cannot both run it.
+        let (done_tx, done_rx) = watch::channel(None);
+        let cancel = CancelToken::new();
         {
-            return Ok(process_id);
+            let mut calls = inner.calls.lock().unwrap();
+            if calls.contains_key(&process_id) {
+                return Ok(process_id);
+            }
+            calls.insert(
+                process_id.clone(),
+                InFlight {
+                    done: done_rx,
+                    cancel: cancel.clone(),
+                },
+            );
+        }
+        let release = |id: &str| {
+            inner.calls.lock().unwrap().remove(id);
+        };
+        match get_process(&inner.store, &process_id) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                release(&process_id);
+                return Ok(process_id);
+            }
+            Err(e) => {
+                release(&process_id);
+                return Err(internal(e));
+            }
         }
         let eff = self.effective_config();
         let profile = match &request.agent {
-            Some(agent) => Some(
-                agents::ensure(&inner.store, &inner.bus, inner.refs.root(), agent)
-                    .await
-                    .map_err(|m| failure_of("invalid_request", m, false))?
-                    .1,
-            ),
+            Some(agent) => {
+                match agents::ensure(&inner.store, &inner.bus, inner.refs.root(), agent).await {
+                    Ok((_, p)) => Some(p),
+                    Err(m) => {
+                        release(&process_id);
+                        return Err(failure_of("invalid_request", m, false));
+                    }
+                }
+            }
             None => None,
         };
         let model = request
@@ -501,20 +527,14 @@ impl Executor {
             session: request.session.clone(),
         };
         let prompt_rel = format!("prompts/queue/{process_id}.txt");
-        let prompt_ref = inner
-            .refs
-            .write(&prompt_rel, request.prompt.as_bytes())
-            .map_err(internal)?;
+        let prompt_ref = match inner.refs.write(&prompt_rel, request.prompt.as_bytes()) {
+            Ok(r) => r,
+            Err(e) => {
+                release(&process_id);
+                return Err(internal(e));
+            }
+        };
         let prompt_sha = sha256_hex(request.prompt.as_bytes());
-        let (done_tx, done_rx) = watch::channel(None);
-        let cancel = CancelToken::new();
-        inner.calls.lock().unwrap().insert(
-            process_id.clone(),
-            InFlight {
-                done: done_rx,
-                cancel: cancel.clone(),
-            },
-        );
         let insert = {
             let (id, wf, agent) = (
                 process_id.clone(),
@@ -552,7 +572,7 @@ impl Executor {
                 .await
         };
         if let Err(e) = insert {
-            inner.calls.lock().unwrap().remove(&process_id);
+            release(&process_id);
             let _ = std::fs::remove_file(inner.refs.root().join(&prompt_rel));
             return Err(internal(e));
         }
@@ -1414,6 +1434,14 @@ impl Executor {
                             current_process_id = ?3, last_active_at = ?4 WHERE id = ?1",
                         params![a, terminal, idc, now],
                     )?;
+                    // The CLI no longer knows the agent's session: its next call starts a new one
+                    // instead of failing the same way forever.
+                    if class == FailureClass::Permanent(PermanentKind::UnknownSession).as_str() {
+                        tx.execute(
+                            "UPDATE agents SET current_session_id = NULL WHERE id = ?1",
+                            [a],
+                        )?;
+                    }
                 }
                 bus::publish_in(
                     tx,
