@@ -1191,3 +1191,27 @@ async fn an_agent_whose_session_the_cli_lost_starts_a_new_one_on_its_next_call()
     assert!(!args.contains(&"--resume".to_string()), "{args:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn shutdown_kills_running_clis_and_leaves_their_rows_for_reconcile() -> Result<()> {
+    let f = fixture(&[("FAKE_CLAUDE_FAULT", "hang")])?;
+    let id = f
+        .exec
+        .spawn(req("hang until shutdown"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let pid = loop {
+        if let Some(pid) = row(&f, &id).pid {
+            break pid as u32;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(f.exec.shutdown().await, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!alive(pid), "the CLI died with the call");
+    assert_eq!(row(&f, &id).status, "RUNNING");
+    let report = f.exec.reconcile().await?;
+    assert_eq!(report.retry, vec![id.clone()]);
+    assert_eq!(row(&f, &id).status, "RETRY");
+    Ok(())
+}

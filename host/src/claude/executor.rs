@@ -349,6 +349,8 @@ type AttemptLog = (Option<FileRef>, FileRef);
 struct InFlight {
     done: watch::Receiver<Option<Outcome>>,
     cancel: CancelToken,
+    /// The task driving the call, for [`Executor::shutdown`].
+    task: Option<tokio::task::AbortHandle>,
 }
 
 struct Inner {
@@ -485,6 +487,7 @@ impl Executor {
                 InFlight {
                     done: done_rx,
                     cancel: cancel.clone(),
+                    task: None,
                 },
             );
         }
@@ -578,15 +581,51 @@ impl Executor {
         }
         let this = self.clone();
         let id = process_id.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let out = this
                 .clone()
                 .drive(id.clone(), workflow_id, request, profile, model, cancel)
                 .await;
             let _ = done_tx.send(Some(out));
             this.inner.calls.lock().unwrap().remove(&id);
-        });
+        };
+        self.start(&process_id, task);
         Ok(process_id)
+    }
+
+    /// Spawns the task that drives call `id`, in a tracing span carrying the process id.
+    fn start(&self, id: &str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        use tracing::Instrument;
+        let span = tracing::info_span!("claude_call", process_id = %id);
+        let handle = tokio::spawn(task.instrument(span));
+        if let Some(c) = self.inner.calls.lock().unwrap().get_mut(id) {
+            c.task = Some(handle.abort_handle());
+        }
+    }
+
+    /// Stops every call in flight, for a daemon that exits: their tasks are dropped, which kills
+    /// each CLI's process group (see [`run_attempt`]). Their rows stay as they are (PENDING,
+    /// RUNNING, RETRY) for [`Executor::reconcile`] at the next start, which completes those whose
+    /// result reached the disk and retries the others. Returns how many calls were stopped.
+    pub async fn shutdown(&self) -> usize {
+        let handles: Vec<tokio::task::AbortHandle> = self
+            .inner
+            .calls
+            .lock()
+            .unwrap()
+            .drain()
+            .filter_map(|(_, c)| c.task)
+            .collect();
+        for h in &handles {
+            h.abort();
+        }
+        for _ in 0..200 {
+            if handles.iter().all(tokio::task::AbortHandle::is_finished) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        handles.len()
     }
 
     /// Waits for a call's outcome: from the task running it, or from its row when it ended.
@@ -1757,13 +1796,14 @@ impl Executor {
             InFlight {
                 done: done_rx,
                 cancel: cancel.clone(),
+                task: None,
             },
         );
         let delay = row
             .next_attempt_at
             .map_or(0, |at| (at - now_ms()).max(0) as u64);
         let (this, id) = (self.clone(), process_id.to_string());
-        tokio::spawn(async move {
+        let task = async move {
             tokio::time::sleep(Duration::from_millis(delay)).await;
             let out = this
                 .clone()
@@ -1771,7 +1811,8 @@ impl Executor {
                 .await;
             let _ = done_tx.send(Some(out));
             this.inner.calls.lock().unwrap().remove(&id);
-        });
+        };
+        self.start(process_id, task);
         Ok(())
     }
 
