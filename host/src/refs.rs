@@ -196,12 +196,19 @@ impl Refs {
     /// Appends one line (no newline inside) to a JSONL file, fsyncs it, and returns the
     /// reference of that line (1-based `line`, byte `offset`, hash of the line).
     pub fn append_line(&self, rel: &str, line: &[u8]) -> Result<FileRef> {
+        let mut refs = self.append_lines(rel, &[line])?;
+        Ok(refs.pop().expect("one line in, one reference out"))
+    }
+
+    /// Appends several lines with one write and one fsync (a Claude response and its envelope),
+    /// returning the reference of each, in order.
+    pub fn append_lines(&self, rel: &str, lines: &[&[u8]]) -> Result<Vec<FileRef>> {
         let full = self.resolve(rel)?;
         let io = |source| RefError::Io {
             path: rel.to_string(),
             source,
         };
-        if line.contains(&b'\n') {
+        if lines.iter().any(|l| l.contains(&b'\n')) {
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "a JSONL entry must not contain a newline",
@@ -239,21 +246,24 @@ impl Refs {
             st.lines = lines;
             st.len = f.metadata().map_err(io)?.len();
         }
-        let offset = st.len;
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line);
-        buf.push(b'\n');
+        let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        let mut out = Vec::with_capacity(lines.len());
+        for line in lines {
+            out.push(FileRef {
+                path: rel.to_string(),
+                line: Some(st.lines + out.len() as u64 + 1),
+                offset: Some(st.len + buf.len() as u64),
+                sha256: sha256_hex(line),
+                bytes: line.len() as u64,
+            });
+            buf.extend_from_slice(line);
+            buf.push(b'\n');
+        }
         f.write_all(&buf).map_err(io)?;
         f.sync_data().map_err(io)?;
-        st.lines += 1;
+        st.lines += lines.len() as u64;
         st.len += buf.len() as u64;
-        Ok(FileRef {
-            path: rel.to_string(),
-            line: Some(st.lines),
-            offset: Some(offset),
-            sha256: sha256_hex(line),
-            bytes: line.len() as u64,
-        })
+        Ok(out)
     }
 
     /// Reads what a reference points at and verifies its hash.

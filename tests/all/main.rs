@@ -7,3 +7,4 @@ mod api;
 mod claude;
 mod cli;
 mod crash;
+mod executor;

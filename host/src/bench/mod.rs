@@ -2,4 +2,7 @@
 //! never assert on time (machines are shared and noisy).
 
 pub mod bus;
+pub mod executor;
 pub mod workflow;
+
+pub use executor::bench_executor;

@@ -5,18 +5,25 @@
 //! (timeouts, cancellation, kill, reap), [`stream`] parses its stream-json stdout line by line,
 //! [`classify`] turns a failed attempt into a transient or permanent [`FailureClass`] with the
 //! CLI's own message, and [`retry`] decides whether and when to try again. [`orphan`] cleans up
-//! after a daemon that died. Nothing here touches the database: the daemon records the pid,
-//! events and outcome this module hands it.
+//! after a daemon that died.
+//!
+//! On top of these, [`executor`] is the service the daemon and the workflow engine call: it
+//! records every call in the `processes` table, files the responses ([`responses`]), keeps
+//! agents' sessions and inboxes ([`agents`]) and enforces spend control ([`spend`]).
 //!
 //! `fake-claude` (`src/bin/fake-claude.rs`) speaks the same flags and line shapes, with injectable
 //! faults, for tests and offline demos.
 
 #![warn(missing_docs)]
 
+pub mod agents;
 pub mod classify;
 pub mod command;
+pub mod executor;
 pub mod orphan;
+pub mod responses;
 pub mod retry;
+pub mod spend;
 pub mod stream;
 pub mod supervise;
 
@@ -27,6 +34,7 @@ pub use classify::{
     Failure, FailureClass, PermanentKind, Termination, TransientKind, is_retryable,
 };
 pub use command::{ClaudeInvocation, SessionMode, default_binary};
+pub use executor::{Executor, ExecutorConfig, ProcessRow, ReconcileReport};
 pub use orphan::{OrphanCheck, kill_orphaned_group};
 pub use retry::{RetriedRun, RetryPolicy, run_with_retries};
 pub use stream::{Outcome, ParsedRun, ResultSummary, StreamEvent, StreamParser, TokenUsage};

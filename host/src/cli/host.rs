@@ -117,6 +117,14 @@ pub enum BenchCmd {
 pub enum DevCmd {
     /// Publish and consume in a loop; used by the crash test
     Soak(super::soak::SoakArgs),
+    /// Start N Claude calls and wait for them; used by the daemon-kill test
+    SpawnMany(super::claude::SpawnManyArgs),
+    /// Settle the Claude processes a dead daemon left behind (start-up reconciliation)
+    Reconcile {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Entry point of the `ksi-host` binary. Returns the exit code.
@@ -270,6 +278,14 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 Ok(())
             }
             HostCmd::Dev(DevCmd::Soak(args)) => super::soak::run(args, open(config)?).await,
+            HostCmd::Dev(DevCmd::SpawnMany(args)) => {
+                super::claude::spawn_many(args, open(config)?).await
+            }
+            HostCmd::Dev(DevCmd::Reconcile { json }) => {
+                super::claude::reconcile(open(config)?, json)
+                    .await
+                    .map(|_| ())
+            }
         }
     })
 }

@@ -1,6 +1,7 @@
 //! The command-line faces: `ksi-host` (the daemon and its admin commands) and `ksi` (the
 //! client). Each subcommand is a function here; `bin/*.rs` only parse and dispatch.
 
+pub mod claude;
 pub mod events;
 pub mod host;
 pub mod plugins;

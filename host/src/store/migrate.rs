@@ -19,6 +19,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_workflow_journal.sql",
         include_str!("../../../migrations/0002_workflow_journal.sql"),
     ),
+    (
+        "0003_executor.sql",
+        include_str!("../../../migrations/0003_executor.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

@@ -1,0 +1,159 @@
+//! `ksi-host bench executor`: N concurrent calls of `fake-claude` (instant answers) through the
+//! whole executor (prompt file, rows, events, spend checks, response logs, agent-less).
+//!
+//! `overhead_p50_ms` is, per call, the wall time of `ClaudeApi::complete` minus the child's own
+//! run time measured by the supervisor from spawn to exit: what KSI adds around the CLI.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::bus::Bus;
+use crate::claude::executor::{Executor, ExecutorConfig, get_process};
+use crate::refs::Refs;
+use crate::store::{Store, StoreOptions};
+use crate::workflow::{ClaudeApi, ClaudeRequest};
+
+/// VmRSS of this process in MiB.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The child's spawn-to-exit time of process `id`, in ms.
+fn child_ms_of(store: &Store, id: &str) -> anyhow::Result<f64> {
+    let row = get_process(store, id)?.ok_or_else(|| anyhow::anyhow!("no row for {id}"))?;
+    let us = row
+        .metrics
+        .as_ref()
+        .and_then(|m| m.get("spawn_to_exit_us"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok(us as f64 / 1000.0)
+}
+
+/// Runs the benchmark in a fresh `data_dir` (created; existing data is not touched but shares
+/// the database) with `calls` concurrent calls of `fake_claude_bin`.
+///
+/// # Errors
+/// The data dir cannot be opened, or a call failed.
+pub async fn bench_executor(
+    data_dir: &Path,
+    fake_claude_bin: &Path,
+    calls: usize,
+) -> anyhow::Result<Value> {
+    crate::store::prepare_data_dir(data_dir)?;
+    let store = Store::open_path(&data_dir.join("ksi.db"), &StoreOptions::default())?;
+    let refs = Refs::open(data_dir)?;
+    let mut config = ExecutorConfig {
+        binary: fake_claude_bin.to_path_buf(),
+        ..ExecutorConfig::default()
+    };
+    config.spend.max_concurrency = calls.max(1);
+    config.spend.spawn_rate_per_min = 0.0;
+    config.spend.loop_max_repeats = 0;
+    let exec = Executor::new(store.clone(), Bus::new(store.clone()), refs, config);
+
+    let peak = std::sync::Arc::new(std::sync::Mutex::new(rss_mb()));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = rss_mb();
+                {
+                    let mut p = peak.lock().unwrap();
+                    if now > *p {
+                        *p = now;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let run = format!("{:x}", rand::random::<u32>());
+    // One at a time first: KSI's own cost per call, without 50 children competing for the CPU.
+    let mut sequential = Vec::new();
+    for i in 0..calls.min(20) {
+        let id = format!("bench-{run}-seq-{i}");
+        let start = Instant::now();
+        exec.complete(
+            id.clone(),
+            None,
+            ClaudeRequest {
+                prompt: format!("sequential benchmark call {i}"),
+                ..ClaudeRequest::default()
+            },
+        )
+        .await
+        .map_err(|f| anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message))?;
+        let wall = start.elapsed().as_secs_f64() * 1000.0;
+        sequential.push(wall - child_ms_of(&store, &id)?);
+    }
+    sequential.sort_by(f64::total_cmp);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..calls {
+        let exec = exec.clone();
+        let id = format!("bench-{run}-{i}");
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let out = exec
+                .complete(
+                    id.clone(),
+                    None,
+                    ClaudeRequest {
+                        prompt: format!("benchmark call {i}"),
+                        ..ClaudeRequest::default()
+                    },
+                )
+                .await;
+            (id, start.elapsed(), out)
+        }));
+    }
+    let mut overheads = Vec::new();
+    let mut child_ms = Vec::new();
+    for t in tasks {
+        let (id, wall, out) = t.await?;
+        out.map_err(|f| {
+            anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message)
+        })?;
+        let child = child_ms_of(&store, &id)?;
+        child_ms.push(child);
+        overheads.push(wall.as_secs_f64() * 1000.0 - child);
+    }
+    let elapsed = t0.elapsed();
+    sampler.abort();
+    overheads.sort_by(f64::total_cmp);
+    child_ms.sort_by(f64::total_cmp);
+    let rss = *peak.lock().unwrap();
+    store.close();
+    Ok(json!({
+        "calls": calls,
+        "concurrency": calls,
+        "overhead_p50_ms": percentile(&overheads, 0.5),
+        "sequential_overhead_p50_ms": percentile(&sequential, 0.5),
+        "overhead_p90_ms": percentile(&overheads, 0.9),
+        "overhead_max_ms": overheads.last().copied().unwrap_or(0.0),
+        "child_p50_ms": percentile(&child_ms, 0.5),
+        "calls_per_s": calls as f64 / elapsed.as_secs_f64(),
+        "elapsed_ms": elapsed.as_secs_f64() * 1000.0,
+        "rss_mb": rss,
+        "note": "overhead = wall time of ClaudeApi::complete minus the child's spawn-to-exit time; with 50 concurrent calls on a small machine it includes waiting for CPU",
+    }))
+}

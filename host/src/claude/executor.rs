@@ -1,0 +1,1950 @@
+//! The executor: runs Claude calls as supervised processes with durable records.
+//!
+//! One call, in order (each step is one transaction that also publishes its event):
+//! 1. [`Executor::spawn_with`]: the prompt is written to `prompts/queue/<id>.txt`, then the
+//!    PENDING row commits with `claude.spawn.request`.
+//! 2. A task per call: for an agent, it takes the agent's turn lock (one call per agent at a time:
+//!    two resumes of one session would fork it), reads the session to resume and the unread inbox.
+//! 3. Each attempt passes spend control ([`super::spend`]): loop detector, budgets, spawn rate,
+//!    concurrency. A refusal ends the call FAILED (`budget` / `loop_detected`).
+//! 4. The CLI is spawned ([`super::supervise::run_attempt`]); on its pid the RUNNING row commits
+//!    with `claude.spawn.started` (pid and start ticks, for orphan checks after a crash). Its
+//!    stdout streams to a pending log ([`super::responses`]).
+//! 5. Success: SUCCESS with the metrics, the response goes to `claude_logs/<session>.jsonl`, then
+//!    COMPLETED with the response reference, the agent's new session, the archived prompt and
+//!    `claude.spawn.complete`. Failure: transient → RETRY (backoff + jitter) and again from 3, or
+//!    DEAD when attempts are used up; permanent → FAILED at once with the CLI's message;
+//!    each with `claude.spawn.failed`.
+//!
+//! After a daemon crash, [`Executor::reconcile`] settles every row the dead daemon left running,
+//! and [`Executor::recover`] hands the workflow engine an answer that was already paid for.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::agents::{self, AgentProfile};
+use super::classify::{FailureClass, PermanentKind, TransientKind};
+use super::command::{ClaudeInvocation, SessionMode, default_binary};
+use super::orphan::{OrphanCheck, kill_orphaned_group};
+use super::responses::{self, FoundResult, StreamLog};
+use super::retry::RetryPolicy;
+use super::spend::{Admission, Payer, Refusal, SpendLimits};
+use super::stream::{ResultSummary, StreamEvent};
+use super::supervise::{AttemptOutcome, CancelToken, Limits, Progress, run_attempt};
+use crate::bus::{self, Bus, BusError, Delivery, NewEvent};
+use crate::refs::{FileRef, Refs, sha256_hex};
+use crate::store::{Store, now_ms};
+use crate::workflow::{BoxFuture, ClaudeAnswer, ClaudeApi, ClaudeFailure, ClaudeRequest};
+
+/// Static settings of the executor. The `config` table overrides them per call (see
+/// [`ExecutorConfig::apply_settings`] for the keys).
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// The CLI (`KSI_CLAUDE_BIN`, else `claude` on `PATH`).
+    pub binary: PathBuf,
+    /// Model when neither the request nor the agent's profile names one.
+    pub default_model: String,
+    /// Timeouts of one attempt.
+    pub limits: Limits,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// Concurrency, spawn rate, budgets, loop detector.
+    pub spend: SpendLimits,
+    /// Archived prompts older than this are deleted.
+    pub archive_retention: Duration,
+    /// Variables given to every CLI process on top of the clean environment.
+    pub extra_env: Vec<(String, String)>,
+    /// Whether the CLI inherits the daemon's PATH, HOME, LANG, `ANTHROPIC_*`, ... (see
+    /// [`ClaudeInvocation::env`]); false gives it only `extra_env`.
+    pub inherit_env: bool,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            binary: default_binary(),
+            default_model: "sonnet".into(),
+            limits: Limits::default(),
+            retry: RetryPolicy::default(),
+            spend: SpendLimits::default(),
+            archive_retention: Duration::from_secs(7 * 24 * 3600),
+            extra_env: Vec::new(),
+            inherit_env: true,
+        }
+    }
+}
+
+impl ExecutorConfig {
+    /// Applies the dynamic settings (all `claude.*` keys of the `config` table):
+    /// `claude.model`, `claude.timeout.overall_secs`, `claude.timeout.no_output_secs`,
+    /// `claude.timeout.kill_grace_ms`, `claude.retry.max_attempts`, `claude.retry.base_delay_ms`,
+    /// `claude.retry.max_delay_ms`, `claude.prompts.archive_retention_secs`, and the spend keys of
+    /// [`SpendLimits::apply_settings`] (`claude.max_concurrency`, `claude.model_concurrency`,
+    /// `claude.spawn_rate_per_min`, `claude.budget.{global,agent,workflow}_{usd,tokens,calls}`,
+    /// `claude.budget.window_secs`, `claude.budget.reserve_usd`, `claude.loop.max_repeats`,
+    /// `claude.loop.window_secs`).
+    pub fn apply_settings(&mut self, settings: &BTreeMap<String, Value>) {
+        for (key, value) in settings {
+            let ms = |v: &Value| v.as_f64().filter(|x| *x >= 0.0).map(|x| x as u64);
+            match key.as_str() {
+                "claude.model" => {
+                    if let Some(m) = value.as_str() {
+                        self.default_model = m.to_string();
+                    }
+                }
+                "claude.timeout.overall_secs" => {
+                    if let Some(v) = value.as_f64().filter(|x| *x > 0.0) {
+                        self.limits.overall_timeout = Duration::from_secs_f64(v);
+                    }
+                }
+                "claude.timeout.no_output_secs" => {
+                    if let Some(v) = value.as_f64().filter(|x| *x > 0.0) {
+                        self.limits.no_output_timeout = Duration::from_secs_f64(v);
+                    }
+                }
+                "claude.timeout.kill_grace_ms" => {
+                    if let Some(v) = ms(value) {
+                        self.limits.kill_grace = Duration::from_millis(v);
+                    }
+                }
+                "claude.retry.max_attempts" => {
+                    if let Some(v) = ms(value) {
+                        self.retry.max_attempts = (v as u32).max(1);
+                    }
+                }
+                "claude.retry.base_delay_ms" => {
+                    if let Some(v) = ms(value) {
+                        self.retry.base_delay = Duration::from_millis(v);
+                    }
+                }
+                "claude.retry.max_delay_ms" => {
+                    if let Some(v) = ms(value) {
+                        self.retry.max_delay = Duration::from_millis(v);
+                    }
+                }
+                "claude.prompts.archive_retention_secs" => {
+                    if let Some(v) = ms(value) {
+                        self.archive_retention = Duration::from_secs(v);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.spend.apply_settings(settings);
+    }
+}
+
+/// Reads all `claude.*` settings.
+fn claude_settings(store: &Store) -> BTreeMap<String, Value> {
+    store
+        .read(|c| {
+            let mut st =
+                c.prepare_cached("SELECT key, value FROM config WHERE key LIKE 'claude.%'")?;
+            let rows = st.query_map([], |r| {
+                let v: String = r.get(1)?;
+                Ok((
+                    r.get::<_, String>(0)?,
+                    serde_json::from_str(&v).unwrap_or(Value::String(v)),
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<BTreeMap<_, _>>>()
+                .map_err(crate::store::StoreError::from)
+        })
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the claude.* settings; using the static ones");
+            BTreeMap::new()
+        })
+}
+
+/// Process statuses (the `processes.status` column).
+pub mod status {
+    /// Recorded, not started.
+    pub const PENDING: &str = "PENDING";
+    /// A CLI process runs.
+    pub const RUNNING: &str = "RUNNING";
+    /// The CLI reported a result; the response is being filed.
+    pub const SUCCESS: &str = "SUCCESS";
+    /// Done; the response is on file.
+    pub const COMPLETED: &str = "COMPLETED";
+    /// Failed for good (permanent failure, refusal, cancel).
+    pub const FAILED: &str = "FAILED";
+    /// A transient failure; another attempt follows.
+    pub const RETRY: &str = "RETRY";
+    /// Transient failures used up every attempt.
+    pub const DEAD: &str = "DEAD";
+}
+
+/// A call as [`Executor::spawn`] takes it.
+pub type SpawnRequest = ClaudeRequest;
+
+/// One row of the `processes` table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRow {
+    /// Process (request) id.
+    pub id: String,
+    /// Workflow that made the call.
+    pub workflow_id: Option<String>,
+    /// Agent that made the call.
+    pub agent_id: Option<String>,
+    /// See [`status`].
+    pub status: String,
+    /// Model requested.
+    pub model: Option<String>,
+    /// Session the call ran in.
+    pub session_id: Option<String>,
+    /// Pid of the latest attempt.
+    pub pid: Option<i64>,
+    /// Start ticks of that pid.
+    pub pid_start_ticks: Option<i64>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// The prompt (JSON FileRef).
+    pub prompt_file: Option<FileRef>,
+    /// Response log path.
+    pub response_file: Option<String>,
+    /// Line of the result (or, for failures, of the envelope).
+    pub response_line: Option<i64>,
+    /// sha256 of that line.
+    pub response_sha256: Option<String>,
+    /// The failure, in the CLI's words where it had any.
+    pub error: Option<String>,
+    /// `transient.*`, `permanent.*`, `budget`, `loop_detected`.
+    pub error_class: Option<String>,
+    /// Next attempt time for RETRY (epoch ms).
+    pub next_attempt_at: Option<i64>,
+    /// Cost of all attempts (USD).
+    pub cost_usd: Option<f64>,
+    /// Input tokens of all attempts.
+    pub tokens_in: Option<i64>,
+    /// Output tokens.
+    pub tokens_out: Option<i64>,
+    /// Cache reads.
+    pub tokens_cache_read: Option<i64>,
+    /// Cache writes.
+    pub tokens_cache_write: Option<i64>,
+    /// Turns of the last attempt.
+    pub num_turns: Option<i64>,
+    /// CLI-reported duration of the last attempt.
+    pub duration_ms: Option<i64>,
+    /// CLI-reported API time of the last attempt.
+    pub duration_api_ms: Option<i64>,
+    /// Other measures (exit code, spawn-to-exit, ...).
+    pub metrics: Option<Value>,
+    /// Pending log of the current attempt.
+    pub stream_file: Option<String>,
+    /// Creation time (epoch ms).
+    pub created_at: i64,
+    /// First start (epoch ms).
+    pub started_at: Option<i64>,
+    /// End (epoch ms).
+    pub completed_at: Option<i64>,
+    /// Last change (epoch ms).
+    pub updated_at: i64,
+}
+
+const PROCESS_COLUMNS: &str = "id, workflow_id, agent_id, status, model, session_id, pid, pid_start_ticks, attempts, max_attempts, prompt_file, response_file, response_line, response_sha256, error, error_class, next_attempt_at, cost_usd, tokens_in, tokens_out, tokens_cache_read, tokens_cache_write, num_turns, duration_ms, duration_api_ms, metrics, stream_file, created_at, started_at, completed_at, updated_at";
+
+fn read_process(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProcessRow> {
+    let json_col = |i: usize| -> rusqlite::Result<Option<String>> { r.get(i) };
+    Ok(ProcessRow {
+        id: r.get(0)?,
+        workflow_id: r.get(1)?,
+        agent_id: r.get(2)?,
+        status: r.get(3)?,
+        model: r.get(4)?,
+        session_id: r.get(5)?,
+        pid: r.get(6)?,
+        pid_start_ticks: r.get(7)?,
+        attempts: r.get(8)?,
+        max_attempts: r.get(9)?,
+        prompt_file: json_col(10)?.and_then(|s| serde_json::from_str(&s).ok()),
+        response_file: r.get(11)?,
+        response_line: r.get(12)?,
+        response_sha256: r.get(13)?,
+        error: r.get(14)?,
+        error_class: r.get(15)?,
+        next_attempt_at: r.get(16)?,
+        cost_usd: r.get(17)?,
+        tokens_in: r.get(18)?,
+        tokens_out: r.get(19)?,
+        tokens_cache_read: r.get(20)?,
+        tokens_cache_write: r.get(21)?,
+        num_turns: r.get(22)?,
+        duration_ms: r.get(23)?,
+        duration_api_ms: r.get(24)?,
+        metrics: json_col(25)?.and_then(|s| serde_json::from_str(&s).ok()),
+        stream_file: r.get(26)?,
+        created_at: r.get(27)?,
+        started_at: r.get(28)?,
+        completed_at: r.get(29)?,
+        updated_at: r.get(30)?,
+    })
+}
+
+/// Reads one process row.
+///
+/// # Errors
+/// A database error.
+pub fn get_process(store: &Store, id: &str) -> Result<Option<ProcessRow>, BusError> {
+    let id = id.to_string();
+    store.read(move |c| {
+        Ok(c.query_row(
+            &format!("SELECT {PROCESS_COLUMNS} FROM processes WHERE id = ?1"),
+            [id],
+            read_process,
+        )
+        .optional()?)
+    })
+}
+
+/// Lists process rows, newest first.
+///
+/// # Errors
+/// A database error.
+pub fn list_processes(
+    store: &Store,
+    status: Option<&str>,
+    limit: usize,
+) -> Result<Vec<ProcessRow>, BusError> {
+    let status = status.map(str::to_string);
+    store.read(move |c| {
+        let mut st = c.prepare(&format!(
+            "SELECT {PROCESS_COLUMNS} FROM processes WHERE (?1 IS NULL OR status = ?1)
+             ORDER BY created_at DESC, rowid DESC LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![status, limit as i64], read_process)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    })
+}
+
+/// What [`Executor::reconcile`] did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReconcileReport {
+    /// Rows completed from a result line found on disk.
+    pub completed: Vec<String>,
+    /// Rows set to RETRY.
+    pub retry: Vec<String>,
+    /// Rows set to DEAD.
+    pub dead: Vec<String>,
+    /// Pids of orphaned process groups that were killed.
+    pub killed_pids: Vec<u32>,
+    /// Archived prompts deleted by retention.
+    pub pruned_prompts: usize,
+}
+
+type Outcome = Result<ClaudeAnswer, ClaudeFailure>;
+
+/// Where an attempt's log went: the result line (if any) and the envelope line.
+type AttemptLog = (Option<FileRef>, FileRef);
+
+struct InFlight {
+    done: watch::Receiver<Option<Outcome>>,
+    cancel: CancelToken,
+    /// The task driving the call, for [`Executor::shutdown`].
+    task: Option<tokio::task::AbortHandle>,
+}
+
+struct Inner {
+    store: Store,
+    bus: Bus,
+    refs: Refs,
+    config: ExecutorConfig,
+    admission: Admission,
+    calls: Mutex<HashMap<String, InFlight>>,
+    agent_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Runs Claude calls; cheap to clone (all clones share limits, budgets and calls in flight).
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("binary", &self.inner.config.binary)
+            .finish()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ClaudeFailure {
+    ClaudeFailure {
+        transient: true,
+        class: "internal".into(),
+        message: format!("KSI could not record the Claude call: {e}"),
+    }
+}
+
+fn failure_of(class: &str, message: impl Into<String>, transient: bool) -> ClaudeFailure {
+    ClaudeFailure {
+        transient,
+        class: class.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A fresh process id: time-ordered, unique, safe in file names.
+pub fn new_process_id() -> String {
+    format!("p{}-{:08x}", now_ms(), rand::random::<u32>())
+}
+
+fn valid_process_id(id: &str) -> bool {
+    responses::safe_session_id(id) && id.len() <= 100
+}
+
+/// The stored request (enough to run the call again after a restart).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredRequest {
+    model: String,
+    system_prompt: Option<String>,
+    max_turns: Option<u32>,
+    session: Option<String>,
+}
+
+impl Executor {
+    /// An executor over an open data dir.
+    pub fn new(store: Store, bus: Bus, refs: Refs, config: ExecutorConfig) -> Executor {
+        Executor {
+            inner: Arc::new(Inner {
+                store,
+                bus,
+                refs,
+                config,
+                admission: Admission::default(),
+                calls: Mutex::default(),
+                agent_turns: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The static configuration.
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.inner.config
+    }
+
+    /// The static configuration with the current dynamic settings applied.
+    pub fn effective_config(&self) -> ExecutorConfig {
+        let mut c = self.inner.config.clone();
+        c.apply_settings(&claude_settings(&self.inner.store));
+        c
+    }
+
+    /// Claude processes running now in this daemon.
+    pub fn running(&self) -> usize {
+        self.inner.admission.running()
+    }
+
+    /// Starts a call with a fresh process id; see [`Executor::spawn_with`].
+    ///
+    /// # Errors
+    /// See [`Executor::spawn_with`].
+    pub async fn spawn(&self, request: SpawnRequest) -> Result<String, ClaudeFailure> {
+        self.spawn_with(new_process_id(), None, request).await
+    }
+
+    /// Records the call (prompt file, then the PENDING row and `claude.spawn.request`) and starts
+    /// it in the background. Returns once the row is durable; [`Executor::wait`] gives the answer.
+    /// A process id that already exists is not started again (its outcome is what `wait` gives).
+    ///
+    /// # Errors
+    /// An invalid process or agent id, an unreadable agent profile, or a store failure.
+    pub async fn spawn_with(
+        &self,
+        process_id: String,
+        workflow_id: Option<String>,
+        request: SpawnRequest,
+    ) -> Result<String, ClaudeFailure> {
+        let inner = &self.inner;
+        if !valid_process_id(&process_id) {
+            return Err(failure_of(
+                "invalid_request",
+                format!(
+                    "{process_id:?} is not a valid process id: use letters, digits, '-' or '_'"
+                ),
+                false,
+            ));
+        }
+        // Claim the id in memory first, so two concurrent spawns of one id cannot both run it.
+        let (done_tx, done_rx) = watch::channel(None);
+        let cancel = CancelToken::new();
+        {
+            let mut calls = inner.calls.lock().unwrap();
+            if calls.contains_key(&process_id) {
+                return Ok(process_id);
+            }
+            calls.insert(
+                process_id.clone(),
+                InFlight {
+                    done: done_rx,
+                    cancel: cancel.clone(),
+                    task: None,
+                },
+            );
+        }
+        let release = |id: &str| {
+            inner.calls.lock().unwrap().remove(id);
+        };
+        match get_process(&inner.store, &process_id) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                release(&process_id);
+                return Ok(process_id);
+            }
+            Err(e) => {
+                release(&process_id);
+                return Err(internal(e));
+            }
+        }
+        let eff = self.effective_config();
+        let profile = match &request.agent {
+            Some(agent) => {
+                match agents::ensure(&inner.store, &inner.bus, inner.refs.root(), agent).await {
+                    Ok((_, p)) => Some(p),
+                    Err(m) => {
+                        release(&process_id);
+                        return Err(failure_of("invalid_request", m, false));
+                    }
+                }
+            }
+            None => None,
+        };
+        let model = request
+            .model
+            .clone()
+            .or_else(|| profile.as_ref().and_then(|p| p.model.clone()))
+            .unwrap_or(eff.default_model.clone());
+        let stored = StoredRequest {
+            model: model.clone(),
+            system_prompt: request.system_prompt.clone(),
+            max_turns: request.max_turns,
+            session: request.session.clone(),
+        };
+        let prompt_rel = format!("prompts/queue/{process_id}.txt");
+        let prompt_ref = match inner.refs.write(&prompt_rel, request.prompt.as_bytes()) {
+            Ok(r) => r,
+            Err(e) => {
+                release(&process_id);
+                return Err(internal(e));
+            }
+        };
+        let prompt_sha = sha256_hex(request.prompt.as_bytes());
+        let insert = {
+            let (id, wf, agent) = (
+                process_id.clone(),
+                workflow_id.clone(),
+                request.agent.clone(),
+            );
+            let max_attempts = eff.retry.max_attempts;
+            let model = model.clone();
+            let req_json = serde_json::to_string(&stored).unwrap_or_default();
+            let pref = serde_json::to_string(&prompt_ref).unwrap_or_default();
+            let prompt_ref = prompt_ref.clone();
+            inner
+                .store
+                .write(move |tx| {
+                    let now = now_ms();
+                    tx.execute(
+                        "INSERT INTO processes(id, workflow_id, agent_id, status, model, attempts, max_attempts,
+                            prompt_file, prompt_sha256, request, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, 'PENDING', ?4, 0, ?5, ?6, ?7, ?8, ?9, ?9)",
+                        params![id, wf, agent, model, max_attempts, pref, prompt_sha, req_json, now],
+                    )?;
+                    bus::publish_in(
+                        tx,
+                        &NewEvent::new(
+                            "claude.spawn.request",
+                            json!({
+                                "process_id": id, "workflow_id": wf, "agent_id": agent,
+                                "model": model, "prompt": prompt_ref,
+                            }),
+                        )
+                        .correlated(id.clone()),
+                    )?;
+                    Ok::<_, BusError>(())
+                })
+                .await
+        };
+        if let Err(e) = insert {
+            release(&process_id);
+            let _ = std::fs::remove_file(inner.refs.root().join(&prompt_rel));
+            return Err(internal(e));
+        }
+        let this = self.clone();
+        let id = process_id.clone();
+        let task = async move {
+            let out = this
+                .clone()
+                .drive(id.clone(), workflow_id, request, profile, model, cancel)
+                .await;
+            let _ = done_tx.send(Some(out));
+            this.inner.calls.lock().unwrap().remove(&id);
+        };
+        self.start(&process_id, task);
+        Ok(process_id)
+    }
+
+    /// Spawns the task that drives call `id`, in a tracing span carrying the process id.
+    fn start(&self, id: &str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        use tracing::Instrument;
+        let span = tracing::info_span!("claude_call", process_id = %id);
+        let handle = tokio::spawn(task.instrument(span));
+        if let Some(c) = self.inner.calls.lock().unwrap().get_mut(id) {
+            c.task = Some(handle.abort_handle());
+        }
+    }
+
+    /// Stops every call in flight, for a daemon that exits: their tasks are dropped, which kills
+    /// each CLI's process group (see [`run_attempt`]). Their rows stay as they are (PENDING,
+    /// RUNNING, RETRY) for [`Executor::reconcile`] at the next start, which completes those whose
+    /// result reached the disk and retries the others. Returns how many calls were stopped.
+    pub async fn shutdown(&self) -> usize {
+        let handles: Vec<tokio::task::AbortHandle> = self
+            .inner
+            .calls
+            .lock()
+            .unwrap()
+            .drain()
+            .filter_map(|(_, c)| c.task)
+            .collect();
+        for h in &handles {
+            h.abort();
+        }
+        for _ in 0..200 {
+            if handles.iter().all(tokio::task::AbortHandle::is_finished) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        handles.len()
+    }
+
+    /// Waits for a call's outcome: from the task running it, or from its row when it ended.
+    ///
+    /// # Errors
+    /// The call failed (the failure says how), or no such call exists, or its row was left
+    /// unfinished by a previous daemon (run [`Executor::reconcile`]).
+    pub async fn wait(&self, process_id: &str) -> Outcome {
+        let rx = self
+            .inner
+            .calls
+            .lock()
+            .unwrap()
+            .get(process_id)
+            .map(|c| c.done.clone());
+        if let Some(mut rx) = rx
+            && let Ok(v) = rx.wait_for(Option::is_some).await
+        {
+            return v.clone().expect("checked by wait_for");
+        }
+        let row = get_process(&self.inner.store, process_id)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                failure_of(
+                    "not_found",
+                    format!("no Claude process {process_id:?}"),
+                    false,
+                )
+            })?;
+        self.outcome_of_row(&row).unwrap_or_else(|| {
+            Err(failure_of(
+                "unfinished",
+                format!(
+                    "Claude process {process_id} is {} but not running in this daemon; start-up reconciliation settles it",
+                    row.status
+                ),
+                true,
+            ))
+        })
+    }
+
+    /// Cancels a call: kills its process group (if running) and ends it FAILED
+    /// (`permanent.cancelled`). Returns whether the call was in flight here.
+    pub fn cancel(&self, process_id: &str) -> bool {
+        match self.inner.calls.lock().unwrap().get(process_id) {
+            Some(c) => {
+                c.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The outcome recorded in a terminal row.
+    fn outcome_of_row(&self, row: &ProcessRow) -> Option<Outcome> {
+        match row.status.as_str() {
+            status::COMPLETED => Some(
+                self.answer_from_row(row)
+                    .ok_or_else(|| internal("the response of a completed process cannot be read")),
+            ),
+            status::FAILED | status::DEAD => Some(Err(ClaudeFailure {
+                transient: row.status == status::DEAD,
+                class: row.error_class.clone().unwrap_or_default(),
+                message: row.error.clone().unwrap_or_default(),
+            })),
+            _ => None,
+        }
+    }
+
+    fn answer_from_row(&self, row: &ProcessRow) -> Option<ClaudeAnswer> {
+        let r = FileRef {
+            path: row.response_file.clone()?,
+            line: row.response_line.map(|l| l as u64),
+            offset: row
+                .metrics
+                .as_ref()
+                .and_then(|m| m.get("response_offset"))
+                .and_then(Value::as_u64),
+            sha256: row.response_sha256.clone()?,
+            bytes: row
+                .metrics
+                .as_ref()
+                .and_then(|m| m.get("response_bytes"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        };
+        let result = responses::read_result(&self.inner.refs, &r)?;
+        Some(ClaudeAnswer {
+            text: result.text.clone().unwrap_or_default(),
+            session_id: result.session_id.clone().unwrap_or_default(),
+            response_ref: Some(r),
+            model: row.model.clone().unwrap_or_default(),
+            tokens_in: row.tokens_in.unwrap_or(0) as u64,
+            tokens_out: row.tokens_out.unwrap_or(0) as u64,
+            tokens_cache_read: row.tokens_cache_read.unwrap_or(0) as u64,
+            tokens_cache_write: row.tokens_cache_write.unwrap_or(0) as u64,
+            cost_usd: row.cost_usd.unwrap_or(0.0),
+            duration_ms: row.duration_ms.unwrap_or(0) as u64,
+            process_id: row.id.clone(),
+        })
+    }
+
+    fn agent_turn(&self, agent: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner
+            .agent_turns
+            .lock()
+            .unwrap()
+            .entry(agent.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Runs a recorded call to its end (all attempts). Called on the call's own task.
+    async fn drive(
+        self,
+        id: String,
+        workflow_id: Option<String>,
+        request: SpawnRequest,
+        profile: Option<AgentProfile>,
+        model: String,
+        cancel: CancelToken,
+    ) -> Outcome {
+        let inner = &self.inner;
+        let turn = request.agent.as_deref().map(|a| self.agent_turn(a));
+        let _turn = match &turn {
+            Some(t) => Some(t.lock().await),
+            None => None,
+        };
+        // The session to continue: an explicit one, else the agent's current one.
+        let mut session = request.session.clone();
+        let mut inbox: Vec<Delivery> = Vec::new();
+        let mut prompt = request.prompt.clone();
+        if let Some(agent) = &request.agent {
+            let row = inner
+                .store
+                .read_async({
+                    let a = agent.clone();
+                    move |c| agents::get(c, &a).map_err(BusError::from)
+                })
+                .await
+                .map_err(internal)?;
+            if session.is_none() {
+                session = row.and_then(|r| r.current_session_id);
+            }
+            match agents::claim_inbox(&inner.bus, agent).await {
+                Ok(d) => inbox = d,
+                Err(e) => tracing::warn!(agent, error = %e, "cannot read the agent's inbox"),
+            }
+            if let Some(text) = agents::render_inbox(&inbox) {
+                prompt = format!("{text}{prompt}");
+                // The prompt as sent replaces the queued one; the inbox is acked with it.
+                let pref = inner
+                    .refs
+                    .write(&format!("prompts/queue/{id}.txt"), prompt.as_bytes())
+                    .map_err(internal)?;
+                let (idc, inbox2) = (id.clone(), inbox.clone());
+                inner
+                    .store
+                    .write(move |tx| {
+                        tx.execute(
+                            "UPDATE processes SET prompt_file = ?2, updated_at = ?3 WHERE id = ?1",
+                            params![
+                                idc,
+                                serde_json::to_string(&pref).unwrap_or_default(),
+                                now_ms()
+                            ],
+                        )?;
+                        agents::ack_inbox_in(tx, &inbox2)
+                    })
+                    .await
+                    .map_err(internal)?;
+            }
+        }
+        let payer = Payer {
+            agent: request.agent.clone(),
+            workflow: workflow_id.clone(),
+            agent_budget: profile.as_ref().and_then(AgentProfile::budget),
+        };
+        let (rowid, prompt_sha, mut attempt, max_attempts): (i64, String, u32, u32) = inner
+            .store
+            .read_async({
+                let id = id.clone();
+                move |c| {
+                    Ok::<_, BusError>(c.query_row(
+                        "SELECT rowid, prompt_sha256, attempts, max_attempts FROM processes WHERE id = ?1",
+                        [id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )?)
+                }
+            })
+            .await
+            .map_err(internal)?;
+
+        loop {
+            let eff = self.effective_config();
+            let retry = RetryPolicy {
+                max_attempts,
+                ..eff.retry
+            };
+            // Spend control, before every spawn.
+            let refusal = {
+                let store = inner.store.clone();
+                let (adm, spend, payer2, sha) = (
+                    inner.admission.clone(),
+                    eff.spend.clone(),
+                    payer.clone(),
+                    prompt_sha.clone(),
+                );
+                let first = attempt == 0;
+                tokio::task::spawn_blocking(move || {
+                    store.read(|c| {
+                        if first && let Some(r) = adm.check_loop(c, &spend, &payer2, &sha, rowid)? {
+                            return Ok::<_, BusError>(Err(r));
+                        }
+                        Ok(adm.reserve(c, &spend, &payer2)?)
+                    })
+                })
+                .await
+                .map_err(internal)?
+                .map_err(internal)?
+            };
+            let ticket = match refusal {
+                Ok(t) => Arc::new(t),
+                Err(refusal) => return self.refuse(&id, &request, &workflow_id, refusal).await,
+            };
+            tokio::select! {
+                _ = inner.admission.rate_limit(eff.spend.spawn_rate_per_min) => {}
+                _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
+            }
+            let slot = tokio::select! {
+                s = inner.admission.slot(&eff.spend, &model) => s,
+                _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
+            };
+            attempt += 1;
+            let inv = self.invocation(&eff, &request, &profile, &model, &prompt, &session);
+            let stream_rel = responses::pending_path(&id, attempt);
+            let mut stream = StreamLog::create(&inner.refs, &stream_rel).ok();
+            let mut running_write: Option<tokio::task::JoinHandle<()>> = None;
+            let mut result_sync: Option<tokio::task::JoinHandle<()>> = None;
+            let t_spawn = Instant::now();
+            let result = run_attempt(&inv, &eff.limits, &cancel, |p| match p {
+                Progress::Spawned { pid, start_ticks } => {
+                    running_write = Some(tokio::spawn(self.clone().record_running(
+                        id.clone(),
+                        attempt,
+                        pid,
+                        start_ticks,
+                        stream_rel.clone(),
+                        request.agent.clone(),
+                        ticket.clone(),
+                    )));
+                }
+                Progress::Line(line) => {
+                    if let Some(s) = &mut stream {
+                        s.line(line);
+                    }
+                }
+                Progress::Event(StreamEvent::Result(_)) => {
+                    // fsync off the supervisor's task (it must keep watching the child); the
+                    // result is acted on only after this has finished.
+                    if let Some(s) = &stream {
+                        result_sync = s.sync_in_background();
+                    }
+                }
+                Progress::Event(_) => {}
+            })
+            .await;
+            // The slot is held until the attempt's outcome is recorded, so a RUNNING row never
+            // outnumbers the limit.
+            drop(stream);
+            if let Some(h) = running_write {
+                let _ = h.await;
+            }
+            if let Some(h) = result_sync {
+                let _ = h.await;
+            }
+            let outcome = match result {
+                Ok(o) => o,
+                Err(spawn_err) => {
+                    let class = spawn_err.failure_class();
+                    let msg = spawn_err.to_string();
+                    let _ = std::fs::remove_file(inner.refs.root().join(&stream_rel));
+                    // Not spawned: no call was made, so it does not count.
+                    return self
+                        .finish_failed(&id, &request.agent, attempt - 1, &class, &msg, None)
+                        .await;
+                }
+            };
+            let wall = t_spawn.elapsed();
+            match outcome.failure.clone() {
+                None if outcome.result().is_some() => {
+                    let out = self
+                        .complete(
+                            &id,
+                            &request,
+                            &workflow_id,
+                            &model,
+                            attempt,
+                            &outcome,
+                            &stream_rel,
+                            wall,
+                        )
+                        .await;
+                    drop(ticket);
+                    return out;
+                }
+                failure => {
+                    let (class, message) = match failure {
+                        Some(f) => (f.class, f.message),
+                        None => (
+                            FailureClass::Transient(TransientKind::NoResult),
+                            "the Claude CLI ended without a result line".to_string(),
+                        ),
+                    };
+                    let log = self.log_attempt(
+                        &id,
+                        &request,
+                        attempt,
+                        &outcome,
+                        &stream_rel,
+                        Some(&class),
+                        Some(&message),
+                    );
+                    let moved = log.as_ref().is_some_and(|(_, e)| e.path != stream_rel);
+                    let delay = retry.next_delay(attempt, &class);
+                    if let Some(delay) = delay.filter(|_| !cancel.is_cancelled()) {
+                        self.record_retry(
+                            &id,
+                            &request.agent,
+                            attempt,
+                            &class,
+                            &message,
+                            &outcome,
+                            delay,
+                            log,
+                        )
+                        .await;
+                        self.drop_stream(&stream_rel, moved);
+                        drop(slot);
+                        drop(ticket);
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
+                        }
+                        continue;
+                    }
+                    let out = self
+                        .finish_failed(
+                            &id,
+                            &request.agent,
+                            attempt,
+                            &class,
+                            &message,
+                            Some((&outcome, log)),
+                        )
+                        .await;
+                    self.drop_stream(&stream_rel, moved);
+                    drop(ticket);
+                    return out;
+                }
+            }
+        }
+    }
+
+    fn invocation(
+        &self,
+        eff: &ExecutorConfig,
+        request: &SpawnRequest,
+        profile: &Option<AgentProfile>,
+        model: &str,
+        prompt: &str,
+        session: &Option<String>,
+    ) -> ClaudeInvocation {
+        let mut inv = ClaudeInvocation::new(model, prompt);
+        inv.binary = eff.binary.clone();
+        inv.extra_env = eff.extra_env.clone();
+        inv.inherit_env = eff.inherit_env;
+        if let Some(s) = session {
+            inv.session = SessionMode::Resume(s.clone());
+        }
+        inv.append_system_prompt = request
+            .system_prompt
+            .clone()
+            .or_else(|| profile.as_ref().and_then(|p| p.system_prompt.clone()));
+        inv.max_turns = request
+            .max_turns
+            .or_else(|| profile.as_ref().and_then(|p| p.max_turns));
+        if let Some(p) = profile {
+            inv.allowed_tools = p.allowed_tools.clone();
+            inv.disallowed_tools = p.disallowed_tools.clone();
+            inv.permission_mode = p.permission_mode.clone();
+        }
+        if let Some(agent) = &request.agent {
+            inv.working_dir = Some(self.inner.refs.root().join(agents::AGENTS_DIR).join(agent));
+        }
+        inv
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record_running(
+        self,
+        id: String,
+        attempt: u32,
+        pid: u32,
+        start_ticks: Option<u64>,
+        stream_rel: String,
+        agent: Option<String>,
+        ticket: Arc<super::spend::Ticket>,
+    ) {
+        let r = self
+            .inner
+            .store
+            .write(move |tx| {
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE processes SET status = 'RUNNING', pid = ?2, pid_start_ticks = ?3, attempts = ?4,
+                        stream_file = ?5, started_at = COALESCE(started_at, ?6), next_attempt_at = NULL,
+                        updated_at = ?6 WHERE id = ?1",
+                    params![id, pid, start_ticks.map(|t| t as i64), attempt, stream_rel, now],
+                )?;
+                if let Some(a) = &agent {
+                    tx.execute(
+                        "UPDATE agents SET status = 'busy', current_process_id = ?2, last_active_at = ?3 WHERE id = ?1",
+                        params![a, id, now],
+                    )?;
+                }
+                bus::publish_in(
+                    tx,
+                    &NewEvent::new(
+                        "claude.spawn.started",
+                        json!({ "process_id": id, "attempt": attempt, "pid": pid, "agent_id": agent }),
+                    )
+                    .correlated(id.clone()),
+                )?;
+                Ok::<_, BusError>(())
+            })
+            .await;
+        match r {
+            Ok(()) => ticket.call_recorded(),
+            Err(e) => tracing::error!(error = %e, "cannot record a running Claude process"),
+        }
+    }
+
+    /// Writes an attempt's lines + envelope to the session log (or closes its pending log).
+    /// Returns the reference of the result line (if any) and of the envelope.
+    #[allow(clippy::too_many_arguments)]
+    fn log_attempt(
+        &self,
+        id: &str,
+        request: &SpawnRequest,
+        attempt: u32,
+        o: &AttemptOutcome,
+        stream_rel: &str,
+        class: Option<&FailureClass>,
+        error: Option<&str>,
+    ) -> Option<AttemptLog> {
+        let envelope = json!({
+            "type": "ksi_envelope",
+            "process_id": id,
+            "request_id": id,
+            "agent_id": request.agent,
+            "attempt": attempt,
+            "pid": o.pid,
+            "started_at": o.started_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
+            "ended_at": now_ms(),
+            "spawn_to_exit_ms": o.timings.spawn_to_exit.as_secs_f64() * 1000.0,
+            "first_output_ms": o.timings.first_output.map(|d| d.as_secs_f64() * 1000.0),
+            "exit_code": o.exit_code,
+            "signal": o.signal,
+            "termination": format!("{:?}", o.termination),
+            "class": class.map(|c| c.as_str()),
+            "error": error,
+            "prompt_file": format!("prompts/archive/{id}.txt"),
+        });
+        let refs = &self.inner.refs;
+        match o.run.session_id().filter(|s| responses::safe_session_id(s)) {
+            Some(session) => {
+                match responses::append_to_session(refs, session, &o.raw_stdout, &envelope) {
+                    // The pending log stays until the row that references the session log
+                    // has committed (see `drop_stream`): a crash in between still finds it.
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot write the Claude response log");
+                        None
+                    }
+                }
+            }
+            None => responses::close_pending(refs, stream_rel, &envelope)
+                .map(|r| (None, r))
+                .ok(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn complete(
+        &self,
+        id: &str,
+        request: &SpawnRequest,
+        workflow_id: &Option<String>,
+        model: &str,
+        attempt: u32,
+        o: &AttemptOutcome,
+        stream_rel: &str,
+        wall: Duration,
+    ) -> Outcome {
+        let result = o.result().cloned().expect("checked by the caller");
+        let metrics = json!({
+            "exit_code": o.exit_code,
+            "spawn_to_exit_us": o.timings.spawn_to_exit.as_micros() as u64,
+            "first_output_ms": o.timings.first_output.map(|d| d.as_millis() as u64),
+            "wall_us": wall.as_micros() as u64,
+            "api_retries": o.run.api_retries.len(),
+            "stop_reason": result.stop_reason,
+        });
+        // SUCCESS: the result is known and its line is fsynced in the pending log.
+        self.record_success(id, &result, &metrics).await;
+        let logged = self.log_attempt(id, request, attempt, o, stream_rel, None, None);
+        let response = logged.and_then(|(r, _)| r);
+        let moved = response.is_some();
+        let out = self
+            .commit_completed(
+                id,
+                request.agent.clone(),
+                workflow_id.clone(),
+                model,
+                &result,
+                response,
+                metrics,
+                false,
+            )
+            .await;
+        if out.is_ok() {
+            self.drop_stream(stream_rel, moved);
+        }
+        out
+    }
+
+    /// Removes an attempt's pending log once a committed row references its copy in the
+    /// session log (`moved`); without a session it is the attempt's log and stays.
+    fn drop_stream(&self, stream_rel: &str, moved: bool) {
+        if moved {
+            let _ = std::fs::remove_file(self.inner.refs.root().join(stream_rel));
+        }
+    }
+
+    async fn record_success(&self, id: &str, result: &ResultSummary, metrics: &Value) {
+        let (id, r, m) = (id.to_string(), result.clone(), metrics.to_string());
+        let w = self
+            .inner
+            .store
+            .write_relaxed(move |tx| {
+                tx.execute(
+                    "UPDATE processes SET status = 'SUCCESS', session_id = COALESCE(?2, session_id),
+                        cost_usd = COALESCE(cost_usd, 0) + ?3, tokens_in = COALESCE(tokens_in, 0) + ?4,
+                        tokens_out = COALESCE(tokens_out, 0) + ?5,
+                        tokens_cache_read = COALESCE(tokens_cache_read, 0) + ?6,
+                        tokens_cache_write = COALESCE(tokens_cache_write, 0) + ?7,
+                        num_turns = ?8, duration_ms = ?9, duration_api_ms = ?10, metrics = ?11,
+                        updated_at = ?12 WHERE id = ?1",
+                    params![
+                        id,
+                        r.session_id,
+                        r.total_cost_usd.unwrap_or(0.0),
+                        r.usage.input as i64,
+                        r.usage.output as i64,
+                        r.usage.cache_read as i64,
+                        r.usage.cache_creation as i64,
+                        r.num_turns,
+                        r.duration_ms.map(|v| v as i64),
+                        r.duration_api_ms.map(|v| v as i64),
+                        m,
+                        now_ms()
+                    ],
+                )?;
+                Ok::<_, BusError>(())
+            })
+            .await;
+        if let Err(e) = w {
+            tracing::error!(error = %e, "cannot record a successful Claude result");
+        }
+    }
+
+    /// COMPLETED + agent session + archived prompt + `claude.spawn.complete`, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_completed(
+        &self,
+        id: &str,
+        agent: Option<String>,
+        workflow_id: Option<String>,
+        model: &str,
+        result: &ResultSummary,
+        response: Option<FileRef>,
+        mut metrics: Value,
+        recovered: bool,
+    ) -> Outcome {
+        let inner = &self.inner;
+        let archived = self.archive_prompt(id);
+        if let (Some(r), Some(m)) = (&response, metrics.as_object_mut()) {
+            m.insert("response_offset".into(), json!(r.offset));
+            m.insert("response_bytes".into(), json!(r.bytes));
+        }
+        let (idc, r, resp, model) = (
+            id.to_string(),
+            result.clone(),
+            response.clone(),
+            model.to_string(),
+        );
+        let metrics_s = metrics.to_string();
+        let wrote = inner
+            .store
+            .write(move |tx| {
+                let now = now_ms();
+                if recovered {
+                    tx.execute(
+                        "UPDATE processes SET session_id = COALESCE(?2, session_id),
+                            cost_usd = COALESCE(cost_usd, 0) + ?3, tokens_in = COALESCE(tokens_in, 0) + ?4,
+                            tokens_out = COALESCE(tokens_out, 0) + ?5,
+                            tokens_cache_read = COALESCE(tokens_cache_read, 0) + ?6,
+                            tokens_cache_write = COALESCE(tokens_cache_write, 0) + ?7,
+                            num_turns = ?8, duration_ms = ?9, duration_api_ms = ?10 WHERE id = ?1",
+                        params![
+                            idc,
+                            r.session_id,
+                            r.total_cost_usd.unwrap_or(0.0),
+                            r.usage.input as i64,
+                            r.usage.output as i64,
+                            r.usage.cache_read as i64,
+                            r.usage.cache_creation as i64,
+                            r.num_turns,
+                            r.duration_ms.map(|v| v as i64),
+                            r.duration_api_ms.map(|v| v as i64),
+                        ],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE processes SET status = 'COMPLETED', error = NULL, error_class = NULL,
+                        session_id = COALESCE(?2, session_id),
+                        response_file = ?3, response_line = ?4, response_sha256 = ?5, metrics = ?6,
+                        prompt_file = COALESCE(?7, prompt_file), completed_at = ?8, updated_at = ?8
+                     WHERE id = ?1",
+                    params![
+                        idc,
+                        r.session_id,
+                        resp.as_ref().map(|f| f.path.clone()),
+                        resp.as_ref().and_then(|f| f.line).map(|l| l as i64),
+                        resp.as_ref().map(|f| f.sha256.clone()),
+                        metrics_s,
+                        archived.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
+                        now
+                    ],
+                )?;
+                if let Some(a) = &agent {
+                    let tokens = r.usage.input + r.usage.output;
+                    tx.execute(
+                        "UPDATE agents SET status = 'active', current_session_id = COALESCE(?2, current_session_id),
+                            current_process_id = ?3, last_active_at = ?4,
+                            metrics = json_set(metrics,
+                                '$.calls', COALESCE(json_extract(metrics, '$.calls'), 0) + 1,
+                                '$.cost_usd', COALESCE(json_extract(metrics, '$.cost_usd'), 0) + ?5,
+                                '$.tokens', COALESCE(json_extract(metrics, '$.tokens'), 0) + ?6)
+                         WHERE id = ?1",
+                        params![a, r.session_id, idc, now, r.total_cost_usd.unwrap_or(0.0), tokens as i64],
+                    )?;
+                }
+                bus::publish_in(
+                    tx,
+                    &NewEvent::new(
+                        "claude.spawn.complete",
+                        json!({
+                            "process_id": idc, "workflow_id": workflow_id, "agent_id": agent,
+                            "session_id": r.session_id, "response": resp, "model": model,
+                            "cost_usd": r.total_cost_usd, "tokens_in": r.usage.input,
+                            "tokens_out": r.usage.output, "num_turns": r.num_turns,
+                            "duration_ms": r.duration_ms, "recovered": recovered,
+                        }),
+                    )
+                    .correlated(idc.clone()),
+                )?;
+                Ok::<_, BusError>(())
+            })
+            .await;
+        wrote.map_err(internal)?;
+        self.drop_queued_prompt(id);
+        let row = get_process(&inner.store, id)
+            .map_err(internal)?
+            .ok_or_else(|| internal("the completed row vanished"))?;
+        let mut answer = self.answer_from_row(&row).unwrap_or_else(|| ClaudeAnswer {
+            process_id: id.to_string(),
+            ..ClaudeAnswer::default()
+        });
+        if answer.text.is_empty() {
+            answer.text = result.text.clone().unwrap_or_default();
+        }
+        answer.session_id = result.session_id.clone().unwrap_or(answer.session_id);
+        Ok(answer)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record_retry(
+        &self,
+        id: &str,
+        agent: &Option<String>,
+        attempt: u32,
+        class: &FailureClass,
+        message: &str,
+        o: &AttemptOutcome,
+        delay: Duration,
+        log: Option<AttemptLog>,
+    ) {
+        let next = now_ms() + delay.as_millis() as i64;
+        let w = self
+            .settle_failure(
+                id,
+                agent,
+                status::RETRY,
+                attempt,
+                class.as_str(),
+                message,
+                Some(o),
+                log,
+                Some(next),
+                true,
+            )
+            .await;
+        if let Err(e) = w {
+            tracing::error!(error = %e, "cannot record a Claude retry");
+        }
+    }
+
+    /// Ends a call FAILED (permanent) or DEAD (transient, attempts used up).
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_failed(
+        &self,
+        id: &str,
+        agent: &Option<String>,
+        attempt: u32,
+        class: &FailureClass,
+        message: &str,
+        attempt_info: Option<(&AttemptOutcome, Option<AttemptLog>)>,
+    ) -> Outcome {
+        let st = if class.is_retryable() {
+            status::DEAD
+        } else {
+            status::FAILED
+        };
+        let (o, log) = match attempt_info {
+            Some((o, log)) => (Some(o), log),
+            None => (None, None),
+        };
+        self.settle_failure(
+            id,
+            agent,
+            st,
+            attempt,
+            class.as_str(),
+            message,
+            o,
+            log,
+            None,
+            class.is_retryable(),
+        )
+        .await
+        .map_err(internal)?;
+        Err(failure_of(class.as_str(), message, class.is_retryable()))
+    }
+
+    /// Records a failed attempt (metrics, error, log reference) with its status and event.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_failure(
+        &self,
+        id: &str,
+        agent: &Option<String>,
+        st: &'static str,
+        attempt: u32,
+        class: &str,
+        message: &str,
+        o: Option<&AttemptOutcome>,
+        log: Option<AttemptLog>,
+        next_attempt_at: Option<i64>,
+        transient: bool,
+    ) -> Result<(), BusError> {
+        let terminal = st != status::RETRY;
+        let archived = if terminal {
+            self.archive_prompt(id)
+        } else {
+            None
+        };
+        let result = o.and_then(|o| o.result().cloned());
+        let metrics = o.map(|o| {
+            json!({
+                "exit_code": o.exit_code, "signal": o.signal,
+                "termination": format!("{:?}", o.termination),
+                "spawn_to_exit_us": o.timings.spawn_to_exit.as_micros() as u64,
+                "stderr_tail": o.stderr_tail.chars().rev().take(500).collect::<String>().chars().rev().collect::<String>(),
+            })
+            .to_string()
+        });
+        let session = o.and_then(|o| o.run.session_id().map(str::to_string));
+        let envelope = log.map(|(_, e)| e);
+        let (idc, agent, class, message) = (
+            id.to_string(),
+            agent.clone(),
+            class.to_string(),
+            message.to_string(),
+        );
+        self.inner
+            .store
+            .write(move |tx| {
+                let now = now_ms();
+                let (cost, tin, tout, cr, cw) = result.as_ref().map_or((0.0, 0, 0, 0, 0), |r| {
+                    (
+                        r.total_cost_usd.unwrap_or(0.0),
+                        r.usage.input as i64,
+                        r.usage.output as i64,
+                        r.usage.cache_read as i64,
+                        r.usage.cache_creation as i64,
+                    )
+                });
+                tx.execute(
+                    "UPDATE processes SET status = ?2, attempts = MAX(attempts, ?3), error = ?4, error_class = ?5,
+                        next_attempt_at = ?6, session_id = COALESCE(session_id, ?7),
+                        cost_usd = COALESCE(cost_usd, 0) + ?8, tokens_in = COALESCE(tokens_in, 0) + ?9,
+                        tokens_out = COALESCE(tokens_out, 0) + ?10,
+                        tokens_cache_read = COALESCE(tokens_cache_read, 0) + ?11,
+                        tokens_cache_write = COALESCE(tokens_cache_write, 0) + ?12,
+                        metrics = COALESCE(?13, metrics),
+                        response_file = COALESCE(?14, response_file), response_line = COALESCE(?15, response_line),
+                        response_sha256 = COALESCE(?16, response_sha256),
+                        prompt_file = COALESCE(?17, prompt_file),
+                        completed_at = CASE WHEN ?18 THEN ?19 ELSE completed_at END, updated_at = ?19
+                     WHERE id = ?1",
+                    params![
+                        idc, st, attempt, message, class, next_attempt_at, session,
+                        cost, tin, tout, cr, cw, metrics,
+                        envelope.as_ref().map(|e| e.path.clone()),
+                        envelope.as_ref().and_then(|e| e.line).map(|l| l as i64),
+                        envelope.as_ref().map(|e| e.sha256.clone()),
+                        archived.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
+                        terminal, now
+                    ],
+                )?;
+                if let Some(a) = &agent {
+                    tx.execute(
+                        "UPDATE agents SET status = CASE WHEN ?2 THEN 'active' ELSE status END,
+                            current_process_id = ?3, last_active_at = ?4 WHERE id = ?1",
+                        params![a, terminal, idc, now],
+                    )?;
+                    // The CLI no longer knows the agent's session: its next call starts a new one
+                    // instead of failing the same way forever.
+                    if class == FailureClass::Permanent(PermanentKind::UnknownSession).as_str() {
+                        tx.execute(
+                            "UPDATE agents SET current_session_id = NULL WHERE id = ?1",
+                            [a],
+                        )?;
+                    }
+                }
+                bus::publish_in(
+                    tx,
+                    &NewEvent::new(
+                        "claude.spawn.failed",
+                        json!({
+                            "process_id": idc, "agent_id": agent, "status": st, "attempt": attempt,
+                            "class": class, "transient": transient,
+                            "error": message.chars().take(500).collect::<String>(),
+                            "next_attempt_at": next_attempt_at, "log": envelope,
+                        }),
+                    )
+                    .correlated(idc.clone()),
+                )?;
+                Ok::<_, BusError>(())
+            })
+            .await?;
+        if terminal {
+            self.drop_queued_prompt(id);
+        }
+        Ok(())
+    }
+
+    async fn refuse(
+        &self,
+        id: &str,
+        request: &SpawnRequest,
+        workflow_id: &Option<String>,
+        refusal: Refusal,
+    ) -> Outcome {
+        let message = refusal.message();
+        let class = refusal.class();
+        tracing::warn!(process_id = id, %message, "refused a Claude call");
+        let archived = self.archive_prompt(id);
+        let (idc, agent, wf, r2, msg) = (
+            id.to_string(),
+            request.agent.clone(),
+            workflow_id.clone(),
+            refusal.clone(),
+            message.clone(),
+        );
+        let w = self
+            .inner
+            .store
+            .write(move |tx| {
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE processes SET status = 'FAILED', error = ?2, error_class = ?3,
+                        prompt_file = COALESCE(?4, prompt_file), completed_at = ?5, updated_at = ?5 WHERE id = ?1",
+                    params![
+                        idc,
+                        msg,
+                        class,
+                        archived.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
+                        now
+                    ],
+                )?;
+                if let Refusal::Budget { scope, unit, spent, limit } = &r2 {
+                    bus::publish_in(
+                        tx,
+                        &NewEvent::new(
+                            "claude.budget.exhausted",
+                            json!({
+                                "process_id": idc, "agent_id": agent, "workflow_id": wf,
+                                "scope": scope, "unit": unit, "spent": spent, "limit": limit,
+                            }),
+                        )
+                        .correlated(idc.clone()),
+                    )?;
+                }
+                bus::publish_in(
+                    tx,
+                    &NewEvent::new(
+                        "claude.spawn.failed",
+                        json!({
+                            "process_id": idc, "agent_id": agent, "workflow_id": wf,
+                            "status": "FAILED", "attempt": 0, "class": class, "transient": false,
+                            "error": msg,
+                        }),
+                    )
+                    .correlated(idc.clone()),
+                )?;
+                Ok::<_, BusError>(())
+            })
+            .await;
+        w.map_err(internal)?;
+        self.drop_queued_prompt(id);
+        Err(failure_of(class, message, false))
+    }
+
+    async fn cancelled(&self, id: &str, agent: &Option<String>, attempt: u32) -> Outcome {
+        let class = FailureClass::Permanent(PermanentKind::Cancelled);
+        self.finish_failed(id, agent, attempt, &class, "the call was cancelled", None)
+            .await
+    }
+
+    /// Hard-links the queued prompt into `prompts/archive/` (the queue file is removed after the
+    /// row points at the archive). Returns the archive reference.
+    fn archive_prompt(&self, id: &str) -> Option<FileRef> {
+        let root = self.inner.refs.root();
+        let queued = root.join(format!("prompts/queue/{id}.txt"));
+        let rel = format!("prompts/archive/{id}.txt");
+        let archived = root.join(&rel);
+        if !archived.exists() {
+            std::fs::hard_link(&queued, &archived).ok()?;
+        }
+        let bytes = std::fs::read(&archived).ok()?;
+        Some(FileRef {
+            path: rel,
+            line: None,
+            offset: None,
+            sha256: sha256_hex(&bytes),
+            bytes: bytes.len() as u64,
+        })
+    }
+
+    fn drop_queued_prompt(&self, id: &str) {
+        let root = self.inner.refs.root();
+        if root.join(format!("prompts/archive/{id}.txt")).exists() {
+            let _ = std::fs::remove_file(root.join(format!("prompts/queue/{id}.txt")));
+        }
+    }
+
+    /// Deletes archived prompts older than the retention setting. Returns how many.
+    pub fn prune_archive(&self) -> usize {
+        let retention = self.effective_config().archive_retention;
+        let dir = self.inner.refs.root().join("prompts/archive");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(retention)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let mut n = 0;
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < cutoff);
+            if old && std::fs::remove_file(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Completes a row from a result line found in its pending log (after a crash).
+    async fn complete_from_log(&self, row: &ProcessRow, found: FoundResult) -> Outcome {
+        let session = found
+            .result
+            .session_id
+            .clone()
+            .filter(|s| responses::safe_session_id(s));
+        let envelope = json!({
+            "type": "ksi_envelope", "process_id": row.id, "request_id": row.id,
+            "agent_id": row.agent_id, "attempt": row.attempts, "pid": row.pid,
+            "ended_at": now_ms(), "recovered": true,
+            "note": "completed from the pending log after the daemon stopped",
+        });
+        let response = match &session {
+            Some(s) => responses::append_to_session(&self.inner.refs, s, &found.lines, &envelope)
+                .ok()
+                .and_then(|(r, _)| r),
+            None => None,
+        };
+        let metrics = json!({ "recovered": true });
+        let out = self
+            .commit_completed(
+                &row.id,
+                row.agent_id.clone(),
+                row.workflow_id.clone(),
+                row.model.as_deref().unwrap_or_default(),
+                &found.result,
+                response,
+                metrics,
+                true,
+            )
+            .await;
+        if out.is_ok()
+            && let Some(rel) = &row.stream_file
+        {
+            let _ = std::fs::remove_file(self.inner.refs.root().join(rel));
+        }
+        out
+    }
+
+    fn result_on_disk(&self, row: &ProcessRow) -> Option<FoundResult> {
+        let rel = row.stream_file.as_ref()?;
+        let path = self.inner.refs.resolve(rel).ok()?;
+        responses::successful_result_in(&path)
+    }
+
+    /// After a crash: the answer of `process_id` if it completed (its row, or a result line in
+    /// its pending log — then the row is completed from it), so the call is not paid twice.
+    /// `None` when it did not complete; a row the dead daemon left unfinished is then ended
+    /// DEAD (the caller re-runs the call under a new id).
+    pub async fn recover_answer(&self, process_id: &str) -> Option<ClaudeAnswer> {
+        let in_flight = self.inner.calls.lock().unwrap().contains_key(process_id);
+        if in_flight {
+            return self.wait(process_id).await.ok();
+        }
+        let row = get_process(&self.inner.store, process_id).ok()??;
+        match row.status.as_str() {
+            status::COMPLETED => self.answer_from_row(&row),
+            status::FAILED | status::DEAD => None,
+            _ => {
+                if let Some(pid) = row.pid.filter(|_| row.status == status::RUNNING) {
+                    kill_orphaned_group(pid as u32, row.pid_start_ticks.map(|t| t as u64));
+                }
+                if let Some(found) = self.result_on_disk(&row) {
+                    return self.complete_from_log(&row, found).await.ok();
+                }
+                let class = FailureClass::Transient(TransientKind::Crash);
+                let _ = self
+                    .settle_failure(
+                        &row.id,
+                        &row.agent_id,
+                        status::DEAD,
+                        row.attempts,
+                        class.as_str(),
+                        "the daemon stopped while this call ran and it left no result; the caller runs it again under a new id",
+                        None,
+                        None,
+                        None,
+                        true,
+                    )
+                    .await;
+                None
+            }
+        }
+    }
+
+    /// Runs a RETRY row again (from its stored request and queued prompt), after its
+    /// `next_attempt_at`. For calls nobody else re-runs: `spawn` requests after a restart. The
+    /// workflow engine re-runs its own calls under new ids, so rows with a workflow are refused.
+    ///
+    /// # Errors
+    /// No such row, not in RETRY, attempts used up, already running, or its prompt is gone.
+    pub async fn resume(&self, process_id: &str) -> Result<(), ClaudeFailure> {
+        let inner = &self.inner;
+        let row = get_process(&inner.store, process_id)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                failure_of(
+                    "not_found",
+                    format!("no Claude process {process_id:?}"),
+                    false,
+                )
+            })?;
+        let refuse = |why: &str| {
+            Err(failure_of(
+                "invalid_request",
+                format!("Claude process {process_id} cannot be resumed: {why}"),
+                false,
+            ))
+        };
+        if row.status != status::RETRY {
+            return refuse(&format!("it is {}, not RETRY", row.status));
+        }
+        if row.workflow_id.is_some() {
+            return refuse("it belongs to a workflow, whose engine re-runs its calls itself");
+        }
+        if row.attempts >= row.max_attempts {
+            return refuse("its attempts are used up");
+        }
+        if inner.calls.lock().unwrap().contains_key(process_id) {
+            return refuse("it is already running");
+        }
+        let stored: StoredRequest = inner
+            .store
+            .read({
+                let id = process_id.to_string();
+                move |c| {
+                    let s: Option<String> =
+                        c.query_row("SELECT request FROM processes WHERE id = ?1", [id], |r| {
+                            r.get(0)
+                        })?;
+                    Ok::<_, BusError>(s)
+                }
+            })
+            .map_err(internal)?
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .ok_or_else(|| internal("the stored request is missing"))?;
+        let prompt = row
+            .prompt_file
+            .as_ref()
+            .and_then(|r| inner.refs.read(r).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let Some(prompt) = prompt else {
+            return refuse("its prompt file is gone");
+        };
+        let request = SpawnRequest {
+            prompt,
+            model: Some(stored.model.clone()),
+            system_prompt: stored.system_prompt,
+            agent: row.agent_id.clone(),
+            session: stored.session,
+            max_turns: stored.max_turns,
+        };
+        let profile = match &request.agent {
+            Some(agent) => Some(
+                agents::ensure(&inner.store, &inner.bus, inner.refs.root(), agent)
+                    .await
+                    .map_err(|m| failure_of("invalid_request", m, false))?
+                    .1,
+            ),
+            None => None,
+        };
+        let (done_tx, done_rx) = watch::channel(None);
+        let cancel = CancelToken::new();
+        inner.calls.lock().unwrap().insert(
+            process_id.to_string(),
+            InFlight {
+                done: done_rx,
+                cancel: cancel.clone(),
+                task: None,
+            },
+        );
+        let delay = row
+            .next_attempt_at
+            .map_or(0, |at| (at - now_ms()).max(0) as u64);
+        let (this, id) = (self.clone(), process_id.to_string());
+        let task = async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let out = this
+                .clone()
+                .drive(id.clone(), None, request, profile, stored.model, cancel)
+                .await;
+            let _ = done_tx.send(Some(out));
+            this.inner.calls.lock().unwrap().remove(&id);
+        };
+        self.start(process_id, task);
+        Ok(())
+    }
+
+    /// Resumes every RETRY row without a workflow that has attempts left (after
+    /// [`Executor::reconcile`] at start-up). Returns their ids.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn resume_retries(&self) -> Result<Vec<String>, BusError> {
+        let ids: Vec<String> = self.inner.store.read(|c| {
+            let mut st = c.prepare(
+                "SELECT id FROM processes WHERE status = 'RETRY' AND workflow_id IS NULL
+                 AND attempts < max_attempts ORDER BY created_at",
+            )?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            Ok::<_, BusError>(rows.collect::<rusqlite::Result<_>>()?)
+        })?;
+        let mut resumed = Vec::new();
+        for id in ids {
+            match self.resume(&id).await {
+                Ok(()) => resumed.push(id),
+                Err(e) => {
+                    tracing::warn!(process_id = %id, error = %e, "not resuming a Claude call")
+                }
+            }
+        }
+        Ok(resumed)
+    }
+
+    /// Start-up reconciliation: settles every row a previous daemon left PENDING, RUNNING or
+    /// SUCCESS. Orphaned process groups are killed first; a result line on disk completes the
+    /// row; otherwise it goes to RETRY (attempts left) or DEAD. Nothing is left RUNNING. Also
+    /// prunes the prompt archive. Call it before serving, while no call runs.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, BusError> {
+        let mut report = ReconcileReport::default();
+        let rows: Vec<ProcessRow> = self.inner.store.read(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {PROCESS_COLUMNS} FROM processes WHERE status IN ('PENDING', 'RUNNING', 'SUCCESS')"
+            ))?;
+            let rows = st.query_map([], read_process)?;
+            Ok::<_, BusError>(rows.collect::<rusqlite::Result<_>>()?)
+        })?;
+        for row in rows {
+            if self.inner.calls.lock().unwrap().contains_key(&row.id) {
+                continue;
+            }
+            if let Some(pid) = row.pid.filter(|p| *p > 1)
+                && row.status != status::PENDING
+                && kill_orphaned_group(pid as u32, row.pid_start_ticks.map(|t| t as u64))
+                    == OrphanCheck::Killed
+            {
+                report.killed_pids.push(pid as u32);
+            }
+            if let Some(found) = self.result_on_disk(&row)
+                && self.complete_from_log(&row, found).await.is_ok()
+            {
+                report.completed.push(row.id.clone());
+                continue;
+            }
+            let class = FailureClass::Transient(TransientKind::Crash);
+            let (st, msg) = if row.attempts >= row.max_attempts {
+                (
+                    status::DEAD,
+                    "the daemon stopped while this call ran, and no attempts are left",
+                )
+            } else {
+                (
+                    status::RETRY,
+                    "the daemon stopped while this call was queued or running; it can be run again",
+                )
+            };
+            self.settle_failure(
+                &row.id,
+                &row.agent_id,
+                st,
+                row.attempts,
+                class.as_str(),
+                msg,
+                None,
+                None,
+                (st == status::RETRY).then(now_ms),
+                true,
+            )
+            .await?;
+            if let Some(a) = &row.agent_id {
+                let a = a.clone();
+                self.inner
+                    .store
+                    .write(move |tx| {
+                        tx.execute(
+                            "UPDATE agents SET status = 'active' WHERE id = ?1 AND status = 'busy'",
+                            [a],
+                        )?;
+                        Ok::<_, BusError>(())
+                    })
+                    .await?;
+            }
+            if st == status::DEAD {
+                report.dead.push(row.id.clone());
+            } else {
+                report.retry.push(row.id.clone());
+            }
+        }
+        report.pruned_prompts = self.prune_archive();
+        Ok(report)
+    }
+
+    /// The store this executor records to.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}
+
+impl ClaudeApi for Executor {
+    fn complete(
+        &self,
+        process_id: String,
+        workflow_id: Option<String>,
+        request: ClaudeRequest,
+    ) -> BoxFuture<'static, Result<ClaudeAnswer, ClaudeFailure>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let id = this.spawn_with(process_id, workflow_id, request).await?;
+            this.wait(&id).await
+        })
+    }
+
+    fn recover(&self, process_id: String) -> BoxFuture<'static, Option<ClaudeAnswer>> {
+        let this = self.clone();
+        Box::pin(async move { this.recover_answer(&process_id).await })
+    }
+}

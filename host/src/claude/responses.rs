@@ -1,0 +1,232 @@
+//! Response logs: the CLI's raw stdout, kept so no paid answer is ever lost.
+//!
+//! While an attempt runs, every stdout line is appended AS IT ARRIVES to
+//! `claude_logs/pending/<process_id>.<attempt>.jsonl` (so it survives a daemon crash in the page
+//! cache), and an fsync starts the moment the `result` line is seen (on a blocking thread, so the
+//! supervisor keeps watching the child); the daemon acts on the result only after it finished. When the attempt ends, its lines plus one
+//! KSI envelope line (process id, agent, attempt, timings, exit, class) are appended to
+//! `claude_logs/<session>.jsonl` with one write and one fsync; `claude_logs/latest.jsonl` is
+//! re-pointed at that file; the row commits with a reference to the result line; then the
+//! pending file is removed. An attempt that never learned its session id keeps its pending file
+//! as its log (with the envelope appended).
+//!
+//! Crash windows, and what we chose:
+//! - The daemon dies after the result line reached the pending file: `recover`/reconciliation
+//!   finds it there and completes the call without running it again.
+//! - The daemon dies after the session log append but before the row commit: the pending file is
+//!   still there, so the call is completed from it; the session log then holds the response
+//!   twice (the second copy is the referenced one). Harmless, and rare.
+//! - The CLI printed its result but the daemon was SIGKILLed before reading it from the pipe:
+//!   the pipe dies with the daemon and the line is lost; reconciliation kills the orphaned group
+//!   and the call is retried (paid twice). The window is the pipe's latency (microseconds, we
+//!   read continuously). Closing it would need the CLI's stdout redirected to a file that the
+//!   daemon tails, which survives the daemon; not done yet.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::stream::{ParsedRun, ResultSummary, StreamEvent, StreamParser};
+use crate::refs::{FileRef, Refs};
+
+/// Directory of the streaming logs of running attempts.
+pub const PENDING_DIR: &str = "claude_logs/pending";
+
+/// The streaming log of one attempt.
+pub fn pending_path(process_id: &str, attempt: u32) -> String {
+    format!("{PENDING_DIR}/{process_id}.{attempt}.jsonl")
+}
+
+/// The conversation log of a session.
+pub fn session_path(session_id: &str) -> String {
+    format!("claude_logs/{session_id}.jsonl")
+}
+
+/// Whether a session id is safe as a file name (the CLI's are UUIDs).
+pub fn safe_session_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Appends raw stdout lines of a running attempt; fsyncs when the result line goes by.
+#[derive(Debug)]
+pub struct StreamLog {
+    file: Option<File>,
+}
+
+impl StreamLog {
+    /// Creates (truncating) the pending log at `rel` under `refs`.
+    pub fn create(refs: &Refs, rel: &str) -> std::io::Result<StreamLog> {
+        let full = refs
+            .resolve(rel)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if let Some(dir) = full.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(full)?;
+        Ok(StreamLog { file: Some(file) })
+    }
+
+    /// Appends one line. A write error stops the streaming log (the lines are still kept in
+    /// memory and written to the session log at the end).
+    pub fn line(&mut self, line: &str) {
+        if let Some(f) = &mut self.file {
+            let mut buf = Vec::with_capacity(line.len() + 1);
+            buf.extend_from_slice(line.replace('\n', " ").as_bytes());
+            buf.push(b'\n');
+            if let Err(e) = f.write_all(&buf) {
+                tracing::warn!(error = %e, "cannot stream a Claude response line to its pending log");
+                self.file = None;
+            }
+        }
+    }
+
+    /// The result line was written: start making it durable on a blocking thread. Await the
+    /// handle before acting on the result.
+    pub fn sync_in_background(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let f = self.file.as_ref()?.try_clone().ok()?;
+        Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = f.sync_data() {
+                tracing::warn!(error = %e, "cannot fsync a pending Claude response log");
+            }
+        }))
+    }
+}
+
+/// A result found in a log file: the parsed run and the reference of the result line.
+#[derive(Debug, Clone)]
+pub struct FoundResult {
+    /// Everything parsed from the lines up to the result.
+    pub run: ParsedRun,
+    /// The result summary (not an error).
+    pub result: ResultSummary,
+    /// The raw lines, in order, up to and including the result line.
+    pub lines: Vec<String>,
+}
+
+/// Parses a pending log and returns its successful result, if it has one.
+pub fn successful_result_in(path: &Path) -> Option<FoundResult> {
+    let f = File::open(path).ok()?;
+    let mut parser = StreamParser::new();
+    let mut run = ParsedRun::default();
+    let mut lines = Vec::new();
+    for line in BufReader::new(f).lines() {
+        let Ok(line) = line else { break };
+        for ev in parser.feed_line(&line) {
+            let is_result = matches!(ev, StreamEvent::Result(_));
+            run.apply(ev);
+            if is_result {
+                lines.push(line.clone());
+                let result = run.result.clone()?;
+                if result.is_error {
+                    return None;
+                }
+                return Some(FoundResult { run, result, lines });
+            }
+        }
+        lines.push(line);
+    }
+    None
+}
+
+/// Writes an attempt's lines and its envelope to the session log (one write, one fsync) and
+/// re-points `latest.jsonl`. Returns the reference of the result line (if any) and of the
+/// envelope.
+///
+/// # Errors
+/// The log cannot be written.
+pub fn append_to_session(
+    refs: &Refs,
+    session: &str,
+    lines: &[String],
+    envelope: &Value,
+) -> crate::refs::Result<(Option<FileRef>, FileRef)> {
+    let rel = session_path(session);
+    let env = envelope.to_string();
+    let cleaned: Vec<String> = lines.iter().map(|l| l.replace('\n', " ")).collect();
+    let mut all: Vec<&[u8]> = cleaned.iter().map(|l| l.as_bytes()).collect();
+    all.push(env.as_bytes());
+    let mut refs_out = refs.append_lines(&rel, &all)?;
+    let envelope_ref = refs_out.pop().expect("the envelope line");
+    let result_ref = last_result_line(&cleaned).map(|i| refs_out[i].clone());
+    point_latest(refs, &format!("{session}.jsonl"));
+    Ok((result_ref, envelope_ref))
+}
+
+/// Appends the envelope to a pending log that stays as the attempt's log (no session id).
+///
+/// # Errors
+/// The log cannot be written.
+pub fn close_pending(refs: &Refs, rel: &str, envelope: &Value) -> crate::refs::Result<FileRef> {
+    let r = refs.append_line(rel, envelope.to_string().as_bytes())?;
+    point_latest(refs, rel.trim_start_matches("claude_logs/"));
+    Ok(r)
+}
+
+/// Index of the last `result` line among raw lines.
+pub fn last_result_line(lines: &[String]) -> Option<usize> {
+    lines.iter().rposition(|l| {
+        serde_json::from_str::<Value>(l)
+            .ok()
+            .is_some_and(|v| v.get("type").and_then(Value::as_str) == Some("result"))
+    })
+}
+
+/// Makes `claude_logs/latest.jsonl` a relative symlink to `target` (relative to `claude_logs/`),
+/// replacing it atomically.
+fn point_latest(refs: &Refs, target: &str) {
+    let dir = refs.root().join("claude_logs");
+    let tmp = dir.join(format!(".latest.{}.tmp", rand::random::<u64>()));
+    let ok = std::os::unix::fs::symlink(target, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, dir.join("latest.jsonl")));
+    if let Err(e) = ok {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::debug!(error = %e, "cannot update claude_logs/latest.jsonl");
+    }
+}
+
+/// Reads a result line by reference and parses it.
+pub fn read_result(refs: &Refs, r: &FileRef) -> Option<ResultSummary> {
+    let bytes = refs.read(r).ok()?;
+    let run = ParsedRun::from_stdout(&String::from_utf8_lossy(&bytes));
+    run.result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_successful_result_line_in_a_pending_log_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.jsonl");
+        std::fs::write(
+            &ok,
+            "{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s1\"}\nnot json\n\
+             {\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"hi\",\"session_id\":\"s1\",\"total_cost_usd\":0.5}\n",
+        )
+        .unwrap();
+        let found = successful_result_in(&ok).unwrap();
+        assert_eq!(found.result.text.as_deref(), Some("hi"));
+        assert_eq!(found.lines.len(), 3);
+        assert_eq!(last_result_line(&found.lines), Some(2));
+        let err = dir.path().join("err.jsonl");
+        std::fs::write(
+            &err,
+            "{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":true,\"result\":\"Invalid API key\"}\n",
+        )
+        .unwrap();
+        assert!(successful_result_in(&err).is_none());
+        let torn = dir.path().join("torn.jsonl");
+        std::fs::write(&torn, "{\"type\":\"result\",\"subtype\":\"succ").unwrap();
+        assert!(successful_result_in(&torn).is_none());
+    }
+}

@@ -1,0 +1,1217 @@
+//! The Claude executor service end to end: rows, retries, sessions, budgets, loop detector,
+//! concurrency, recovery after a daemon crash, with `fake-claude` (and the real CLI when
+//! `KSI_REAL_CLAUDE_BIN` is set).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use ksi_host::bus::Bus;
+use ksi_host::claude::executor::{ProcessRow, get_process};
+use ksi_host::claude::{Executor, ExecutorConfig, Limits, RetryPolicy};
+use ksi_host::refs::Refs;
+use ksi_host::settings;
+use ksi_host::store::{Store, StoreOptions};
+use ksi_host::workflow::{ClaudeApi, ClaudeRequest};
+use serde_json::{Value, json};
+
+use crate::support::bin;
+
+const FAKE: &str = env!("CARGO_BIN_EXE_fake-claude");
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Store,
+    bus: Bus,
+    refs: Refs,
+    exec: Executor,
+    log: PathBuf,
+}
+
+fn base_config(log: &Path, env: &[(&str, &str)]) -> ExecutorConfig {
+    let mut c = ExecutorConfig {
+        binary: PathBuf::from(FAKE),
+        limits: Limits {
+            overall_timeout: Duration::from_secs(20),
+            no_output_timeout: Duration::from_secs(2),
+            kill_grace: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        retry: RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+        },
+        ..ExecutorConfig::default()
+    };
+    c.spend.spawn_rate_per_min = 0.0;
+    c.spend.max_concurrency = 8;
+    c.extra_env = vec![("FAKE_CLAUDE_LOG".to_string(), log.display().to_string())];
+    for (k, v) in env {
+        c.extra_env.push((k.to_string(), v.to_string()));
+    }
+    c
+}
+
+fn open(dir: &Path) -> Result<(Store, Bus, Refs)> {
+    let store = Store::open_path(&dir.join("ksi.db"), &StoreOptions::default())?;
+    let refs = Refs::open(dir)?;
+    Ok((store.clone(), Bus::new(store), refs))
+}
+
+fn fixture(env: &[(&str, &str)]) -> Result<Fixture> {
+    fixture_with(env, |_| {})
+}
+
+fn fixture_with(env: &[(&str, &str)], tweak: impl FnOnce(&mut ExecutorConfig)) -> Result<Fixture> {
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("fake-claude.log");
+    let (store, bus, refs) = open(dir.path())?;
+    let mut config = base_config(&log, env);
+    tweak(&mut config);
+    let exec = Executor::new(store.clone(), bus.clone(), refs.clone(), config);
+    Ok(Fixture {
+        dir,
+        store,
+        bus,
+        refs,
+        exec,
+        log,
+    })
+}
+
+fn req(prompt: &str) -> ClaudeRequest {
+    ClaudeRequest {
+        prompt: prompt.into(),
+        ..ClaudeRequest::default()
+    }
+}
+
+fn agent_req(agent: &str, prompt: &str) -> ClaudeRequest {
+    ClaudeRequest {
+        prompt: prompt.into(),
+        agent: Some(agent.into()),
+        ..ClaudeRequest::default()
+    }
+}
+
+fn invocations(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn row(f: &Fixture, id: &str) -> ProcessRow {
+    get_process(&f.store, id).unwrap().expect("the process row")
+}
+
+fn count(store: &Store, sql: &str) -> i64 {
+    store
+        .read(|c| {
+            c.query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map_err(ksi_host::store::StoreError::from)
+        })
+        .unwrap()
+}
+
+async fn run_fault(
+    fault: &str,
+    once: bool,
+) -> Result<(Fixture, ProcessRow, Result<String, String>)> {
+    let marker_dir = tempfile::tempdir()?;
+    let marker = marker_dir.path().join("once");
+    let marker = marker.display().to_string();
+    let mut env = vec![("FAKE_CLAUDE_FAULT", fault)];
+    if once {
+        env.push(("FAKE_CLAUDE_FAULT_ONCE", marker.as_str()));
+    }
+    let f = fixture(&env)?;
+    let id = format!("fault-{fault}");
+    let out = f
+        .exec
+        .complete(id.clone(), None, req(&format!("a call with fault {fault}")))
+        .await;
+    let r = row(&f, &id);
+    drop(marker_dir);
+    Ok((
+        f,
+        r,
+        out.map(|a| a.text)
+            .map_err(|e| format!("{}: {}", e.class, e.message)),
+    ))
+}
+
+#[tokio::test]
+async fn a_successful_call_walks_pending_running_completed_with_files_and_events() -> Result<()> {
+    let f = fixture(&[])?;
+    let sub = f
+        .bus
+        .subscribe("watch", "claude.>", Default::default())
+        .await?;
+    let answer = f
+        .exec
+        .complete("ok-1".into(), None, req("Hello there"))
+        .await;
+    let answer = answer.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(answer.text.starts_with("[simulated]"), "{}", answer.text);
+    assert!(answer.cost_usd > 0.0 && answer.tokens_in > 0 && answer.tokens_out > 0);
+    let r = row(&f, "ok-1");
+    assert_eq!(r.status, "COMPLETED");
+    assert_eq!(r.attempts, 1);
+    assert!(r.pid.is_some() && r.pid_start_ticks.is_some());
+    assert_eq!(r.session_id.as_deref(), Some(answer.session_id.as_str()));
+    // The prompt moved to the archive; the row points there and the queue is empty.
+    let prompt = r.prompt_file.clone().context("prompt ref")?;
+    assert_eq!(prompt.path, "prompts/archive/ok-1.txt");
+    assert_eq!(f.refs.read(&prompt)?, b"Hello there");
+    assert!(!f.dir.path().join("prompts/queue/ok-1.txt").exists());
+    // The response: result line referenced in claude_logs/<session>.jsonl, envelope after it.
+    let resp = answer.response_ref.clone().context("response ref")?;
+    assert_eq!(
+        resp.path,
+        format!("claude_logs/{}.jsonl", answer.session_id)
+    );
+    let line: Value = serde_json::from_slice(&f.refs.read(&resp)?)?;
+    assert_eq!(line["type"], "result");
+    let log = std::fs::read_to_string(f.dir.path().join(&resp.path))?;
+    let last: Value = serde_json::from_str(log.lines().last().unwrap())?;
+    assert_eq!(last["type"], "ksi_envelope");
+    assert_eq!(last["process_id"], "ok-1");
+    let latest = std::fs::read_link(f.dir.path().join("claude_logs/latest.jsonl"))?;
+    assert_eq!(
+        latest,
+        PathBuf::from(format!("{}.jsonl", answer.session_id))
+    );
+    assert!(
+        std::fs::read_dir(f.dir.path().join("claude_logs/pending"))?
+            .next()
+            .is_none(),
+        "the pending log is gone"
+    );
+    // Events: request, started, complete — references only.
+    let got = f.bus.claim(&sub, "t", 10).await?;
+    let topics: Vec<&str> = got.iter().map(|d| d.event.topic.as_str()).collect();
+    assert_eq!(
+        topics,
+        [
+            "claude.spawn.request",
+            "claude.spawn.started",
+            "claude.spawn.complete"
+        ]
+    );
+    let done = &got[2].event.data;
+    assert_eq!(done["response"]["path"], json!(resp.path));
+    assert!(
+        done.get("text").is_none(),
+        "events carry references, not text"
+    );
+    Ok(())
+}
+
+/// (fault, final status, attempts, error class, a piece of the CLI's message)
+const FAULTS: &[(&str, &str, u32, &str, &str)] = &[
+    ("hang", "DEAD", 3, "transient.no_output_timeout", ""),
+    ("crash", "DEAD", 3, "transient.crash", ""),
+    ("no_result", "DEAD", 3, "transient.no_result", ""),
+    ("overloaded", "DEAD", 3, "transient.overloaded", "529"),
+    (
+        "rate_limited",
+        "DEAD",
+        3,
+        "transient.rate_limited",
+        "session limit",
+    ),
+    (
+        "auth",
+        "FAILED",
+        1,
+        "permanent.authentication",
+        "Invalid API key",
+    ),
+    (
+        "billing",
+        "FAILED",
+        1,
+        "permanent.billing",
+        "Credit balance is too low",
+    ),
+    (
+        "unknown_model",
+        "FAILED",
+        1,
+        "permanent.unknown_model",
+        "issue with the selected model",
+    ),
+    ("bad_resume", "FAILED", 1, "permanent.unknown_session", ""),
+];
+
+#[tokio::test]
+async fn every_fault_ends_in_the_right_status_attempts_and_class() -> Result<()> {
+    let mut tasks = Vec::new();
+    for &(fault, status, attempts, class, msg) in FAULTS {
+        tasks.push(tokio::spawn(async move {
+            let (f, r, out) = run_fault(fault, false).await?;
+            ensure!(
+                r.status == status,
+                "{fault}: status {} ({:?})",
+                r.status,
+                r.error
+            );
+            ensure!(r.attempts == attempts, "{fault}: {} attempts", r.attempts);
+            ensure!(
+                r.error_class.as_deref() == Some(class),
+                "{fault}: class {:?}",
+                r.error_class
+            );
+            let err = out.err().context("the call failed")?;
+            ensure!(
+                err.contains(msg),
+                "{fault}: the CLI's message is kept: {err}"
+            );
+            ensure!(
+                r.error.as_deref().unwrap_or_default().contains(msg),
+                "{fault}: row error {:?}",
+                r.error
+            );
+            ensure!(
+                invocations(&f.log).len() == attempts as usize,
+                "{fault}: one CLI run per attempt"
+            );
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn slow_and_garbage_outputs_still_complete_in_one_attempt() -> Result<()> {
+    for fault in ["slow", "garbage"] {
+        let (_f, r, out) = run_fault(fault, false).await?;
+        assert_eq!(r.status, "COMPLETED", "{fault}: {:?}", r.error);
+        assert_eq!(r.attempts, 1, "{fault}");
+        assert!(out.is_ok(), "{fault}: {out:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_transient_fault_that_happens_once_is_retried_then_completed() -> Result<()> {
+    let mut tasks = Vec::new();
+    for fault in ["hang", "crash", "no_result", "overloaded", "rate_limited"] {
+        tasks.push(tokio::spawn(async move {
+            let (f, r, out) = run_fault(fault, true).await?;
+            ensure!(r.status == "COMPLETED", "{fault}: {} {:?}", r.status, r.error);
+            ensure!(r.attempts == 2, "{fault}: {} attempts", r.attempts);
+            ensure!(out.is_ok(), "{fault}: {out:?}");
+            ensure!(invocations(&f.log).len() == 2, "{fault}");
+            let retries = count(
+                &f.store,
+                "SELECT COUNT(*) FROM messages WHERE topic = 'claude.spawn.failed' AND data LIKE '%\"RETRY\"%'",
+            );
+            ensure!(retries == 1, "{fault}: one RETRY event");
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agents_second_call_resumes_its_session_and_the_session_survives_a_restart() -> Result<()>
+{
+    let f = fixture(&[])?;
+    let a1 = f
+        .exec
+        .complete("a-1".into(), None, agent_req("alice", "first"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let a2 = f
+        .exec
+        .complete("a-2".into(), None, agent_req("alice", "second"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let calls = invocations(&f.log);
+    let args = |i: usize| -> Vec<String> {
+        serde_json::from_value(calls[i]["args"].clone()).unwrap_or_default()
+    };
+    assert!(!args(0).contains(&"--resume".to_string()), "{:?}", args(0));
+    let a = args(1);
+    let i = a.iter().position(|x| x == "--resume").context("--resume")?;
+    assert_eq!(
+        a[i + 1],
+        a1.session_id,
+        "the second call resumes the first's session"
+    );
+    let agent = f
+        .store
+        .read(|c| {
+            ksi_host::claude::agents::get(c, "alice").map_err(ksi_host::store::StoreError::from)
+        })?
+        .context("agent row")?;
+    assert_eq!(
+        agent.current_session_id.as_deref(),
+        Some(a2.session_id.as_str())
+    );
+    assert_eq!(agent.workdir.as_deref(), Some("agents/alice"));
+    assert!(f.dir.path().join("agents/alice").is_dir());
+
+    // Reopen everything (a restart): the third call resumes the second's session.
+    let dir = f.dir.path().to_path_buf();
+    let log = f.log.clone();
+    f.store.close();
+    drop(f.exec);
+    let (store, bus, refs) = open(&dir)?;
+    let exec = Executor::new(store.clone(), bus, refs, base_config(&log, &[]));
+    exec.complete("a-3".into(), None, agent_req("alice", "third"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let calls = invocations(&log);
+    let a: Vec<String> = serde_json::from_value(calls[2]["args"].clone())?;
+    let i = a.iter().position(|x| x == "--resume").context("--resume")?;
+    assert_eq!(a[i + 1], a2.session_id);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agents_inbox_messages_are_prepended_to_its_next_turn_once() -> Result<()> {
+    let f = fixture(&[])?;
+    f.exec
+        .complete("i-1".into(), None, agent_req("bob", "hello"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ksi_host::claude::agents::send(&f.bus, "bob", "the meeting moved to 3pm", Some("carol"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    f.exec
+        .complete("i-2".into(), None, agent_req("bob", "what changed?"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let p2 = row(&f, "i-2").prompt_file.context("prompt")?;
+    let text = String::from_utf8(f.refs.read(&p2)?)?;
+    assert!(
+        text.contains("the meeting moved to 3pm") && text.ends_with("what changed?"),
+        "{text}"
+    );
+    f.exec
+        .complete("i-3".into(), None, agent_req("bob", "anything else?"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let p3 = row(&f, "i-3").prompt_file.context("prompt")?;
+    assert_eq!(f.refs.read(&p3)?, b"anything else?", "read once");
+    Ok(())
+}
+
+async fn loop_until_refused(f: &Fixture, prefix: &str, max: usize) -> Result<(usize, String)> {
+    for i in 0..max {
+        match f
+            .exec
+            .complete(
+                format!("{prefix}-{i}"),
+                None,
+                req(&format!("{prefix} call {i}")),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => return Ok((i, format!("{}|{}", e.class, e.message))),
+        }
+    }
+    anyhow::bail!("never refused")
+}
+
+#[tokio::test]
+async fn a_call_budget_stops_the_loop_at_exactly_n_calls() -> Result<()> {
+    let f = fixture(&[])?;
+    settings::set(&f.store, "claude.budget.global_calls", json!(4), None).await?;
+    let (made, err) = loop_until_refused(&f, "budget", 20).await?;
+    assert_eq!(made, 4);
+    assert!(
+        err.starts_with("budget|") && err.contains("global budget is exhausted"),
+        "{err}"
+    );
+    assert_eq!(invocations(&f.log).len(), 4, "CLI runs");
+    assert_eq!(
+        count(
+            &f.store,
+            "SELECT COUNT(*) FROM processes WHERE status = 'COMPLETED'"
+        ),
+        4
+    );
+    assert_eq!(
+        count(
+            &f.store,
+            "SELECT COUNT(*) FROM processes WHERE error_class = 'budget' AND attempts = 0"
+        ),
+        1
+    );
+    let ev = f.bus.latest(Some("claude.budget.exhausted"), 5)?;
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].data["unit"], "calls");
+    assert_eq!(ev[0].data["limit"], 4.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_usd_budget_stops_the_loop_once_the_spend_reaches_it() -> Result<()> {
+    let f = fixture(&[])?;
+    let first = f
+        .exec
+        .complete("usd-first".into(), None, req("usd probe"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let c = first.cost_usd;
+    // Allowed while the settled spend is below the limit: 1 (probe) + 2 more, then refused.
+    settings::set(&f.store, "claude.budget.global_usd", json!(c * 2.5), None).await?;
+    let (made, err) = loop_until_refused(&f, "usd", 20).await?;
+    assert_eq!(made, 2, "{err}");
+    assert!(err.starts_with("budget|"), "{err}");
+    assert_eq!(invocations(&f.log).len(), 3);
+    assert_eq!(
+        count(
+            &f.store,
+            "SELECT COUNT(*) FROM processes WHERE status = 'COMPLETED'"
+        ),
+        3
+    );
+    let ev = f.bus.latest(Some("claude.budget.exhausted"), 5)?;
+    assert_eq!(ev[0].data["unit"], "usd");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_prompt_repeated_too_often_is_refused_as_a_loop() -> Result<()> {
+    let f = fixture(&[])?;
+    settings::set(&f.store, "claude.loop.max_repeats", json!(3), None).await?;
+    for i in 0..3 {
+        f.exec
+            .complete(
+                format!("loop-{i}"),
+                None,
+                agent_req("looper", "do it again"),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let err = f
+        .exec
+        .complete("loop-3".into(), None, agent_req("looper", "do it again"))
+        .await
+        .err()
+        .context("the fourth identical prompt is refused")?;
+    assert_eq!(err.class, "loop_detected");
+    assert!(!err.transient);
+    assert_eq!(invocations(&f.log).len(), 3);
+    // A different prompt from the same agent still runs.
+    f.exec
+        .complete("loop-4".into(), None, agent_req("looper", "something new"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn never_more_than_the_concurrency_limit_run_at_once() -> Result<()> {
+    let f = fixture_with(&[("FAKE_CLAUDE_DELAY_MS", "120")], |c| {
+        c.spend.max_concurrency = 2
+    })?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (store, exec, stop) = (f.store.clone(), f.exec.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut max_rows = 0;
+            let mut max_slots = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                max_rows = max_rows.max(count(
+                    &store,
+                    "SELECT COUNT(*) FROM processes WHERE status = 'RUNNING'",
+                ));
+                max_slots = max_slots.max(exec.running());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (max_rows, max_slots)
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let exec = f.exec.clone();
+        tasks.push(tokio::spawn(async move {
+            exec.complete(format!("conc-{i}"), None, req(&format!("parallel {i}")))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (max_rows, max_slots) = sampler.await?;
+    assert!(
+        max_rows <= 2 && max_slots <= 2,
+        "rows {max_rows}, slots {max_slots}"
+    );
+    assert_eq!(max_slots, 2, "the limit was reached");
+    // From the CLI's own log: starts never overlap more than 2 deep (each run > 4 x 120 ms).
+    let mut starts: Vec<i64> = invocations(&f.log)
+        .iter()
+        .map(|v| v["time_unix_ms"].as_i64().unwrap())
+        .collect();
+    starts.sort();
+    assert_eq!(starts.len(), 6);
+    for w in starts.windows(3) {
+        assert!(
+            w[2] - w[0] >= 100,
+            "three runs started within {} ms",
+            w[2] - w[0]
+        );
+    }
+    Ok(())
+}
+
+/// Runs fake-claude directly and returns its stdout lines (to plant them as a dead daemon's log).
+fn fake_stdout(prompt: &str) -> Result<Vec<String>> {
+    let mut child = Command::new(FAKE)
+        .args([
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--model",
+            "sonnet",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(prompt.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+async fn plant_running_row(f: &Fixture, id: &str, lines: &[String]) -> Result<()> {
+    let rel = format!("claude_logs/pending/{id}.1.jsonl");
+    let path = f.dir.path().join(&rel);
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(&path, lines.join("\n") + "\n")?;
+    f.refs
+        .write(&format!("prompts/queue/{id}.txt"), b"planted")?;
+    let id = id.to_string();
+    f.store
+        .write(move |tx| {
+            tx.execute(
+                "INSERT INTO processes(id, status, model, attempts, max_attempts, stream_file, pid, created_at, updated_at, started_at)
+                 VALUES (?1, 'RUNNING', 'sonnet', 1, 3, ?2, 999999, 1, 1, 1)",
+                rusqlite::params![id, rel],
+            )?;
+            Ok::<_, ksi_host::store::StoreError>(())
+        })
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn recover_returns_the_answer_of_a_process_left_running_whose_result_is_on_disk() -> Result<()>
+{
+    let f = fixture(&[])?;
+    let lines = fake_stdout("answered before the crash")?;
+    plant_running_row(&f, "rec-1", &lines).await?;
+    let answer = f.exec.recover("rec-1".into()).await.context("recovered")?;
+    assert!(answer.text.starts_with("[simulated]"), "{}", answer.text);
+    assert!(answer.cost_usd > 0.0);
+    let r = row(&f, "rec-1");
+    assert_eq!(r.status, "COMPLETED");
+    assert_eq!(r.session_id.as_deref(), Some(answer.session_id.as_str()));
+    assert_eq!(invocations(&f.log).len(), 0, "not run again");
+    // Asking again gives the same answer from the row.
+    let again = f.exec.recover("rec-1".into()).await.context("again")?;
+    assert_eq!(again.text, answer.text);
+
+    // Without a result line: nothing to recover, and the row is not left RUNNING.
+    plant_running_row(&f, "rec-2", &lines[..1]).await?;
+    assert!(f.exec.recover("rec-2".into()).await.is_none());
+    assert_eq!(row(&f, "rec-2").status, "DEAD");
+    Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| !r.starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_sigkilled_daemon_leaves_no_claude_process_and_no_running_row_and_its_calls_resume()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path();
+    let log = data.join("fake.log");
+    let mut child = Command::new(bin("ksi-host"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-level", "warn", "dev", "spawn-many", "--n", "5"])
+        .env("KSI_CLAUDE_BIN", FAKE)
+        .env("FAKE_CLAUDE_DELAY_MS", "3000")
+        .env("FAKE_CLAUDE_LOG", &log)
+        .env_remove("KSI_DATA_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().unwrap();
+    let mut running = BTreeSet::new();
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running.len() < 5 && Instant::now() < deadline {
+        let Some(line) = lines.next() else { break };
+        if let Some(rest) = line?.strip_prefix("RUNNING ") {
+            running.insert(rest.to_string());
+        }
+    }
+    assert_eq!(running.len(), 5, "5 calls running");
+    let pids: Vec<u32> = invocations(&log)
+        .iter()
+        .map(|v| v["pid"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(pids.len(), 5);
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the CLIs run while the daemon dies"
+    );
+    child.kill()?; // SIGKILL
+    child.wait()?;
+
+    let out = Command::new(bin("ksi-host"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-level", "warn", "dev", "reconcile", "--json"])
+        .env_remove("KSI_DATA_DIR")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    std::thread::sleep(Duration::from_millis(300));
+    for p in &pids {
+        assert!(!alive(*p), "fake-claude {p} survived; report {report}");
+    }
+    let (store, _, _) = open(data)?;
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM processes WHERE status IN ('RUNNING', 'PENDING', 'SUCCESS')"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM processes WHERE status = 'RETRY'"
+        ),
+        5,
+        "{report}"
+    );
+    assert_eq!(
+        report["killed_pids"].as_array().map(Vec::len),
+        Some(5),
+        "{report}"
+    );
+
+    // A restarted daemon runs the interrupted calls again from their queued prompts.
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let (store, bus, refs) = open(data)?;
+        let exec = Executor::new(store.clone(), bus, refs, base_config(&log, &[]));
+        let resumed = exec.resume_retries().await?;
+        assert_eq!(resumed.len(), 5);
+        for id in &resumed {
+            let a = exec.wait(id).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            assert!(a.text.starts_with("[simulated]"));
+            let r = get_process(&store, id)?.context("row")?;
+            assert_eq!((r.status.as_str(), r.attempts), ("COMPLETED", 2));
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+/// The real CLI through the executor, when `KSI_REAL_CLAUDE_BIN` names it.
+mod real_cli {
+    use super::*;
+
+    fn real() -> Option<PathBuf> {
+        let p = PathBuf::from(std::env::var_os("KSI_REAL_CLAUDE_BIN")?);
+        p.exists().then_some(p)
+    }
+
+    fn real_fixture(
+        binary: PathBuf,
+        env: &[(&str, &str)],
+        limits: Limits,
+        attempts: u32,
+    ) -> Result<Fixture> {
+        let home = tempfile::tempdir()?.keep();
+        let mut f = fixture_with(&[], |c| {
+            c.binary = binary;
+            c.limits = limits;
+            c.retry.max_attempts = attempts;
+            c.inherit_env = false;
+        })?;
+        // Nothing from our environment: an empty HOME, no credentials.
+        let mut extra: Vec<(String, String)> = vec![
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("HOME".into(), home.display().to_string()),
+            ("LANG".into(), "C.UTF-8".into()),
+        ];
+        for (k, v) in env {
+            extra.retain(|(n, _)| n != k);
+            extra.push((k.to_string(), v.to_string()));
+        }
+        let mut config = f.exec.config().clone();
+        config.extra_env = extra;
+        f.exec = Executor::new(f.store.clone(), f.bus.clone(), f.refs.clone(), config);
+        Ok(f)
+    }
+
+    #[tokio::test]
+    async fn without_credentials_the_real_cli_fails_once_permanently_on_authentication()
+    -> Result<()> {
+        let Some(binary) = real() else {
+            eprintln!("SKIPPED: set KSI_REAL_CLAUDE_BIN to run the real-CLI executor tests");
+            return Ok(());
+        };
+        let limits = Limits {
+            overall_timeout: Duration::from_secs(60),
+            no_output_timeout: Duration::from_secs(30),
+            kill_grace: Duration::from_millis(500),
+            ..Limits::default()
+        };
+        let f = real_fixture(binary, &[], limits, 3)?;
+        let err = f
+            .exec
+            .complete("real-auth".into(), None, req("Say hi"))
+            .await
+            .err()
+            .context("fails without credentials")?;
+        let r = row(&f, "real-auth");
+        assert_eq!(r.status, "FAILED", "{r:?}");
+        assert_eq!(r.attempts, 1);
+        assert_eq!(
+            r.error_class.as_deref(),
+            Some("permanent.authentication"),
+            "{r:?}"
+        );
+        assert!(!err.transient);
+        assert!(
+            !r.error.unwrap_or_default().is_empty(),
+            "the CLI's message is kept"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn with_a_fake_key_and_no_network_the_real_cli_is_stopped_by_a_timeout_and_killed()
+    -> Result<()> {
+        let Some(binary) = real() else {
+            eprintln!("SKIPPED: set KSI_REAL_CLAUDE_BIN to run the real-CLI executor tests");
+            return Ok(());
+        };
+        let limits = Limits {
+            overall_timeout: Duration::from_secs(8),
+            no_output_timeout: Duration::from_secs(4),
+            kill_grace: Duration::from_millis(500),
+            ..Limits::default()
+        };
+        let f = real_fixture(
+            binary,
+            &[
+                ("ANTHROPIC_API_KEY", "fake"),
+                ("ANTHROPIC_BASE_URL", "http://127.0.0.1:9"),
+            ],
+            limits,
+            2,
+        )?;
+        let err = f
+            .exec
+            .complete("real-timeout".into(), None, req("Say hi"))
+            .await
+            .err()
+            .context("no network: fails")?;
+        let r = row(&f, "real-timeout");
+        assert!(err.transient, "{err:?}");
+        assert_eq!(r.status, "DEAD", "{r:?}");
+        assert_eq!(r.attempts, 2);
+        assert!(
+            r.error_class
+                .as_deref()
+                .unwrap_or_default()
+                .contains("timeout"),
+            "{r:?}"
+        );
+        let pid = r.pid.unwrap() as u32;
+        assert!(
+            ksi_host::claude::orphan::group_members(pid).is_empty(),
+            "group killed"
+        );
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_executor_benchmark_reports_overhead_throughput_and_memory() -> Result<()> {
+    // KSI_BENCH_DIR=/dev/shm measures KSI's own cost without the disk's fsync latency.
+    let dir = match std::env::var_os("KSI_BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
+    let calls = std::env::var("KSI_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let r = ksi_host::bench::bench_executor(dir.path(), Path::new(FAKE), calls).await?;
+    eprintln!("bench executor: {r}");
+    assert_eq!(r["calls"], json!(calls));
+    for key in ["overhead_p50_ms", "calls_per_s", "rss_mb"] {
+        assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {r}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancel_kills_the_process_group_and_ends_the_call_failed() -> Result<()> {
+    let f = fixture(&[("FAKE_CLAUDE_FAULT", "hang")])?;
+    let id = f
+        .exec
+        .spawn(req("hang until cancelled"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let pid = loop {
+        if let Some(pid) = row(&f, &id).pid {
+            break pid as u32;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(f.exec.cancel(&id));
+    let err = f.exec.wait(&id).await.err().context("cancelled")?;
+    assert_eq!(err.class, "permanent.cancelled");
+    let r = row(&f, &id);
+    assert_eq!((r.status.as_str(), r.attempts), ("FAILED", 1));
+    assert!(!alive(pid));
+    assert!(ksi_host::claude::orphan::group_members(pid).is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn ps_cost_sessions_and_transcript_read_back_what_the_executor_recorded() -> Result<()> {
+    use ksi_host::cli::claude as cli;
+    let f = fixture(&[])?;
+    for (i, prompt) in ["What is 2+2?", "And times 3?"].iter().enumerate() {
+        f.exec
+            .complete(format!("cli-{i}"), None, agent_req("dana", prompt))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let ps = ksi_host::claude::executor::list_processes(&f.store, None, 10)?;
+    assert_eq!(ps.len(), 2);
+    assert!(cli::render_ps(&ps).contains("cli-1"));
+    let cost = cli::cost(&f.store)?;
+    assert_eq!(cost.total.calls, 2);
+    assert!(cost.total.cost_usd > 0.0);
+    assert_eq!(cost.by_agent[0].key, "dana");
+    assert_eq!(cost.by_model[0].key, "sonnet");
+    let sessions = cli::sessions(&f.store)?;
+    assert_eq!(
+        sessions.len(),
+        1,
+        "the second call resumed the first's session"
+    );
+    assert_eq!(sessions[0].turns, 2);
+    assert_eq!(sessions[0].agent_id.as_deref(), Some("dana"));
+    let t = cli::session_transcript(&f.refs, &sessions[0].session_id)?;
+    let kinds: Vec<&str> = t.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "prompt",
+            "assistant",
+            "result",
+            "prompt",
+            "assistant",
+            "result"
+        ],
+        "{t:?}"
+    );
+    assert_eq!(t[0].text, "What is 2+2?");
+    assert_eq!(t[3].text, "And times 3?");
+    assert!(cli::render_transcript(&t).contains("[simulated]"));
+    let agents = ksi_host::claude::agents::list(&f.store)?;
+    assert_eq!(agents[0].metrics["calls"], 2);
+    assert_eq!(agents[0].status, "active");
+    Ok(())
+}
+
+#[test]
+fn a_result_printed_before_the_daemon_died_is_completed_from_the_log_not_paid_twice() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let data = dir.path();
+    let log = data.join("fake.log");
+    // `linger`: the CLI prints its whole answer, then does not exit; the daemon dies meanwhile.
+    let mut child = Command::new(bin("ksi-host"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-level", "warn", "dev", "spawn-many", "--n", "2"])
+        .env("KSI_CLAUDE_BIN", FAKE)
+        .env("FAKE_CLAUDE_FAULT", "linger")
+        .env("FAKE_CLAUDE_LOG", &log)
+        .env_remove("KSI_DATA_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pending = data.join("claude_logs/pending");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let results_on_disk = || {
+        std::fs::read_dir(&pending)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read_to_string(e.path())
+                            .is_ok_and(|t| t.contains("\"type\":\"result\""))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    while results_on_disk() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        results_on_disk(),
+        2,
+        "both results reached the pending logs"
+    );
+    child.kill()?;
+    child.wait()?;
+
+    let out = Command::new(bin("ksi-host"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-level", "warn", "dev", "reconcile", "--json"])
+        .env_remove("KSI_DATA_DIR")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        report["completed"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+    assert_eq!(
+        report["killed_pids"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+    let (store, bus, refs) = open(data)?;
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM processes WHERE status = 'COMPLETED'"
+        ),
+        2
+    );
+    assert_eq!(invocations(&log).len(), 2, "nothing ran twice");
+    let exec = Executor::new(store.clone(), bus, refs, base_config(&log, &[]));
+    let rt = tokio::runtime::Runtime::new()?;
+    for id in report["completed"].as_array().unwrap() {
+        let id = id.as_str().unwrap().to_string();
+        let a = rt
+            .block_on(exec.recover(id))
+            .context("the recorded answer")?;
+        assert!(a.text.starts_with("[simulated]"), "{}", a.text);
+        assert!(a.cost_usd > 0.0);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn workflow_and_agent_profile_budgets_are_separate_from_each_other() -> Result<()> {
+    let f = fixture(&[])?;
+    settings::set(&f.store, "claude.budget.workflow_calls", json!(2), None).await?;
+    let profiles = f.dir.path().join("agents/profiles");
+    std::fs::create_dir_all(&profiles)?;
+    std::fs::write(
+        profiles.join("frugal.toml"),
+        "model = \"haiku\"\nrole = \"saves money\"\nbudget_calls = 1\n",
+    )?;
+    for i in 0..2 {
+        f.exec
+            .complete(
+                format!("w1-{i}"),
+                Some("w1".into()),
+                req(&format!("step {i}")),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let err = f
+        .exec
+        .complete("w1-2".into(), Some("w1".into()), req("step 2"))
+        .await
+        .err()
+        .context("w1 is over its budget")?;
+    assert!(
+        err.message.contains("workflow w1 budget"),
+        "{}",
+        err.message
+    );
+    f.exec
+        .complete("w2-0".into(), Some("w2".into()), req("other workflow"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The profile's budget (1 call) and model apply to its agent.
+    let a = f
+        .exec
+        .complete("frugal-0".into(), None, agent_req("frugal", "one"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(a.model.contains("haiku"), "{}", a.model);
+    let err = f
+        .exec
+        .complete("frugal-1".into(), None, agent_req("frugal", "two"))
+        .await
+        .err()
+        .context("the agent is over its budget")?;
+    assert_eq!(err.class, "budget");
+    assert!(
+        err.message.contains("agent frugal budget"),
+        "{}",
+        err.message
+    );
+    assert_eq!(invocations(&f.log).len(), 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn timeouts_and_retries_follow_the_config_table_at_run_time() -> Result<()> {
+    let f = fixture(&[("FAKE_CLAUDE_FAULT", "hang")])?;
+    settings::set(&f.store, "claude.timeout.no_output_secs", json!(0.3), None).await?;
+    settings::set(&f.store, "claude.retry.max_attempts", json!(1), None).await?;
+    let started = Instant::now();
+    let err = f
+        .exec
+        .complete("cfg-1".into(), None, req("hang"))
+        .await
+        .err()
+        .context("times out")?;
+    assert_eq!(err.class, "transient.no_output_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let r = row(&f, "cfg-1");
+    assert_eq!(
+        (r.status.as_str(), r.attempts, r.max_attempts),
+        ("DEAD", 1, 1)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn archived_prompts_older_than_the_retention_are_pruned() -> Result<()> {
+    let f = fixture(&[])?;
+    f.exec
+        .complete("prune-1".into(), None, req("to be pruned"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let archived = f.dir.path().join("prompts/archive/prune-1.txt");
+    assert!(archived.exists());
+    assert_eq!(
+        f.exec.prune_archive(),
+        0,
+        "kept within the default retention"
+    );
+    settings::set(
+        &f.store,
+        "claude.prompts.archive_retention_secs",
+        json!(0),
+        None,
+    )
+    .await?;
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(f.exec.prune_archive(), 1);
+    assert!(!archived.exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_whose_session_the_cli_lost_starts_a_new_one_on_its_next_call() -> Result<()> {
+    let f = fixture(&[])?;
+    f.exec
+        .complete("lost-0".into(), None, agent_req("erin", "hello"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let broken = Executor::new(
+        f.store.clone(),
+        f.bus.clone(),
+        f.refs.clone(),
+        base_config(&f.log, &[("FAKE_CLAUDE_FAULT", "bad_resume")]),
+    );
+    let err = broken
+        .complete("lost-1".into(), None, agent_req("erin", "again"))
+        .await
+        .err()
+        .context("bad resume")?;
+    assert_eq!(err.class, "permanent.unknown_session");
+    f.exec
+        .complete("lost-2".into(), None, agent_req("erin", "fresh start"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let calls = invocations(&f.log);
+    let args: Vec<String> = serde_json::from_value(calls[2]["args"].clone())?;
+    assert!(!args.contains(&"--resume".to_string()), "{args:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_kills_running_clis_and_leaves_their_rows_for_reconcile() -> Result<()> {
+    let f = fixture(&[("FAKE_CLAUDE_FAULT", "hang")])?;
+    let id = f
+        .exec
+        .spawn(req("hang until shutdown"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let pid = loop {
+        if let Some(pid) = row(&f, &id).pid {
+            break pid as u32;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(f.exec.shutdown().await, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!alive(pid), "the CLI died with the call");
+    assert_eq!(row(&f, &id).status, "RUNNING");
+    let report = f.exec.reconcile().await?;
+    assert_eq!(report.retry, vec![id.clone()]);
+    assert_eq!(row(&f, &id).status, "RETRY");
+    Ok(())
+}
