@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use crate::bus::{Bus, NewEvent};
+use crate::claude::{Executor, ExecutorConfig};
 use crate::config::Config;
 use crate::plugins::{EventSink, HostServices, PluginRuntime, RuntimeConfig, StepScope};
 use crate::refs::Refs;
@@ -241,17 +242,18 @@ pub struct Host {
     pub refs: Refs,
     pub plugins: Arc<PluginRuntime>,
     pub engine: Engine,
-    pub claude: Arc<dyn ClaudeApi>,
+    pub executor: Executor,
     _watcher: Option<crate::plugins::PluginWatcher>,
     _lock: DataDirLock,
 }
 
 impl Host {
-    /// Opens everything on `config.data_dir`. `claude` builds the executor once the store is
-    /// open.
+    /// Opens everything on `config.data_dir`, running Claude calls with `claude_bin`.
+    /// Start-up recovery runs here: Claude processes left by a dead daemon are reconciled
+    /// (killed, completed from their log, or retried), then steps resume.
     pub async fn open(
         config: Config,
-        claude: impl FnOnce(&Store, &Bus, &Refs) -> anyhow::Result<Arc<dyn ClaudeApi>>,
+        claude_bin: PathBuf,
         watch_plugins: bool,
     ) -> anyhow::Result<Host> {
         crate::store::prepare_data_dir(&config.data_dir)?;
@@ -276,12 +278,24 @@ impl Host {
         } else {
             None
         };
-        let claude = claude(&store, &bus, &refs)?;
+        let executor = Executor::new(
+            store.clone(),
+            bus.clone(),
+            refs.clone(),
+            ExecutorConfig {
+                binary: claude_bin,
+                ..ExecutorConfig::default()
+            },
+        );
+        let report = executor.reconcile().await?;
+        tracing::info!(?report, "Claude processes reconciled");
+        executor.resume_retries().await?;
+        let claude: Arc<dyn ClaudeApi> = Arc::new(executor.clone());
         let engine = Engine::new(
             store.clone(),
             refs.clone(),
             Arc::new(PluginRunner::new(plugins.clone())),
-            claude.clone(),
+            claude,
             EngineOptions::default(),
         )
         .await?;
@@ -299,7 +313,7 @@ impl Host {
             refs,
             plugins,
             engine,
-            claude,
+            executor,
             _watcher: watcher,
             _lock: lock,
         })
@@ -310,43 +324,6 @@ impl Host {
         let engine = self.engine.clone();
         tokio::spawn(async move { engine.run_workers(shutdown).await })
     }
-}
-
-/// The Claude executor for a host. (Wired to the supervised CLI executor.)
-pub fn claude_executor(
-    _store: &Store,
-    _bus: &Bus,
-    _refs: &Refs,
-    binary: PathBuf,
-) -> anyhow::Result<Arc<dyn ClaudeApi>> {
-    struct Pending(PathBuf);
-    impl ClaudeApi for Pending {
-        fn complete(
-            &self,
-            _: String,
-            _: Option<String>,
-            _: crate::workflow::ClaudeRequest,
-        ) -> crate::workflow::BoxFuture<
-            'static,
-            Result<crate::workflow::ClaudeAnswer, crate::workflow::ClaudeFailure>,
-        > {
-            let bin = self.0.display().to_string();
-            Box::pin(async move {
-                Err(crate::workflow::ClaudeFailure {
-                    transient: false,
-                    class: "unavailable".into(),
-                    message: format!("the executor for {bin} is not wired yet"),
-                })
-            })
-        }
-        fn recover(
-            &self,
-            _: String,
-        ) -> crate::workflow::BoxFuture<'static, Option<crate::workflow::ClaudeAnswer>> {
-            Box::pin(async { None })
-        }
-    }
-    Ok(Arc::new(Pending(binary)))
 }
 
 #[cfg(test)]

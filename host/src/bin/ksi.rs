@@ -18,6 +18,8 @@ struct Cli {
 enum Cmd {
     /// Start a workflow and follow it live, then print its result
     Run(ksi_host::cli::run::RunArgs),
+    #[command(flatten)]
+    Claude(ksi_host::cli::claude::ClaudeCmd),
     /// Plugins of the data dir: name, version, steps, file, hash, loaded-at
     Plugins {
         #[arg(long)]
@@ -56,13 +58,14 @@ fn main() {
                             bin.display()
                         );
                     }
-                    let host = ksi_host::daemon::Host::open(config, |s, b, r| ksi_host::daemon::claude_executor(s, b, r, bin), false).await?;
+                    let host = ksi_host::daemon::Host::open(config, bin, false).await?;
                     let v = ksi_host::cli::run::run_in_process(&host, &args).await?;
                     if v.status != "completed" {
                         anyhow::bail!("workflow {} ended {}", v.id, v.status);
                     }
                     Ok(())
                 }
+                Cmd::Claude(cmd) => ksi_host::cli::claude::run(cmd, open(config)?).await,
                 Cmd::Plugins { json } => ksi_host::cli::plugins::list(&config, json),
                 Cmd::Plugin(cmd) => ksi_host::cli::plugins::run(cmd),
                 Cmd::Events(cmd) => ksi_host::cli::events::run(cmd, open(config)?).await,

@@ -72,6 +72,14 @@ pub enum ConfigCmd {
 /// `ksi-host bench ...`
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
+    /// Executor: per-call overhead and calls/s for 50 concurrent fake-claude calls, RSS
+    Executor {
+        /// Concurrent calls
+        #[arg(long, default_value_t = 50)]
+        calls: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Plugins: instantiate+call latency, compile and cached load times, hot-reload time
     Plugins {
         #[arg(long)]
@@ -157,10 +165,32 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 if simulated {
                     eprintln!("note: the real `claude` CLI is not on PATH; running on {} (simulated answers)", bin.display());
                 }
-                let host = crate::daemon::Host::open(config.clone(), |s, b, r| crate::daemon::claude_executor(s, b, r, bin), true).await?;
+                let host = crate::daemon::Host::open(config.clone(), bin, true).await?;
                 super::serve::serve(config, args, host).await
             }
             HostCmd::Plugin(cmd) => super::plugins::run(cmd),
+            HostCmd::Bench(BenchCmd::Executor { calls, json }) => {
+                store::prepare_data_dir(&config.data_dir)?;
+                let (fake, _) = super::run::choose_claude_bin(Some(
+                    std::env::current_exe()?.with_file_name("fake-claude"),
+                ));
+                let dir = std::env::var_os("KSI_BENCH_DIR")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| config.data_dir.join("bench-executor"));
+                let r = bench::bench_executor(&dir, &fake, calls).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    let mut t = table(&["measure", "value"]);
+                    if let Some(o) = r.as_object() {
+                        for (k, v) in o {
+                            t.add_row(vec![k.clone(), v.to_string()]);
+                        }
+                    }
+                    println!("{t}");
+                }
+                Ok(())
+            }
             HostCmd::Bench(BenchCmd::Plugins { json }) => {
                 let r = tokio::task::spawn_blocking(crate::plugins::bench::try_bench_plugins).await??;
                 if json {

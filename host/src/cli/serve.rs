@@ -45,6 +45,23 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     }
     let (stop, stop_rx) = watch::channel(false);
     let workers = host.spawn_workers(stop_rx.clone());
+    // Archived prompts are pruned by their retention setting, hourly.
+    {
+        let exec = host.executor.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let pruned = exec.prune_archive();
+                if pruned > 0 {
+                    tracing::info!(pruned, "archived prompts pruned");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+    }
     let state = AppState {
         store: host.store.clone(),
         bus: host.bus.clone(),
