@@ -18,6 +18,19 @@ struct Cli {
 enum Cmd {
     /// Start a workflow and follow it live, then print its result
     Run(ksi_host::cli::run::RunArgs),
+    /// Workflow instances, newest first
+    Workflows {
+        /// Only this status (running, paused, completed, failed, cancelled)
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show, cancel, pause, resume or retry one workflow instance
+    #[command(subcommand)]
+    Workflow(ksi_host::cli::workflow::WorkflowCmd),
     #[command(flatten)]
     Claude(ksi_host::cli::claude::ClaudeCmd),
     /// Plugins of the data dir: name, version, steps, file, hash, loaded-at
@@ -65,6 +78,8 @@ fn main() {
                     }
                     Ok(())
                 }
+                Cmd::Workflows { status, limit, json } => ksi_host::cli::workflow::list(open(config)?, status, limit, json).await,
+                Cmd::Workflow(cmd) => ksi_host::cli::workflow::run(cmd, open(config)?).await,
                 Cmd::Claude(cmd) => ksi_host::cli::claude::run(cmd, open(config)?).await,
                 Cmd::Plugins { json } => ksi_host::cli::plugins::list(&config, json),
                 Cmd::Plugin(cmd) => ksi_host::cli::plugins::run(cmd),

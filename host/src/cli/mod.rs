@@ -8,6 +8,7 @@ pub mod plugins;
 pub mod run;
 pub mod serve;
 pub mod soak;
+pub mod workflow;
 
 use std::path::PathBuf;
 

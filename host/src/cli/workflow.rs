@@ -1,0 +1,231 @@
+//! `ksi workflows` and `ksi workflow show|cancel|pause|resume|retry-from`, on the data dir.
+//!
+//! These change instance rows and publish events through the engine's API; a running daemon
+//! picks the changes up from the bus (a cancel reaches a step it is running when that step
+//! commits, and its result is discarded).
+
+use std::sync::Arc;
+
+use clap::Subcommand;
+use serde_json::Value;
+
+use super::{Opened, clock, ellipsize, table};
+use crate::workflow::{
+    BoxFuture, ClaudeAnswer, ClaudeApi, ClaudeFailure, ClaudeRequest, Engine, EngineOptions,
+    HandlerRef, ResolvedStep, StepContext, StepError, StepInput, StepOutput, StepRunner,
+};
+
+/// `ksi workflow ...`
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCmd {
+    /// Steps, timings, cost and file references of one instance, and its transcript
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an instance; a running step's result is discarded
+    Cancel { id: String },
+    /// Let the running step finish, then hold the instance
+    Pause { id: String },
+    /// Continue a paused instance
+    Resume { id: String },
+    /// Run an instance again from STEP (after a failure, or with changed plugin code)
+    RetryFrom { id: String, step: String },
+}
+
+/// Admin operations need the definitions (to check step names) but run no step.
+struct AdminRunner;
+
+impl StepRunner for AdminRunner {
+    fn resolve(&self, h: &HandlerRef) -> Result<ResolvedStep, String> {
+        Ok(ResolvedStep {
+            plugin: h.plugin.clone(),
+            version: String::new(),
+            sha256: String::new(),
+            step: h.step.clone(),
+            handle: Arc::new(()),
+        })
+    }
+    fn run(
+        &self,
+        _: ResolvedStep,
+        _: StepInput,
+        _: Arc<StepContext>,
+    ) -> BoxFuture<'static, Result<StepOutput, StepError>> {
+        Box::pin(async {
+            Err(StepError::retryable(
+                "steps run in the daemon, not in this command",
+            ))
+        })
+    }
+}
+
+impl ClaudeApi for AdminRunner {
+    fn complete(
+        &self,
+        _: String,
+        _: Option<String>,
+        _: ClaudeRequest,
+    ) -> BoxFuture<'static, Result<ClaudeAnswer, ClaudeFailure>> {
+        Box::pin(async {
+            Err(ClaudeFailure {
+                transient: true,
+                class: "unavailable".into(),
+                message: "no executor in this command".into(),
+            })
+        })
+    }
+    fn recover(&self, _: String) -> BoxFuture<'static, Option<ClaudeAnswer>> {
+        Box::pin(async { None })
+    }
+}
+
+async fn admin_engine(o: &Opened) -> anyhow::Result<Engine> {
+    let engine = Engine::new(
+        o.store.clone(),
+        o.refs.clone(),
+        Arc::new(AdminRunner),
+        Arc::new(AdminRunner),
+        EngineOptions::default(),
+    )
+    .await?;
+    engine
+        .load_definitions(&o.refs.root().join("definitions"))
+        .await;
+    Ok(engine)
+}
+
+/// `ksi workflows`.
+pub async fn list(
+    o: Opened,
+    status: Option<String>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let engine = admin_engine(&o).await?;
+    let rows = engine.list(status.as_deref(), limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no workflow instances; start one with `ksi run debate --topic \"...\"`");
+        return Ok(());
+    }
+    let mut t = table(&[
+        "id", "type", "status", "step", "calls", "cost", "started", "error",
+    ]);
+    for v in rows {
+        t.add_row(vec![
+            v.id,
+            v.workflow_type,
+            v.status,
+            v.current_step.unwrap_or_default(),
+            v.claude_calls.to_string(),
+            format!("${:.4}", v.cost_usd),
+            clock(v.created_at),
+            ellipsize(v.error.as_deref().unwrap_or(""), 40),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// `ksi workflow ...`.
+pub async fn run(cmd: WorkflowCmd, o: Opened) -> anyhow::Result<()> {
+    let engine = admin_engine(&o).await?;
+    match cmd {
+        WorkflowCmd::Show { id, json } => {
+            let v = engine.get(&id)?;
+            let steps = engine.history(&id)?;
+            let turns = engine.transcript(&id)?;
+            if json {
+                let mut body = serde_json::to_value(&v)?;
+                body["steps"] = serde_json::to_value(&steps)?;
+                body["transcript"] = Value::Array(turns);
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            println!(
+                "{} {} — {}  (${:.4}, {} Claude calls, {} tokens in / {} out)",
+                v.workflow_type,
+                v.id,
+                v.status,
+                v.cost_usd,
+                v.claude_calls,
+                v.tokens_in,
+                v.tokens_out
+            );
+            if let Some(e) = &v.error {
+                println!("error: {e}");
+            }
+            let mut t = table(&[
+                "seq",
+                "step",
+                "try",
+                "status",
+                "plugin",
+                "ms",
+                "cost",
+                "output / error",
+            ]);
+            for s in &steps {
+                let dur = s
+                    .finished_at
+                    .map(|f| (f - s.started_at).to_string())
+                    .unwrap_or_else(|| "…".into());
+                let detail = match (&s.error, &s.output_ref, &s.output) {
+                    (Some(e), _, _) => e.clone(),
+                    (_, Some(r), _) => format!("{} (sha256 {})", r.path, &r.sha256[..12]),
+                    (_, _, Some(o)) => o["result"].to_string(),
+                    _ => String::new(),
+                };
+                t.add_row(vec![
+                    s.seq.to_string(),
+                    s.step.clone(),
+                    s.attempt.to_string(),
+                    s.status.clone(),
+                    s.plugin.clone().unwrap_or_default(),
+                    dur,
+                    format!("${:.4}", s.cost_usd),
+                    ellipsize(&detail, 60),
+                ]);
+            }
+            println!("{t}");
+            if !turns.is_empty() {
+                println!("\ntranscript:");
+                for turn in turns {
+                    let who = turn["agent"].as_str().unwrap_or("claude");
+                    let file = turn["response_ref"]["path"]
+                        .as_str()
+                        .map(|p| format!("  [{p}:{}]", turn["response_ref"]["line"]))
+                        .unwrap_or_default();
+                    println!(
+                        "\n— {} ({}){file}\n{}",
+                        who,
+                        turn["step"].as_str().unwrap_or(""),
+                        turn["text"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        WorkflowCmd::Cancel { id } => {
+            engine.cancel(&id).await?;
+            println!("{id} cancelled");
+        }
+        WorkflowCmd::Pause { id } => {
+            engine.pause(&id).await?;
+            println!("{id} paused (a running step finishes first)");
+        }
+        WorkflowCmd::Resume { id } => {
+            engine.resume(&id).await?;
+            println!("{id} resumed");
+        }
+        WorkflowCmd::RetryFrom { id, step } => {
+            engine.retry_from(&id, &step).await?;
+            println!("{id} runs again from {step}");
+        }
+    }
+    Ok(())
+}
