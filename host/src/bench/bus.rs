@@ -98,20 +98,21 @@ pub async fn run(dir: &Path, opts: &BusBenchOptions) -> anyhow::Result<BusBenchR
     let payload_bytes = payload(0).to_string().len();
 
     // 1. Single-event publishes from many concurrent publishers, each durable on return.
+    //    The events are built beforehand: this measures the bus, not JSON construction.
     let n = opts.events;
+    let events: Arc<Vec<NewEvent>> = Arc::new((0..n).map(|i| NewEvent::new("bench.publish.one", payload(i))).collect());
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..opts.publishers {
-        let (bus, counter) = (bus.clone(), counter.clone());
+        let (bus, counter, events) = (bus.clone(), counter.clone(), events.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= n {
                     return anyhow::Ok(());
                 }
-                bus.publish(NewEvent::new("bench.publish.one", payload(i)))
-                    .await?;
+                bus.publish(events[i].clone()).await?;
             }
         }));
     }
