@@ -169,6 +169,14 @@ pub fn install_bundled(refs: &Refs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Variables for the Claude CLI given as `KSI_CLAUDE_ENV_<NAME>=value` (the CLI's environment
+/// is otherwise clean: PATH, HOME, locale, `ANTHROPIC_*`/`CLAUDE_*`).
+pub fn claude_env_from(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    vars.into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("KSI_CLAUDE_ENV_").filter(|n| !n.is_empty()).map(|n| (n.to_string(), v)))
+        .collect()
+}
+
 /// Host services outside a step (a plugin's `describe()`): nothing is available.
 pub struct NoStep;
 
@@ -284,6 +292,7 @@ impl Host {
             refs.clone(),
             ExecutorConfig {
                 binary: claude_bin,
+                extra_env: claude_env_from(std::env::vars()),
                 ..ExecutorConfig::default()
             },
         );

@@ -7,4 +7,5 @@ mod api;
 mod claude;
 mod cli;
 mod crash;
+mod workflows;
 mod executor;

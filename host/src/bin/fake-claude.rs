@@ -5,7 +5,7 @@
 //! argument), and prints the same line shapes as CLI 2.1.x: `system`/`init`, `assistant`
 //! (one line per content block, same `message.id`), `result` with `total_cost_usd`, `usage`,
 //! `modelUsage`, `session_id`, `num_turns`, durations and `uuid`. The answer is a deterministic
-//! sentence derived from prompt, model and session, and always starts with `[simulated]`.
+//! sentence derived from prompt and model, and always starts with `[simulated]`.
 //!
 //! Environment knobs:
 //! - `FAKE_CLAUDE_FAULT`: `hang` (init, then silence), `slow`, `crash` (abort mid-stream),
@@ -16,6 +16,7 @@
 //! - `FAKE_CLAUDE_DELAY_MS`: pause between lines (default 200 for `slow`, 0 otherwise).
 //! - `FAKE_CLAUDE_LOG=<file>`: append one JSON line per invocation (pid, args, prompt sha256,
 //!   session, fault, time).
+//! - `FAKE_CLAUDE_RESULT_LOG=<file>`: append one JSON line per call whose result was printed.
 //! - `FAKE_CLAUDE_GRANDCHILD_PIDFILE=<file>`: with `hang`, start a `sleep` child (same process
 //!   group) and write its pid there, to test that a kill reaches the whole group.
 //! - `FAKE_CLAUDE_IGNORE_TERM=1`: ignore SIGTERM, to test the escalation to SIGKILL.
@@ -120,7 +121,11 @@ fn main() {
     };
 
     let code = match fault.as_deref() {
-        None | Some("slow") | Some("garbage") => run.succeed(&mut out),
+        None | Some("slow") | Some("garbage") => {
+            let code = run.succeed(&mut out);
+            log_result(&run.prompt, &run.session);
+            code
+        }
         Some("hang") => run.hang(&mut out),
         Some("linger") => {
             run.succeed(&mut out);
@@ -214,6 +219,21 @@ fn active_fault() -> Option<String> {
         }
     }
     Some(fault)
+}
+
+/// `FAKE_CLAUDE_RESULT_LOG=<file>`: one line per call whose result was printed, so a test can
+/// count completed (paid) calls apart from ones killed midway.
+fn log_result(prompt: &str, session: &str) {
+    let Some(path) = std::env::var_os("FAKE_CLAUDE_RESULT_LOG") else {
+        return;
+    };
+    let line = format!(
+        "{}\n",
+        json!({ "pid": std::process::id(), "prompt_sha256": hex_digest(&[prompt.as_bytes()]), "session_id": session, "time_unix_ms": unix_ms() })
+    );
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = file.write_all(line.as_bytes());
+    }
 }
 
 fn log_invocation(argv: &[String], prompt: &str, session: &str, fault: Option<&str>) {
@@ -560,12 +580,12 @@ impl Run {
         const VERBS: &[&str] = &[
             "follows", "answers", "measures", "records", "crosses", "weighs", "echoes", "guides",
         ];
+        // From prompt and model only: new session ids are random (as the real CLI's are), and
+        // a rerun of the same conversation must read the same.
         let h = Sha256::new()
             .chain_update(self.prompt.as_bytes())
             .chain_update([0])
             .chain_update(self.model.as_bytes())
-            .chain_update([0])
-            .chain_update(self.session.as_bytes())
             .finalize();
         let pick = |list: &[&'static str], byte: u8| list[byte as usize % list.len()];
         format!(

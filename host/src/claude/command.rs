@@ -80,6 +80,10 @@ pub struct ClaudeInvocation {
     /// ANTHROPIC_*, CLAUDE_*) are taken from the daemon's environment. When `false` the child
     /// gets [`extra_env`](Self::extra_env) only (tests use this to run without credentials).
     pub inherit_env: bool,
+    /// Where the CLI's stdout goes. `None`: a pipe the supervisor reads. `Some(file)`: the CLI
+    /// writes straight into the file (appending) and the supervisor tails it, so an answer the
+    /// CLI printed is on disk even if KSI dies before reading it.
+    pub stdout_file: Option<PathBuf>,
 }
 
 impl ClaudeInvocation {
@@ -102,6 +106,7 @@ impl ClaudeInvocation {
             working_dir: None,
             extra_env: Vec::new(),
             inherit_env: true,
+            stdout_file: None,
         }
     }
 
@@ -200,6 +205,25 @@ impl ClaudeInvocation {
             .kill_on_drop(true);
         if let Some(dir) = &self.working_dir {
             cmd.current_dir(dir);
+        }
+        // No Claude process outlives the daemon: if KSI dies (even by SIGKILL) the CLI gets
+        // SIGKILL too, before it can finish a call whose answer nobody would read (and that
+        // would then be paid for again). Its own children are killed with its group at the
+        // next start-up's reconciliation. The signal follows the spawning thread; KSI spawns
+        // from runtime worker threads or from a step's thread that waits for the call.
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
+        let parent = std::process::id() as libc::pid_t;
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    // The parent died before the prctl took effect.
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
         }
         cmd
     }

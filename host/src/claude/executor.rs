@@ -860,9 +860,14 @@ impl Executor {
                 _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
             };
             attempt += 1;
-            let inv = self.invocation(&eff, &request, &profile, &model, &prompt, &session);
+            let mut inv = self.invocation(&eff, &request, &profile, &model, &prompt, &session);
             let stream_rel = responses::pending_path(&id, attempt);
-            let mut stream = StreamLog::create(&inner.refs, &stream_rel).ok();
+            let stream = StreamLog::create(&inner.refs, &stream_rel).ok();
+            // The CLI writes its stdout straight into the pending log: an answer it printed is
+            // on disk even if the daemon dies before reading it, so it is never paid twice.
+            if stream.is_some() {
+                inv.stdout_file = inner.refs.resolve(&stream_rel).ok();
+            }
             let mut running_write: Option<tokio::task::JoinHandle<()>> = None;
             let mut result_sync: Option<tokio::task::JoinHandle<()>> = None;
             let t_spawn = Instant::now();
@@ -878,11 +883,7 @@ impl Executor {
                         ticket.clone(),
                     )));
                 }
-                Progress::Line(line) => {
-                    if let Some(s) = &mut stream {
-                        s.line(line);
-                    }
-                }
+                Progress::Line(_) => {}
                 Progress::Event(StreamEvent::Result(_)) => {
                     // fsync off the supervisor's task (it must keep watching the child); the
                     // result is acted on only after this has finished.
@@ -1668,9 +1669,14 @@ impl Executor {
     }
 
     fn result_on_disk(&self, row: &ProcessRow) -> Option<FoundResult> {
-        let rel = row.stream_file.as_ref()?;
-        let path = self.inner.refs.resolve(rel).ok()?;
-        responses::successful_result_in(&path)
+        // The row names its stream file once RUNNING is recorded; a daemon that died before
+        // that commit left the file at its deterministic path.
+        let named = row.stream_file.iter().cloned();
+        let by_attempt = (1..=row.attempts.max(0) as u32 + 1).rev().map(|a| responses::pending_path(&row.id, a));
+        named.chain(by_attempt).find_map(|rel| {
+            let path = self.inner.refs.resolve(&rel).ok()?;
+            responses::successful_result_in(&path)
+        })
     }
 
     /// After a crash: the answer of `process_id` if it completed (its row, or a result line in

@@ -395,11 +395,14 @@ impl Admission {
             return Ok(None);
         }
         let since = now_ms() - limits.loop_window.as_millis() as i64;
+        // A loop is made of calls that answered (or are answering). Calls that failed or were
+        // cut off by a crash of the daemon do not count: re-running them after a restart is
+        // recovery, not a runaway agent.
         let repeats: i64 = conn.query_row(
             "SELECT COUNT(*) FROM processes
              WHERE prompt_sha256 = ?1 AND created_at >= ?2 AND rowid < ?3
                AND agent_id IS ?4 AND workflow_id IS ?5
-               AND COALESCE(error_class, '') NOT IN ('budget', 'loop_detected')",
+               AND status IN ('PENDING', 'RUNNING', 'SUCCESS', 'COMPLETED', 'RETRY')",
             params![prompt_sha256, since, rowid, payer.agent, payer.workflow],
             |r| r.get(0),
         )?;

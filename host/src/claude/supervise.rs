@@ -229,7 +229,19 @@ pub async fn run_attempt(
 ) -> Result<AttemptOutcome, SpawnError> {
     let started_at = SystemTime::now();
     let t0 = Instant::now();
-    let mut child = inv.command().spawn().map_err(|source| SpawnError {
+    let mut cmd = inv.command();
+    if let Some(path) = &inv.stdout_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| SpawnError {
+                binary: inv.binary.clone(),
+                source,
+            })?;
+        cmd.stdout(std::process::Stdio::from(file));
+    }
+    let mut child = cmd.spawn().map_err(|source| SpawnError {
         binary: inv.binary.clone(),
         source,
     })?;
@@ -254,8 +266,12 @@ pub async fn run_attempt(
         drop(stdin);
     });
 
-    let stdout = child.stdout.take().expect("stdout is piped");
     let (line_tx, mut lines) = mpsc::channel::<String>(256);
+    let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
+    if let Some(path) = inv.stdout_file.clone() {
+        tokio::spawn(tail_lines(path, line_tx, exited_rx));
+    } else {
+    let stdout = child.stdout.take().expect("stdout is piped");
     tokio::spawn(async move {
         let mut reader = BufReader::new(stdout);
         let mut buf = Vec::new();
@@ -272,6 +288,7 @@ pub async fn run_attempt(
             }
         }
     });
+    }
 
     let stderr = child.stderr.take().expect("stderr is piped");
     let stderr_limit = limits.stderr_tail_bytes;
@@ -333,6 +350,7 @@ pub async fn run_attempt(
                 }
                 exited_after = t0.elapsed();
                 drain_deadline = tokio::time::Instant::now() + limits.drain_after_exit;
+                let _ = exited_tx.send(true);
             }
             _ = sleep_until(overall_deadline) => {
                 kill_reason = Some(Termination::OverallTimeout);
@@ -363,6 +381,16 @@ pub async fn run_attempt(
     // Whatever is left in the group (a tool's background process) dies with the request.
     signal_group(pid as i32, libc::SIGKILL);
     guard.armed = false;
+    // A tailed stdout file: read what the CLI wrote up to its end.
+    let _ = exited_tx.send(true);
+    if inv.stdout_file.is_some() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(line) = lines.recv().await {
+                handle_line(line, &mut run, &mut on_progress);
+            }
+        })
+        .await;
+    }
 
     // Lines printed before the end are still in the channel.
     while let Ok(line) = lines.try_recv() {
@@ -414,6 +442,52 @@ pub async fn run_attempt(
         run,
         failure,
     })
+}
+
+/// Follows a file the CLI writes its stdout into, line by line, until the CLI has exited and
+/// everything it wrote was read. Polls (1 ms at first, backing off to 20 ms while the CLI is
+/// silent): a file has no readiness notification, and a Claude call lasts seconds.
+async fn tail_lines(
+    path: std::path::PathBuf,
+    tx: mpsc::Sender<String>,
+    mut exited: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut file) = tokio::fs::File::open(&path).await else {
+        tracing::warn!(file = %path.display(), "cannot read the Claude CLI's stdout file");
+        return;
+    };
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut idle = Duration::from_millis(1);
+    loop {
+        // Looked at before reading: once the CLI exited, a read that finds nothing means all
+        // of its output was read.
+        let done = *exited.borrow();
+        let n = file.read(&mut buf).await.unwrap_or(0);
+        if n > 0 {
+            idle = Duration::from_millis(1);
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                if tx.send(String::from_utf8_lossy(&line).into_owned()).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        if done {
+            if !pending.is_empty() {
+                let _ = tx.send(String::from_utf8_lossy(&pending).into_owned()).await;
+            }
+            return;
+        }
+        tokio::select! {
+            _ = exited.changed() => {}
+            _ = tokio::time::sleep(idle) => {}
+        }
+        idle = (idle * 2).min(Duration::from_millis(20));
+    }
 }
 
 /// SIGTERM the group, wait up to `grace` for the leader, then SIGKILL the group and reap.
