@@ -173,7 +173,11 @@ pub fn install_bundled(refs: &Refs) -> anyhow::Result<()> {
 /// is otherwise clean: PATH, HOME, locale, `ANTHROPIC_*`/`CLAUDE_*`).
 pub fn claude_env_from(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
     vars.into_iter()
-        .filter_map(|(k, v)| k.strip_prefix("KSI_CLAUDE_ENV_").filter(|n| !n.is_empty()).map(|n| (n.to_string(), v)))
+        .filter_map(|(k, v)| {
+            k.strip_prefix("KSI_CLAUDE_ENV_")
+                .filter(|n| !n.is_empty())
+                .map(|n| (n.to_string(), v))
+        })
         .collect()
 }
 

@@ -7,5 +7,5 @@ mod api;
 mod claude;
 mod cli;
 mod crash;
-mod workflows;
 mod executor;
+mod workflows;

@@ -47,7 +47,6 @@ pub fn file_digest(path: &Path) -> Vec<u8> {
 pub struct Daemon {
     pub child: std::process::Child,
     pub port: u16,
-    pub dir: PathBuf,
 }
 
 impl Daemon {
@@ -71,11 +70,7 @@ impl Daemon {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start ksi-host serve");
-        let d = Daemon {
-            child,
-            port,
-            dir: dir.to_path_buf(),
-        };
+        let d = Daemon { child, port };
         for _ in 0..300 {
             if let Ok((200, _)) = d.get("/health").await {
                 return d;

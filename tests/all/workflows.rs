@@ -27,11 +27,17 @@ fn assert_transcript_in_claude_logs(dir: &Path, show: &Value) -> usize {
     let refs = ksi_host::refs::Refs::open(dir).unwrap();
     let turns = show["transcript"].as_array().expect("transcript");
     for t in turns {
-        let r: ksi_host::refs::FileRef = serde_json::from_value(t["response_ref"].clone()).unwrap_or_else(|e| panic!("turn without a response reference ({e}): {t}"));
+        let r: ksi_host::refs::FileRef = serde_json::from_value(t["response_ref"].clone())
+            .unwrap_or_else(|e| panic!("turn without a response reference ({e}): {t}"));
         assert!(r.path.starts_with("claude_logs/"), "{}", r.path);
-        let line = refs.read(&r).expect("the referenced line exists and its hash matches");
+        let line = refs
+            .read(&r)
+            .expect("the referenced line exists and its hash matches");
         assert!(!line.is_empty());
-        assert!(t["text"].as_str().unwrap().starts_with("[simulated]"), "{t}");
+        assert!(
+            t["text"].as_str().unwrap().starts_with("[simulated]"),
+            "{t}"
+        );
     }
     turns.len()
 }
@@ -40,10 +46,30 @@ fn assert_transcript_in_claude_logs(dir: &Path, show: &Value) -> usize {
 fn each_standard_workflow_runs_to_completion_on_fake_claude() {
     let dir = tempfile::tempdir().unwrap();
     let fake = bin("fake-claude");
-    for (wf, calls_at_least) in [("debate", 7), ("analysis", 3), ("collaboration", 3), ("teaching", 5)] {
-        let o = ksi(dir.path(), &["run", wf, "--topic", "Rust ownership", "--json", "--claude-bin", fake.to_str().unwrap()]);
+    for (wf, calls_at_least) in [
+        ("debate", 7),
+        ("analysis", 3),
+        ("collaboration", 3),
+        ("teaching", 5),
+    ] {
+        let o = ksi(
+            dir.path(),
+            &[
+                "run",
+                wf,
+                "--topic",
+                "Rust ownership",
+                "--json",
+                "--claude-bin",
+                fake.to_str().unwrap(),
+            ],
+        );
         let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{wf}: {}\n{out}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{wf}: {}\n{out}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{wf}: {e}: {out}"));
         assert_eq!(v["status"], "completed", "{wf}: {v}");
         let id = v["id"].as_str().unwrap();
@@ -53,7 +79,10 @@ fn each_standard_workflow_runs_to_completion_on_fake_claude() {
         assert!(show.status.success());
         let show: Value = serde_json::from_slice(&show.stdout).unwrap();
         let turns = assert_transcript_in_claude_logs(dir.path(), &show);
-        assert_eq!(turns as u64, calls, "{wf}: every Claude call is in the transcript");
+        assert_eq!(
+            turns as u64, calls,
+            "{wf}: every Claude call is in the transcript"
+        );
         // The journal records plugin name@version and content hash for every step.
         for s in show["steps"].as_array().unwrap() {
             if s["status"] == "completed" && s["plugin"].is_string() {
@@ -65,23 +94,54 @@ fn each_standard_workflow_runs_to_completion_on_fake_claude() {
     // Sessions continue: the debaters' later turns resume their first session.
     let list = ksi(dir.path(), &["workflows", "--json"]);
     let list: Value = serde_json::from_slice(&list.stdout).unwrap();
-    let debate = list.as_array().unwrap().iter().find(|w| w["type"] == "debate").unwrap();
-    let show: Value = serde_json::from_slice(&ksi(dir.path(), &["workflow", "show", debate["id"].as_str().unwrap(), "--json"]).stdout).unwrap();
+    let debate = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["type"] == "debate")
+        .unwrap();
+    let show: Value = serde_json::from_slice(
+        &ksi(
+            dir.path(),
+            &["workflow", "show", debate["id"].as_str().unwrap(), "--json"],
+        )
+        .stdout,
+    )
+    .unwrap();
     let mut sessions: HashMap<String, Vec<String>> = HashMap::new();
     for t in show["transcript"].as_array().unwrap() {
-        sessions.entry(t["agent"].as_str().unwrap().to_string()).or_default().push(t["session_id"].as_str().unwrap().to_string());
+        sessions
+            .entry(t["agent"].as_str().unwrap().to_string())
+            .or_default()
+            .push(t["session_id"].as_str().unwrap().to_string());
     }
-    let pro = sessions.iter().find(|(a, _)| a.ends_with("-pro")).unwrap().1;
+    let pro = sessions
+        .iter()
+        .find(|(a, _)| a.ends_with("-pro"))
+        .unwrap()
+        .1;
     assert_eq!(pro.len(), 3, "opening, rebuttal, closing");
-    assert!(pro.iter().all(|s| s == &pro[0]), "one continued session: {pro:?}");
+    assert!(
+        pro.iter().all(|s| s == &pro[0]),
+        "one continued session: {pro:?}"
+    );
 }
 
 /// The transcript of each instance keyed by topic: (step, role, text) in order.
 fn transcripts(dir: &Path) -> BTreeMap<String, Vec<(String, String, String)>> {
-    let list: Value = serde_json::from_slice(&ksi(dir, &["workflows", "--json", "--limit", "100"]).stdout).unwrap();
+    let list: Value =
+        serde_json::from_slice(&ksi(dir, &["workflows", "--json", "--limit", "100"]).stdout)
+            .unwrap();
     let mut out = BTreeMap::new();
     for w in list.as_array().unwrap() {
-        let show: Value = serde_json::from_slice(&ksi(dir, &["workflow", "show", w["id"].as_str().unwrap(), "--json"]).stdout).unwrap();
+        let show: Value = serde_json::from_slice(
+            &ksi(
+                dir,
+                &["workflow", "show", w["id"].as_str().unwrap(), "--json"],
+            )
+            .stdout,
+        )
+        .unwrap();
         let topic = show["params"]["topic"].as_str().unwrap().to_string();
         let turns = show["transcript"]
             .as_array()
@@ -90,7 +150,11 @@ fn transcripts(dir: &Path) -> BTreeMap<String, Vec<(String, String, String)>> {
             .map(|t| {
                 let agent = t["agent"].as_str().unwrap_or("");
                 let role = agent.rsplit('-').next().unwrap_or("").to_string();
-                (t["step"].as_str().unwrap().to_string(), role, t["text"].as_str().unwrap().to_string())
+                (
+                    t["step"].as_str().unwrap().to_string(),
+                    role,
+                    t["text"].as_str().unwrap().to_string(),
+                )
             })
             .collect();
         out.insert(topic, turns);
@@ -113,13 +177,19 @@ async fn wait_all_completed(d: &Daemon, within: Duration) {
     loop {
         if let Ok((200, b)) = d.get("/workflows?limit=100").await {
             let ws = b["workflows"].as_array().unwrap();
-            let failed: Vec<&Value> = ws.iter().filter(|w| w["status"] == "failed" || w["status"] == "cancelled").collect();
+            let failed: Vec<&Value> = ws
+                .iter()
+                .filter(|w| w["status"] == "failed" || w["status"] == "cancelled")
+                .collect();
             assert!(failed.is_empty(), "instances failed: {failed:?}");
             if ws.len() == DEBATES && ws.iter().all(|w| w["status"] == "completed") {
                 return;
             }
         }
-        assert!(t0.elapsed() < within, "not all debates completed in {within:?}");
+        assert!(
+            t0.elapsed() < within,
+            "not all debates completed in {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -139,7 +209,13 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
     // The chaos run: SIGKILL at random moments, restart, repeat.
     let chaos = tempfile::tempdir().unwrap();
     let results = chaos.path().join("fake-claude-results.jsonl");
-    let env = [delay[0], ("KSI_CLAUDE_ENV_FAKE_CLAUDE_RESULT_LOG", results.to_str().unwrap())];
+    let env = [
+        delay[0],
+        (
+            "KSI_CLAUDE_ENV_FAKE_CLAUDE_RESULT_LOG",
+            results.to_str().unwrap(),
+        ),
+    ];
     let mut d = Daemon::start(chaos.path(), &env).await;
     start_debates(&d).await;
     let mut rng = rand::rng();
@@ -158,7 +234,10 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
     // Same transcripts as the undisturbed run.
     let (a, b) = (transcripts(calm.path()), transcripts(chaos.path()));
     assert_eq!(a.len(), DEBATES);
-    assert_eq!(a, b, "the chaos run's transcripts differ from the undisturbed run's");
+    assert_eq!(
+        a, b,
+        "the chaos run's transcripts differ from the undisturbed run's"
+    );
 
     // fake-claude's own log: every (instance, step, call) — a distinct prompt in its session —
     // completed exactly once: no completed call ran (or was paid for) twice.
@@ -166,10 +245,25 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
     let mut count: HashMap<(String, String), usize> = HashMap::new();
     for line in log.lines() {
         let v: Value = serde_json::from_str(line).unwrap();
-        *count.entry((v["prompt_sha256"].as_str().unwrap().into(), v["session_id"].as_str().unwrap().into())).or_default() += 1;
+        *count
+            .entry((
+                v["prompt_sha256"].as_str().unwrap().into(),
+                v["session_id"].as_str().unwrap().into(),
+            ))
+            .or_default() += 1;
     }
     let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "calls completed more than once: {twice:?}");
-    assert_eq!(count.len(), DEBATES * 7, "7 calls per debate (2 opening, 2 rebuttal, 2 closing, 1 judge)");
-    eprintln!("chaos: {KILLS} kills, {} calls, each completed once", count.len());
+    assert!(
+        twice.is_empty(),
+        "calls completed more than once: {twice:?}"
+    );
+    assert_eq!(
+        count.len(),
+        DEBATES * 7,
+        "7 calls per debate (2 opening, 2 rebuttal, 2 closing, 1 judge)"
+    );
+    eprintln!(
+        "chaos: {KILLS} kills, {} calls, each completed once",
+        count.len()
+    );
 }

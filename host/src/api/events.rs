@@ -144,10 +144,10 @@ async fn next_events(s: &AppState, pattern: Option<&str>, last: i64) -> Vec<crat
     let mut published = s.store.published();
     loop {
         published.borrow_and_update();
-        if let Ok(evs) = s.bus.events_after(last, pattern, 500) {
-            if !evs.is_empty() {
-                return evs;
-            }
+        if let Ok(evs) = s.bus.events_after(last, pattern, 500)
+            && !evs.is_empty()
+        {
+            return evs;
         }
         // In-process commits wake us at once; the timer covers writes by other processes.
         tokio::select! {

@@ -100,7 +100,11 @@ pub async fn run(dir: &Path, opts: &BusBenchOptions) -> anyhow::Result<BusBenchR
     // 1. Single-event publishes from many concurrent publishers, each durable on return.
     //    The events are built beforehand: this measures the bus, not JSON construction.
     let n = opts.events;
-    let events: Arc<Vec<NewEvent>> = Arc::new((0..n).map(|i| NewEvent::new("bench.publish.one", payload(i))).collect());
+    let events: Arc<Vec<NewEvent>> = Arc::new(
+        (0..n)
+            .map(|i| NewEvent::new("bench.publish.one", payload(i)))
+            .collect(),
+    );
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();

@@ -231,7 +231,11 @@ fn log_result(prompt: &str, session: &str) {
         "{}\n",
         json!({ "pid": std::process::id(), "prompt_sha256": hex_digest(&[prompt.as_bytes()]), "session_id": session, "time_unix_ms": unix_ms() })
     );
-    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let _ = file.write_all(line.as_bytes());
     }
 }

@@ -1672,7 +1672,9 @@ impl Executor {
         // The row names its stream file once RUNNING is recorded; a daemon that died before
         // that commit left the file at its deterministic path.
         let named = row.stream_file.iter().cloned();
-        let by_attempt = (1..=row.attempts.max(0) as u32 + 1).rev().map(|a| responses::pending_path(&row.id, a));
+        let by_attempt = (1..=row.attempts + 1)
+            .rev()
+            .map(|a| responses::pending_path(&row.id, a));
         named.chain(by_attempt).find_map(|rel| {
             let path = self.inner.refs.resolve(&rel).ok()?;
             responses::successful_result_in(&path)

@@ -271,23 +271,23 @@ pub async fn run_attempt(
     if let Some(path) = inv.stdout_file.clone() {
         tokio::spawn(tail_lines(path, line_tx, exited_rx));
     } else {
-    let stdout = child.stdout.take().expect("stdout is piped");
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf).into_owned();
-                    if line_tx.send(line).await.is_err() {
-                        break;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf).into_owned();
+                        if line_tx.send(line).await.is_err() {
+                            break;
+                        }
                     }
                 }
             }
-        }
-    });
+        });
     }
 
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -470,7 +470,11 @@ async fn tail_lines(
             pending.extend_from_slice(&buf[..n]);
             while let Some(i) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=i).collect();
-                if tx.send(String::from_utf8_lossy(&line).into_owned()).await.is_err() {
+                if tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -478,7 +482,9 @@ async fn tail_lines(
         }
         if done {
             if !pending.is_empty() {
-                let _ = tx.send(String::from_utf8_lossy(&pending).into_owned()).await;
+                let _ = tx
+                    .send(String::from_utf8_lossy(&pending).into_owned())
+                    .await;
             }
             return;
         }

@@ -91,7 +91,8 @@ impl StepContext {
 
     fn lookup(&self, call_seq: u32, kind: &str, hash: &str) -> Result<Recorded, StepError> {
         let (wf, seq, attempt) = (self.workflow_id.clone(), self.seq as i64, self.attempt);
-        let row: Option<(String, String, String, Option<String>, Option<String>)> = self
+        type CallRow = (String, String, String, Option<String>, Option<String>);
+        let row: Option<CallRow> = self
             .store
             .read(|c| {
                 c.query_row(

@@ -383,14 +383,14 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<InstanceView>, WorkflowError> {
         let status = status.map(str::to_string);
-        Ok(self.inner.store.read(move |c| {
+        self.inner.store.read(move |c| {
             let mut st = c.prepare(&format!(
                 "SELECT {VIEW_COLUMNS} FROM workflows WHERE (?1 IS NULL OR status = ?1)
                  ORDER BY created_at DESC, id DESC LIMIT ?2"
             ))?;
             let rows = st.query_map(params![status, limit as i64], read_view)?;
             Ok::<_, WorkflowError>(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-        })?)
+        })
     }
 
     /// The step history of an instance, in order.
@@ -433,7 +433,8 @@ impl Engine {
     /// answer's file reference when it has one), session, cost.
     pub fn transcript(&self, id: &str) -> Result<Vec<Value>, WorkflowError> {
         let id = id.to_string();
-        let rows: Vec<(i64, u32, String, Option<String>, Option<String>)> = self.inner.store.read(move |c| {
+        type TurnRow = (i64, u32, String, Option<String>, Option<String>);
+        let rows: Vec<TurnRow> = self.inner.store.read(move |c| {
             let mut st = c.prepare(
                 "SELECT c.seq, c.call_seq, COALESCE(s.step, ''), c.request, c.response FROM step_calls c
                  LEFT JOIN workflow_steps s ON s.workflow_id = c.workflow_id AND s.seq = c.seq AND s.attempt = c.attempt
