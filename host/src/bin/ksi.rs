@@ -34,16 +34,23 @@ enum Cmd {
     #[command(flatten)]
     Claude(ksi_host::cli::claude::ClaudeCmd),
     /// Plugins of the data dir: name, version, steps, file, hash, loaded-at
-    Plugins {
-        #[arg(long)]
-        json: bool,
-    },
+    #[command(subcommand)]
+    Plugins(PluginsCmd),
     /// Create a plugin crate (`ksi plugin new NAME`), check or run one
     #[command(subcommand)]
     Plugin(ksi_host::cli::plugins::PluginCmd),
     /// Publish, follow and list bus events of the data dir
     #[command(subcommand)]
     Events(EventsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCmd {
+    /// List the plugins: name, version, steps, file, hash, loaded-at
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -81,7 +88,7 @@ fn main() {
                 Cmd::Workflows { status, limit, json } => ksi_host::cli::workflow::list(open(config)?, status, limit, json).await,
                 Cmd::Workflow(cmd) => ksi_host::cli::workflow::run(cmd, open(config)?).await,
                 Cmd::Claude(cmd) => ksi_host::cli::claude::run(cmd, open(config)?).await,
-                Cmd::Plugins { json } => ksi_host::cli::plugins::list(&config, json),
+                Cmd::Plugins(PluginsCmd::List { json }) => ksi_host::cli::plugins::list(&config, json),
                 Cmd::Plugin(cmd) => ksi_host::cli::plugins::run(cmd),
                 Cmd::Events(cmd) => ksi_host::cli::events::run(cmd, open(config)?).await,
             }

@@ -45,15 +45,23 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     }
     let (stop, stop_rx) = watch::channel(false);
     let workers = host.spawn_workers(stop_rx.clone());
-    // Archived prompts are pruned by their retention setting, hourly.
+    // Retention, hourly: archived prompts, and completed bus events older than
+    // `bus_retention_secs` (dead letters and unfinished deliveries are kept).
     {
         let exec = host.executor.clone();
+        let bus = host.bus.clone();
+        let retention = Duration::from_secs(config.bus_retention_secs);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             loop {
                 let pruned = exec.prune_archive();
                 if pruned > 0 {
                     tracing::info!(pruned, "archived prompts pruned");
+                }
+                match bus.prune(retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(events = n, "old completed events pruned"),
+                    Err(e) => tracing::warn!(error = %e, "pruning old events failed"),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
