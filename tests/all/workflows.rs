@@ -267,3 +267,143 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
         count.len()
     );
 }
+
+async fn wait_status(d: &Daemon, id: &str, want: &str, within: Duration) -> Value {
+    let t0 = Instant::now();
+    loop {
+        if let Ok((200, b)) = d.get(&format!("/workflows/{id}")).await
+            && b["status"] == want
+        {
+            return b;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{id} did not reach {want} in {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_the_workflow_continues_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KSI_CLAUDE_ENV_FAKE_CLAUDE_DELAY_MS", "150")];
+    let mut d = Daemon::start(dir.path(), &env).await;
+    let (_, b) = d
+        .post(
+            "/workflows",
+            &json!({"type": "debate", "params": {"topic": "drain", "rounds": 2}}),
+        )
+        .await
+        .unwrap();
+    let id = b["id"].as_str().unwrap().to_string();
+    // Wait for the first step to commit, then ask the daemon to stop mid-workflow.
+    let t0 = Instant::now();
+    loop {
+        let (_, w) = d.get(&format!("/workflows/{id}")).await.unwrap();
+        if w["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["status"] == "completed")
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let status = d.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a drained daemon exits 0");
+    drop(d);
+    let d = Daemon::start(dir.path(), &env).await;
+    let v = wait_status(&d, &id, "completed", Duration::from_secs(60)).await;
+    let steps = v["steps"].as_array().unwrap();
+    assert!(
+        steps.iter().all(|s| s["status"] == "completed"),
+        "no step lost or failed: {steps:?}"
+    );
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["opening", "rebuttal", "rebuttal", "closing", "judge"]
+    );
+}
+
+#[tokio::test]
+async fn definitions_reload_while_the_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]).await;
+    std::fs::write(
+        dir.path().join("definitions/quick.toml"),
+        "name = \"quick\"\nversion = \"1.0.0\"\n[[steps]]\nname = \"only\"\nhandler = \"echo.echo@^0.1\"\n",
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let (_, b) = d.get("/workflow-types").await.unwrap();
+        if b["workflow_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "quick")
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the new definition was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, b) = d
+        .post("/workflows", &json!({"type": "quick", "params": {"x": 1}}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{b}");
+    wait_status(
+        &d,
+        b["id"].as_str().unwrap(),
+        "completed",
+        Duration::from_secs(20),
+    )
+    .await;
+    // A broken file is reported with its line; the good definitions keep serving.
+    std::fs::write(dir.path().join("definitions/broken.toml"), "name = \"broken\"\nversion = \"1.0.0\"\n[[steps]]\nname = \"a\"\nhandler = \"nosuch.step\"\n").unwrap();
+    let t0 = Instant::now();
+    loop {
+        let (_, b) = d
+            .get("/events?topic=workflow.definition_failed")
+            .await
+            .unwrap();
+        if let Some(e) = b["events"].as_array().unwrap().iter().find(|e| {
+            e["event"]["data"]["file"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("broken.toml")
+        }) {
+            assert_eq!(e["event"]["data"]["line"], 3);
+            assert!(
+                e["event"]["data"]["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("nosuch"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no definition_failed event"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, b) = d.get("/workflow-types").await.unwrap();
+    assert!(
+        b["workflow_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "quick")
+    );
+}

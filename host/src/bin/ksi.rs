@@ -28,6 +28,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Start workflows on a cron schedule: add, list, rm
+    #[command(subcommand)]
+    Schedule(ksi_host::cli::workflow::ScheduleCmd),
     /// Show, cancel, pause, resume or retry one workflow instance
     #[command(subcommand)]
     Workflow(ksi_host::cli::workflow::WorkflowCmd),
@@ -86,6 +89,7 @@ fn main() {
                     Ok(())
                 }
                 Cmd::Workflows { status, limit, json } => ksi_host::cli::workflow::list(open(config)?, status, limit, json).await,
+                Cmd::Schedule(cmd) => ksi_host::cli::workflow::schedule(cmd, open(config)?).await,
                 Cmd::Workflow(cmd) => ksi_host::cli::workflow::run(cmd, open(config)?).await,
                 Cmd::Claude(cmd) => ksi_host::cli::claude::run(cmd, open(config)?).await,
                 Cmd::Plugins(PluginsCmd::List { json }) => ksi_host::cli::plugins::list(&config, json),

@@ -33,6 +33,35 @@ pub fn socket_path(config: &Config) -> std::path::PathBuf {
     config.data_dir.join("ksi.sock")
 }
 
+/// Reloads the workflow definitions when a file of the definitions directory changes (a file
+/// that fails validation is reported and its previous version keeps serving).
+fn watch_definitions(host: &Host) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = host.refs.root().join("definitions");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok_and(|e| {
+            e.paths
+                .iter()
+                .any(|p| p.extension().is_some_and(|x| x == "toml"))
+        }) {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    let engine = host.engine.clone();
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Debounce: editors write in several steps.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            let errors = engine.load_definitions(&dir).await;
+            tracing::info!(errors = errors.len(), "workflow definitions reloaded");
+        }
+    });
+    Ok(watcher)
+}
+
 /// Runs the daemon until a signal, then drains.
 pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Result<()> {
     let token_file = config.data_dir.join("api.token");
@@ -45,6 +74,11 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     }
     let (stop, stop_rx) = watch::channel(false);
     let workers = host.spawn_workers(stop_rx.clone());
+    let scheduler = tokio::spawn(crate::workflow::schedule::run(
+        host.engine.clone(),
+        stop_rx.clone(),
+    ));
+    let _definitions_watcher = watch_definitions(&host)?;
     // Retention, hourly: archived prompts, and completed bus events older than
     // `bus_retention_secs` (dead letters and unfinished deliveries are kept).
     {
@@ -139,6 +173,13 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
         .is_err()
     {
         tracing::warn!("grace period over: steps still running will be re-run after restart");
+    }
+    let _ = scheduler.await;
+    // No Claude process outlives the daemon: what still runs is killed; its rows are
+    // reconciled (retried, or completed from their log) at the next start.
+    let killed = host.executor.shutdown().await;
+    if killed > 0 {
+        tracing::warn!(killed, "Claude processes stopped at shutdown");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = tcp_server.await;

@@ -34,6 +34,87 @@ pub enum WorkflowCmd {
     RetryFrom { id: String, step: String },
 }
 
+/// `ksi schedule ...`
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCmd {
+    /// Start WORKFLOW on a cron expression (5 fields, UTC), e.g. "0 9 * * 1-5"
+    Add {
+        cron: String,
+        workflow: String,
+        /// Sets params.topic
+        #[arg(long)]
+        topic: Option<String>,
+        /// KEY=VALUE (VALUE is JSON when it parses); repeatable
+        #[arg(long = "param", short = 'p', value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
+    /// The schedules with their last and next tick
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a schedule
+    Rm { id: String },
+}
+
+/// `ksi schedule ...`.
+pub async fn schedule(cmd: ScheduleCmd, o: Opened) -> anyhow::Result<()> {
+    use crate::workflow::schedule;
+    let engine = admin_engine(&o).await?;
+    match cmd {
+        ScheduleCmd::Add {
+            cron,
+            workflow,
+            topic,
+            params,
+        } => {
+            let args = super::run::RunArgs {
+                workflow: workflow.clone(),
+                topic,
+                params,
+                json: false,
+                claude_bin: None,
+            };
+            let s = schedule::add(&engine, &cron, &workflow, super::run::params_of(&args)?).await?;
+            println!(
+                "schedule {} starts {} on \"{}\"; next at {} UTC (the daemon fires it)",
+                s.id,
+                s.workflow_type,
+                s.cron,
+                s.next_fire_at.map(super::clock).unwrap_or_default()
+            );
+        }
+        ScheduleCmd::List { json } => {
+            let all = schedule::list(&o.store)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!(
+                    "no schedules; add one with `ksi schedule add \"0 9 * * *\" debate --topic ...`"
+                );
+            } else {
+                let mut t = table(&["id", "cron", "workflow", "params", "last", "next"]);
+                for s in all {
+                    t.add_row(vec![
+                        s.id,
+                        s.cron,
+                        s.workflow_type,
+                        ellipsize(&s.params.to_string(), 40),
+                        s.last_fired_at.map(clock).unwrap_or_default(),
+                        s.next_fire_at.map(clock).unwrap_or_default(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        ScheduleCmd::Rm { id } => {
+            schedule::remove(&o.store, &id).await?;
+            println!("schedule {id} removed");
+        }
+    }
+    Ok(())
+}
+
 /// Admin operations need the definitions (to check step names) but run no step.
 struct AdminRunner;
 

@@ -323,34 +323,83 @@ impl Engine {
     /// defaults). Returns its id once the instance and its first step event are durable.
     pub async fn start(&self, workflow_type: &str, params: Value) -> Result<String, WorkflowError> {
         let def = self.definition(workflow_type)?;
+        if !params.is_object() {
+            return Err(WorkflowError::BadParams(params.to_string()));
+        }
+        let id = self.new_instance_id();
+        let (engine, wid) = (self.clone(), id.clone());
+        self.inner
+            .store
+            .write(move |tx| engine.start_in(tx, &def, params, &wid))
+            .await?;
+        Ok(id)
+    }
+
+    /// A fresh instance id (time-ordered).
+    pub fn new_instance_id(&self) -> String {
+        format!(
+            "wf_{:011x}{:05x}",
+            now_ms(),
+            rand::random::<u32>() & 0xfffff
+        )
+    }
+
+    /// Starts an instance inside the caller's transaction (a schedule's tick and the instance
+    /// it starts commit together).
+    pub fn start_in(
+        &self,
+        tx: &Tx<'_>,
+        def: &Definition,
+        params: Value,
+        id: &str,
+    ) -> Result<(), WorkflowError> {
         let Value::Object(given) = params else {
             return Err(WorkflowError::BadParams(params.to_string()));
         };
         let mut merged = def.params.clone();
         merge_patch(&mut merged, &Value::Object(given));
-        let id = format!(
-            "wf_{:011x}{:05x}",
-            now_ms(),
-            rand::random::<u32>() & 0xfffff
-        );
         let first = def.first().name.clone();
-        let (wid, d) = (id.clone(), def.clone());
-        self.inner
-            .store
-            .write(move |tx| {
-                let now = now_ms();
-                tx.execute(
-                    "INSERT INTO workflows(id, type, definition_version, definition_sha256, current_step,
-                        current_step_index, total_steps, params, state, status, created_at, updated_at, next_seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, '{}', 'running', ?8, ?8, 2)",
-                    params![wid, d.name, d.version.to_string(), d.sha256, first, d.len() as i64, merged.to_string(), now],
-                )?;
-                bus::publish_in(tx, &NewEvent::new("workflow.started", json!({"workflow_id": wid, "type": d.name, "params": merged})).correlated(wid.clone()))?;
-                publish_step(tx, &d.name, &StepEvent { workflow_id: wid.clone(), seq: 1, attempt: 1, step: first, group: None }, None)?;
-                Ok::<_, WorkflowError>(())
-            })
-            .await?;
-        Ok(id)
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO workflows(id, type, definition_version, definition_sha256, current_step,
+                current_step_index, total_steps, params, state, status, created_at, updated_at, next_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, '{}', 'running', ?8, ?8, 2)",
+            params![id, def.name, def.version.to_string(), def.sha256, first, def.len() as i64, merged.to_string(), now],
+        )?;
+        bus::publish_in(
+            tx,
+            &NewEvent::new(
+                "workflow.started",
+                json!({"workflow_id": id, "type": def.name, "params": merged}),
+            )
+            .correlated(id),
+        )?;
+        publish_step(
+            tx,
+            &def.name,
+            &StepEvent {
+                workflow_id: id.to_string(),
+                seq: 1,
+                attempt: 1,
+                step: first,
+                group: None,
+            },
+            None,
+        )?;
+        Ok(())
+    }
+
+    /// A loaded definition by name.
+    ///
+    /// # Errors
+    /// [`WorkflowError::UnknownType`] naming the known ones.
+    pub fn definition_by_name(&self, name: &str) -> Result<Arc<Definition>, WorkflowError> {
+        self.definition(name)
+    }
+
+    /// The store the engine writes to.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
     }
 
     /// One instance.

@@ -13,6 +13,7 @@ pub mod context;
 pub mod definition;
 pub mod engine;
 pub mod plugin_runner;
+pub mod schedule;
 
 use std::future::Future;
 use std::pin::Pin;

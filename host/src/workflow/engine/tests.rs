@@ -709,3 +709,81 @@ async fn an_unknown_workflow_type_names_the_known_ones() {
     let _ = h.shutdown.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), h.workers).await;
 }
+
+#[tokio::test]
+async fn a_schedule_fires_once_per_tick_even_if_fired_again() {
+    use crate::workflow::schedule;
+    let r = FnRunner::default();
+    r.on("t.a", |_, _| async { Ok(out(json!({"ran": true}))) });
+    let h = harness(
+        &r,
+        "name='sch'\nversion='1.0.0'\n[[steps]]\nname='a'\nhandler='t.a'\n",
+    )
+    .await;
+    let s = schedule::add(&h.engine, "*/5 * * * *", "sch", json!({"from": "cron"}))
+        .await
+        .unwrap();
+    let tick = s.next_fire_at.unwrap();
+    assert!(tick > crate::store::now_ms());
+    assert!(
+        schedule::fire_due(&h.engine, tick - 1)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not before its tick"
+    );
+    let first = schedule::fire_due(&h.engine, tick).await.unwrap();
+    assert_eq!(first.len(), 1);
+    // The same tick again (a crash and restart re-reading an old view) starts nothing.
+    assert!(
+        schedule::fire_due(&h.engine, tick)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let after = schedule::get(h.engine.store(), &s.id).unwrap().unwrap();
+    assert_eq!(after.last_fired_at, Some(tick));
+    assert_eq!(after.next_fire_at, Some(tick + 5 * 60 * 1000));
+    let v = finish(&h, &first[0]).await;
+    assert_eq!(v.params["from"], "cron");
+    assert_eq!(v.state, json!({"ran": true}));
+    // Ticks missed while the daemon was down fire once, not once per missed tick.
+    let late = schedule::fire_due(&h.engine, tick + 60 * 60 * 1000)
+        .await
+        .unwrap();
+    assert_eq!(late.len(), 1);
+    assert!(
+        schedule::get(h.engine.store(), &s.id)
+            .unwrap()
+            .unwrap()
+            .next_fire_at
+            .unwrap()
+            > tick + 60 * 60 * 1000
+    );
+    schedule::remove(h.engine.store(), &s.id).await.unwrap();
+    assert!(schedule::list(h.engine.store()).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_bad_cron_or_unknown_workflow_is_refused() {
+    use crate::workflow::schedule;
+    let r = FnRunner::default();
+    r.on("t.a", |_, _| async { Ok(out(json!({}))) });
+    let h = harness(
+        &r,
+        "name='sch'\nversion='1.0.0'\n[[steps]]\nname='a'\nhandler='t.a'\n",
+    )
+    .await;
+    let e = schedule::add(&h.engine, "every tuesday", "sch", json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("cron expression \"every tuesday\" is invalid"),
+        "{e}"
+    );
+    let e = schedule::add(&h.engine, "0 * * * *", "nope", json!({}))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, WorkflowError::UnknownType { .. }), "{e}");
+}
