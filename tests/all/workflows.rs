@@ -407,3 +407,29 @@ async fn definitions_reload_while_the_daemon_runs() {
             .any(|t| t["name"] == "quick")
     );
 }
+
+#[tokio::test]
+async fn ksi_run_uses_the_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(dir.path(), &[]).await;
+    let path = dir.path().to_path_buf();
+    let o = tokio::task::spawn_blocking(move || {
+        ksi(
+            &path,
+            &["run", "teaching", "--topic", "borrowing", "--json"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["type"], "teaching");
+    // Without a daemon the same command would have taken the data-dir lock; with one, the
+    // instance was run by the daemon and is visible through its API.
+    let (s, w) = _d
+        .get(&format!("/workflows/{}", v["id"].as_str().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!((s, w["status"].as_str()), (200, Some("completed")));
+}

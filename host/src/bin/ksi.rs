@@ -74,6 +74,14 @@ fn main() {
         rt.block_on(async move {
             match cli.cmd {
                 Cmd::Run(args) => {
+                    // A running daemon owns the data dir: submit to it and follow its stream.
+                    if let Some(client) = ksi_host::cli::client::DaemonClient::find(&config.data_dir).await {
+                        let v = ksi_host::cli::run::run_on_daemon(&client, &args, &config.data_dir).await?;
+                        if v["status"] != "completed" {
+                            anyhow::bail!("workflow {} ended {}", v["id"], v["status"]);
+                        }
+                        return Ok(());
+                    }
                     let (bin, simulated) = ksi_host::cli::run::choose_claude_bin(args.claude_bin.clone());
                     if simulated {
                         eprintln!(

@@ -2,6 +2,7 @@
 //! client). Each subcommand is a function here; `bin/*.rs` only parse and dispatch.
 
 pub mod claude;
+pub mod client;
 pub mod events;
 pub mod host;
 pub mod plugins;

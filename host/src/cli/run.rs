@@ -83,12 +83,69 @@ fn bar(done: usize, total: usize, width: usize) -> String {
     format!("{}{}", "█".repeat(filled), "░".repeat(width - filled))
 }
 
+/// Progress of a followed instance: turns its events into lines.
+pub struct Progress {
+    started: Instant,
+    done: usize,
+    total: usize,
+}
+
+impl Progress {
+    /// For an instance of `total` top-level steps.
+    pub fn new(total: usize) -> Self {
+        Progress {
+            started: Instant::now(),
+            done: 0,
+            total: total.max(1),
+        }
+    }
+
+    /// The line for one event of the instance (None for events not worth a line); `cost` is
+    /// the instance's cost so far.
+    pub fn line(&mut self, topic: &str, d: &Value, cost: f64) -> Option<String> {
+        let t = self.started.elapsed().as_secs_f64();
+        match topic {
+            "workflow.step_complete" => {
+                let status = d["status"].as_str().unwrap_or("");
+                if status == "completed" {
+                    self.done += 1;
+                }
+                let mark = match status {
+                    "completed" => "✓",
+                    "retrying" => "↻",
+                    _ => "✗",
+                };
+                Some(format!(
+                    "[{t:>6.1}s] {mark} {:<12} {:<18} {:>6} ms  ${cost:<8.4} {} {}/{}",
+                    d["step"].as_str().unwrap_or("?"),
+                    d["plugin"].as_str().unwrap_or(""),
+                    d["duration_ms"],
+                    bar(self.done, self.total, 12),
+                    self.done,
+                    self.total,
+                ))
+            }
+            "workflow.failed" => Some(format!(
+                "[{t:>6.1}s] ✗ failed: {}",
+                d["error"].as_str().unwrap_or("")
+            )),
+            "workflow.cancelled" => Some(format!("[{t:>6.1}s] ✗ cancelled")),
+            _ => None,
+        }
+    }
+}
+
+fn print_line(line: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
 /// Follows an instance until it ends, printing one line per finished step.
 pub async fn follow(host: &Host, id: &str, quiet: bool) -> anyhow::Result<InstanceView> {
-    let started = Instant::now();
-    let total = host.engine.get(id)?.total_steps.unwrap_or(1) as usize;
+    let mut progress = Progress::new(host.engine.get(id)?.total_steps.unwrap_or(1) as usize);
     let mut last_event = 0i64;
-    let mut done = 0usize;
     let mut published = host.store.published();
     loop {
         published.borrow_and_update();
@@ -97,40 +154,9 @@ pub async fn follow(host: &Host, id: &str, quiet: bool) -> anyhow::Result<Instan
             if e.correlation_id.as_deref() != Some(id) || quiet {
                 continue;
             }
-            let d = &e.data;
-            let line = match e.topic.as_str() {
-                "workflow.step_complete" => {
-                    let status = d["status"].as_str().unwrap_or("");
-                    if status == "completed" {
-                        done += 1;
-                    }
-                    let mark = match status {
-                        "completed" => "✓",
-                        "retrying" => "↻",
-                        _ => "✗",
-                    };
-                    let cost = host.engine.get(id).map(|v| v.cost_usd).unwrap_or(0.0);
-                    Some(format!(
-                        "[{:>6.1}s] {mark} {:<12} {:<18} {:>6} ms  ${:<8.4} {} {done}/{total}",
-                        started.elapsed().as_secs_f64(),
-                        d["step"].as_str().unwrap_or("?"),
-                        d["plugin"].as_str().unwrap_or(""),
-                        d["duration_ms"],
-                        cost,
-                        bar(done, total, 12),
-                    ))
-                }
-                "workflow.failed" => Some(format!(
-                    "[{:>6.1}s] ✗ failed: {}",
-                    started.elapsed().as_secs_f64(),
-                    d["error"].as_str().unwrap_or("")
-                )),
-                _ => None,
-            };
-            if let Some(line) = line {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}")?;
-                out.flush()?;
+            let cost = host.engine.get(id).map(|v| v.cost_usd).unwrap_or(0.0);
+            if let Some(line) = progress.line(&e.topic, &e.data, cost) {
+                print_line(&line)?;
             }
         }
         let v = host.engine.get(id)?;
@@ -152,21 +178,27 @@ pub async fn follow(host: &Host, id: &str, quiet: bool) -> anyhow::Result<Instan
     }
 }
 
-/// The human summary of a finished instance: its final result (the last step's result, e.g.
-/// the judge's verdict) and its totals.
-pub fn render_result(host: &Host, v: &InstanceView) -> anyhow::Result<String> {
+/// The human summary of a finished instance, from its JSON (`GET /workflows/ID`: the
+/// instance with its `steps`): its final result (the last step's result, e.g. the judge's
+/// verdict) and its totals.
+pub fn render_result(v: &Value, data_dir: &std::path::Path) -> String {
     let mut out = String::new();
-    let history = host.engine.history(&v.id)?;
-    let last = history
-        .iter()
-        .rev()
-        .find(|s| s.status == "completed" && s.output.is_some());
-    out.push_str(&format!("\n{} {} — {}\n", v.workflow_type, v.id, v.status));
-    if let Some(e) = &v.error {
+    let steps = v["steps"].as_array().cloned().unwrap_or_default();
+    let id = v["id"].as_str().unwrap_or("");
+    out.push_str(&format!(
+        "\n{} {id} — {}\n",
+        v["type"].as_str().unwrap_or(""),
+        v["status"].as_str().unwrap_or("")
+    ));
+    if let Some(e) = v["error"].as_str() {
         out.push_str(&format!("error: {e}\n"));
     }
-    if let Some(step) = last {
-        let result = &step.output.as_ref().unwrap()["result"];
+    if let Some(step) = steps
+        .iter()
+        .rev()
+        .find(|s| s["status"] == "completed" && s["output"].is_object())
+    {
+        let result = &step["output"]["result"];
         let text = ["verdict", "report", "summary", "final", "text"]
             .iter()
             .find_map(|k| result.get(*k).and_then(Value::as_str))
@@ -174,21 +206,24 @@ pub fn render_result(host: &Host, v: &InstanceView) -> anyhow::Result<String> {
             .unwrap_or_else(|| serde_json::to_string_pretty(result).unwrap_or_default());
         out.push_str(&format!("\n{text}\n"));
     }
+    let end = v["completed_at"]
+        .as_i64()
+        .or(v["updated_at"].as_i64())
+        .unwrap_or(0);
     out.push_str(&format!(
         "\n{} steps, {} Claude calls, {} tokens in / {} out, ${:.4}, {:.1} s\n",
-        history.iter().filter(|s| s.status == "completed").count(),
-        v.claude_calls,
-        v.tokens_in,
-        v.tokens_out,
-        v.cost_usd,
-        (v.completed_at.unwrap_or(v.updated_at) - v.created_at) as f64 / 1000.0
+        steps.iter().filter(|s| s["status"] == "completed").count(),
+        v["claude_calls"],
+        v["tokens_in"],
+        v["tokens_out"],
+        v["cost_usd"].as_f64().unwrap_or(0.0),
+        (end - v["created_at"].as_i64().unwrap_or(end)) as f64 / 1000.0
     ));
     out.push_str(&format!(
-        "transcript: ksi workflow show {}   logs: {}/claude_logs/\n",
-        v.id,
-        host.config.data_dir.display()
+        "transcript: ksi workflow show {id}   logs: {}/claude_logs/\n",
+        data_dir.display()
     ));
-    Ok(out)
+    out
 }
 
 /// Starts `args.workflow` on `host` and follows it to the end.
@@ -203,12 +238,79 @@ pub async fn run_in_process(host: &Host, args: &RunArgs) -> anyhow::Result<Insta
     let v = follow(host, &id, args.json).await?;
     let _ = stop.send(true);
     let _ = workers.await;
+    let mut body = serde_json::to_value(&v)?;
+    body["steps"] = serde_json::to_value(host.engine.history(&id)?)?;
     if args.json {
-        let mut body = serde_json::to_value(&v)?;
-        body["steps"] = serde_json::to_value(host.engine.history(&id)?)?;
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
-        print!("{}", render_result(host, &v)?);
+        print!("{}", render_result(&body, &host.config.data_dir));
+    }
+    Ok(v)
+}
+
+/// Runs `args.workflow` on the daemon listening on `client`, following it over the live
+/// event stream.
+pub async fn run_on_daemon(
+    client: &super::client::DaemonClient,
+    args: &RunArgs,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Value> {
+    let params = params_of(args)?;
+    // Subscribe first (the stream starts at the newest event), then start: nothing is missed.
+    let mut events = client.stream("/events/stream?topic=workflow.%3E").await?;
+    let (status, body) = client
+        .request(
+            "POST",
+            "/workflows",
+            Some(serde_json::json!({"type": args.workflow, "params": params})),
+        )
+        .await?;
+    if status != 201 {
+        anyhow::bail!(
+            "the daemon refused the workflow: {}",
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or(&body.to_string())
+        );
+    }
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    if !args.json {
+        println!("started {} {id} on the running daemon", args.workflow);
+    }
+    let (_, v) = client
+        .request("GET", &format!("/workflows/{id}"), None)
+        .await?;
+    let mut progress = Progress::new(v["total_steps"].as_u64().unwrap_or(1) as usize);
+    let mut cost = 0.0;
+    while let Some(e) = events.next_event().await? {
+        if e["correlation_id"].as_str() != Some(id.as_str()) {
+            continue;
+        }
+        let topic = e["topic"].as_str().unwrap_or("");
+        let d = &e["data"];
+        cost += d["cost_usd"]
+            .as_f64()
+            .filter(|_| topic == "workflow.step_complete")
+            .unwrap_or(0.0);
+        if !args.json
+            && let Some(line) = progress.line(topic, d, cost)
+        {
+            print_line(&line)?;
+        }
+        if matches!(
+            topic,
+            "workflow.complete" | "workflow.failed" | "workflow.cancelled"
+        ) {
+            break;
+        }
+    }
+    let (_, v) = client
+        .request("GET", &format!("/workflows/{id}"), None)
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", render_result(&v, data_dir));
     }
     Ok(v)
 }
