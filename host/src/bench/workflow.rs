@@ -15,10 +15,7 @@ use tokio::sync::watch;
 
 use crate::refs::Refs;
 use crate::store::{Store, StoreOptions};
-use crate::workflow::{
-    BoxFuture, ClaudeAnswer, ClaudeApi, ClaudeFailure, ClaudeRequest, Definition, Engine,
-    EngineOptions, StepRunner,
-};
+use crate::workflow::{BoxFuture, Definition, Engine, EngineOptions, NoClaude, StepRunner};
 
 /// Results (also the `--json` output).
 #[derive(Debug, Clone, Serialize)]
@@ -32,29 +29,6 @@ pub struct WorkflowBenchReport {
     pub step_p99_ms: f64,
     pub resume_instances: usize,
     pub resume_ms: f64,
-}
-
-/// A Claude API that refuses: the benchmark's steps make no Claude calls.
-struct NoClaude;
-
-impl ClaudeApi for NoClaude {
-    fn complete(
-        &self,
-        _: String,
-        _: Option<String>,
-        _: ClaudeRequest,
-    ) -> BoxFuture<'static, Result<ClaudeAnswer, ClaudeFailure>> {
-        Box::pin(async {
-            Err(ClaudeFailure {
-                transient: false,
-                class: "unavailable".into(),
-                message: "the benchmark makes no Claude calls".into(),
-            })
-        })
-    }
-    fn recover(&self, _: String) -> BoxFuture<'static, Option<ClaudeAnswer>> {
-        Box::pin(async { None })
-    }
 }
 
 fn definition(handler: &str, steps: usize) -> String {
@@ -87,7 +61,7 @@ async fn open_engine(
         store.clone(),
         refs,
         runner.clone(),
-        Arc::new(NoClaude),
+        Arc::new(NoClaude("the benchmark makes no Claude calls")),
         EngineOptions {
             workers,
             lease: Duration::from_secs(30),

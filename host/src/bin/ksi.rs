@@ -61,10 +61,7 @@ fn main() {
     let result = (|| {
         let mut config = cli.global.config()?;
         // The client's own output is the interface: only warnings go to the log unless asked.
-        if cli.global.log_level.is_none()
-            && std::env::var_os("RUST_LOG").is_none()
-            && std::env::var_os("KSI_LOG_LEVEL").is_none()
-        {
+        if !ksi_host::cli::log_level_chosen(&cli.global) {
             config.log_level = "warn".into();
         }
         init_logging(&config);
@@ -75,20 +72,17 @@ fn main() {
             match cli.cmd {
                 Cmd::Run(args) => {
                     // A running daemon owns the data dir: submit to it and follow its stream.
-                    if let Some(client) = ksi_host::cli::client::DaemonClient::find(&config.data_dir).await {
-                        let v = ksi_host::cli::run::run_on_daemon(&client, &args, &config.data_dir).await?;
+                    if let Some(client) =
+                        ksi_host::cli::client::DaemonClient::find(&config.data_dir).await
+                    {
+                        let v = ksi_host::cli::run::run_on_daemon(&client, &args, &config.data_dir)
+                            .await?;
                         if v["status"] != "completed" {
                             anyhow::bail!("workflow {} ended {}", v["id"], v["status"]);
                         }
                         return Ok(());
                     }
-                    let (bin, simulated) = ksi_host::cli::run::choose_claude_bin(args.claude_bin.clone());
-                    if simulated {
-                        eprintln!(
-                            "note: the real `claude` CLI is not on PATH, so this run uses {} (simulated answers, no cost). Install Claude Code to use the real one.",
-                            bin.display()
-                        );
-                    }
+                    let bin = ksi_host::cli::run::claude_bin_with_notice(args.claude_bin.clone());
                     let host = ksi_host::daemon::Host::open(config, bin, false).await?;
                     let v = ksi_host::cli::run::run_in_process(&host, &args).await?;
                     if v.status != "completed" {
@@ -96,11 +90,17 @@ fn main() {
                     }
                     Ok(())
                 }
-                Cmd::Workflows { status, limit, json } => ksi_host::cli::workflow::list(open(config)?, status, limit, json).await,
+                Cmd::Workflows {
+                    status,
+                    limit,
+                    json,
+                } => ksi_host::cli::workflow::list(open(config)?, status, limit, json).await,
                 Cmd::Schedule(cmd) => ksi_host::cli::workflow::schedule(cmd, open(config)?).await,
                 Cmd::Workflow(cmd) => ksi_host::cli::workflow::run(cmd, open(config)?).await,
                 Cmd::Claude(cmd) => ksi_host::cli::claude::run(cmd, open(config)?).await,
-                Cmd::Plugins(PluginsCmd::List { json }) => ksi_host::cli::plugins::list(&config, json),
+                Cmd::Plugins(PluginsCmd::List { json }) => {
+                    ksi_host::cli::plugins::list(&config, json)
+                }
                 Cmd::Plugin(cmd) => ksi_host::cli::plugins::run(cmd),
                 Cmd::Events(cmd) => ksi_host::cli::events::run(cmd, open(config)?).await,
             }

@@ -147,11 +147,7 @@ pub fn main() -> i32 {
 fn run(cli: HostCli) -> anyhow::Result<()> {
     let mut config = cli.global.config()?;
     // One-shot commands print their own output; only the daemon logs at info by default.
-    let quiet_default = !matches!(cli.cmd, HostCmd::Serve(_))
-        && cli.global.log_level.is_none()
-        && std::env::var_os("RUST_LOG").is_none()
-        && std::env::var_os("KSI_LOG_LEVEL").is_none();
-    if quiet_default {
+    if !matches!(cli.cmd, HostCmd::Serve(_)) && !super::log_level_chosen(&cli.global) {
         config.log_level = "warn".into();
     }
     init_logging(&config);
@@ -161,10 +157,7 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.cmd {
             HostCmd::Serve(args) => {
-                let (bin, simulated) = super::run::choose_claude_bin(args.claude_bin.clone());
-                if simulated {
-                    eprintln!("note: the real `claude` CLI is not on PATH; running on {} (simulated answers)", bin.display());
-                }
+                let bin = super::run::claude_bin_with_notice(args.claude_bin.clone());
                 let host = crate::daemon::Host::open(config.clone(), bin, true).await?;
                 super::serve::serve(config, args, host).await
             }
@@ -181,28 +174,17 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 } else {
-                    let mut t = table(&["measure", "value"]);
-                    if let Some(o) = r.as_object() {
-                        for (k, v) in o {
-                            t.add_row(vec![k.clone(), v.to_string()]);
-                        }
-                    }
-                    println!("{t}");
+                    super::print_json_table(&r);
                 }
                 Ok(())
             }
             HostCmd::Bench(BenchCmd::Plugins { json }) => {
-                let r = tokio::task::spawn_blocking(crate::plugins::bench::try_bench_plugins).await??;
+                let r =
+                    tokio::task::spawn_blocking(crate::plugins::bench::try_bench_plugins).await??;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 } else {
-                    let mut t = table(&["measure", "value"]);
-                    if let Some(o) = r.as_object() {
-                        for (k, v) in o {
-                            t.add_row(vec![k.clone(), v.to_string()]);
-                        }
-                    }
-                    println!("{t}");
+                    super::print_json_table(&r);
                 }
                 Ok(())
             }
@@ -265,7 +247,10 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 let dir = config.data_dir.join("bench-workflow");
                 let (runner, handler): (std::sync::Arc<dyn crate::workflow::StepRunner>, &str) =
                     if native {
-                        (std::sync::Arc::new(bench::workflow::NativeEcho), "native.echo")
+                        (
+                            std::sync::Arc::new(bench::workflow::NativeEcho),
+                            "native.echo",
+                        )
                     } else {
                         // The WebAssembly echo plugin: every step instantiates and calls a component.
                         let pdir = config.data_dir.join("bench-plugins");
@@ -276,9 +261,13 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                             std::sync::Arc::new(crate::plugins::RecordingEvents::default()),
                         )?;
                         rt.load_file(&pdir.join("plugins/echo.wasm"))?;
-                        (std::sync::Arc::new(crate::workflow::PluginRunner::new(rt)), "echo.echo")
+                        (
+                            std::sync::Arc::new(crate::workflow::PluginRunner::new(rt)),
+                            "echo.echo",
+                        )
                     };
-                let r = bench::workflow::run(&dir, runner, handler, instances, resume, workers).await?;
+                let r =
+                    bench::workflow::run(&dir, runner, handler, instances, resume, workers).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 } else {

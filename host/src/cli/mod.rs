@@ -47,6 +47,24 @@ impl GlobalArgs {
     }
 }
 
+/// Whether the user chose a log level (flag, `RUST_LOG` or `KSI_LOG_LEVEL`).
+pub fn log_level_chosen(global: &GlobalArgs) -> bool {
+    global.log_level.is_some()
+        || std::env::var_os("RUST_LOG").is_some()
+        || std::env::var_os("KSI_LOG_LEVEL").is_some()
+}
+
+/// Prints a table of a JSON object's keys and values (benchmark reports).
+pub fn print_json_table(v: &serde_json::Value) {
+    let mut t = table(&["measure", "value"]);
+    if let Some(o) = v.as_object() {
+        for (k, v) in o {
+            t.add_row(vec![k.clone(), v.to_string()]);
+        }
+    }
+    println!("{t}");
+}
+
 /// Sets up `tracing` on stderr in the configured format.
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

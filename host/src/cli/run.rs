@@ -69,6 +69,18 @@ pub fn choose_claude_bin(explicit: Option<PathBuf>) -> (PathBuf, bool) {
     (fake, true)
 }
 
+/// [`choose_claude_bin`], telling the user on stderr when the answers will be simulated.
+pub fn claude_bin_with_notice(explicit: Option<PathBuf>) -> PathBuf {
+    let (bin, simulated) = choose_claude_bin(explicit);
+    if simulated {
+        eprintln!(
+            "note: the real `claude` CLI is not on PATH, so this uses {} (simulated answers, no cost). Install Claude Code to use the real one.",
+            bin.display()
+        );
+    }
+    bin
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)

@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::{Opened, clock, ellipsize, table};
 use crate::workflow::{
-    BoxFuture, ClaudeAnswer, ClaudeApi, ClaudeFailure, ClaudeRequest, Engine, EngineOptions,
-    HandlerRef, ResolvedStep, StepContext, StepError, StepInput, StepOutput, StepRunner,
+    BoxFuture, Engine, EngineOptions, HandlerRef, NoClaude, ResolvedStep, StepContext, StepError,
+    StepInput, StepOutput, StepRunner,
 };
 
 /// `ksi workflow ...`
@@ -142,32 +142,14 @@ impl StepRunner for AdminRunner {
     }
 }
 
-impl ClaudeApi for AdminRunner {
-    fn complete(
-        &self,
-        _: String,
-        _: Option<String>,
-        _: ClaudeRequest,
-    ) -> BoxFuture<'static, Result<ClaudeAnswer, ClaudeFailure>> {
-        Box::pin(async {
-            Err(ClaudeFailure {
-                transient: true,
-                class: "unavailable".into(),
-                message: "no executor in this command".into(),
-            })
-        })
-    }
-    fn recover(&self, _: String) -> BoxFuture<'static, Option<ClaudeAnswer>> {
-        Box::pin(async { None })
-    }
-}
-
 async fn admin_engine(o: &Opened) -> anyhow::Result<Engine> {
     let engine = Engine::new(
         o.store.clone(),
         o.refs.clone(),
         Arc::new(AdminRunner),
-        Arc::new(AdminRunner),
+        Arc::new(NoClaude(
+            "Claude calls run in the daemon, not in this command",
+        )),
         EngineOptions::default(),
     )
     .await?;

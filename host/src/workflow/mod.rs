@@ -178,3 +178,29 @@ pub trait ClaudeApi: Send + Sync {
     /// After a crash: the outcome of a process that was started, if it completed.
     fn recover(&self, process_id: String) -> BoxFuture<'static, Option<ClaudeAnswer>>;
 }
+
+/// A [`ClaudeApi`] for engines that run no Claude call (benchmarks, admin commands): every
+/// call is refused with `reason`.
+pub struct NoClaude(pub &'static str);
+
+impl ClaudeApi for NoClaude {
+    fn complete(
+        &self,
+        _: String,
+        _: Option<String>,
+        _: ClaudeRequest,
+    ) -> BoxFuture<'static, Result<ClaudeAnswer, ClaudeFailure>> {
+        let message = self.0.to_string();
+        Box::pin(async move {
+            Err(ClaudeFailure {
+                transient: false,
+                class: "unavailable".into(),
+                message,
+            })
+        })
+    }
+
+    fn recover(&self, _: String) -> BoxFuture<'static, Option<ClaudeAnswer>> {
+        Box::pin(async { None })
+    }
+}
