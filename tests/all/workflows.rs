@@ -433,3 +433,68 @@ async fn ksi_run_uses_the_running_daemon() {
         .unwrap();
     assert_eq!((s, w["status"].as_str()), (200, Some("completed")));
 }
+
+#[tokio::test]
+async fn ksi_workflow_cancel_reaches_the_running_daemon_and_stops_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fake.jsonl");
+    let env = [
+        ("KSI_CLAUDE_ENV_FAKE_CLAUDE_DELAY_MS", "2000"),
+        ("KSI_CLAUDE_ENV_FAKE_CLAUDE_LOG", log.to_str().unwrap()),
+    ];
+    let d = Daemon::start(dir.path(), &env).await;
+    let (_, b) = d
+        .post(
+            "/workflows",
+            &json!({"type": "debate", "params": {"topic": "cancel me"}}),
+        )
+        .await
+        .unwrap();
+    let id = b["id"].as_str().unwrap().to_string();
+    // Wait until the opening's Claude calls run.
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&log)
+        .map(|l| l.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the Claude calls did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let path = dir.path().to_path_buf();
+    let id2 = id.clone();
+    let o = tokio::task::spawn_blocking(move || ksi(&path, &["workflow", "cancel", &id2]))
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let started = Instant::now();
+    wait_status(&d, &id, "cancelled", Duration::from_secs(5)).await;
+    // The running calls were killed, not waited for: no fake-claude of this run is alive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        let pid = serde_json::from_str::<Value>(line).unwrap()["pid"]
+            .as_i64()
+            .unwrap() as i32;
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
+        assert!(!alive, "fake-claude {pid} still runs after the cancel");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the cancel waited for the slow calls instead of stopping them"
+    );
+    let (_, v) = d.get(&format!("/workflows/{id}")).await.unwrap();
+    assert!(
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] != "completed"),
+        "{v}"
+    );
+}

@@ -1955,4 +1955,8 @@ impl ClaudeApi for Executor {
         let this = self.clone();
         Box::pin(async move { this.recover_answer(&process_id).await })
     }
+
+    fn cancel(&self, process_id: &str) -> bool {
+        Executor::cancel(self, process_id)
+    }
 }

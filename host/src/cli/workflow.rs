@@ -195,8 +195,45 @@ pub async fn list(
     Ok(())
 }
 
+/// Sends an action to the running daemon, so it also stops a step it is running (and its
+/// Claude calls) at once.
+async fn act_on_daemon(
+    client: &super::client::DaemonClient,
+    id: &str,
+    action: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<()> {
+    let (status, b) = client
+        .request("POST", &format!("/workflows/{id}/{action}"), Some(body))
+        .await?;
+    if !(200..300).contains(&status) {
+        anyhow::bail!(
+            "{}",
+            b["error"]["message"].as_str().unwrap_or(&b.to_string())
+        );
+    }
+    println!("{id} {action}: now {}", b["status"].as_str().unwrap_or("?"));
+    Ok(())
+}
+
 /// `ksi workflow ...`.
 pub async fn run(cmd: WorkflowCmd, o: Opened) -> anyhow::Result<()> {
+    if let Some(client) = super::client::DaemonClient::find(&o.config.data_dir).await {
+        let action = match &cmd {
+            WorkflowCmd::Cancel { id } => Some((id.clone(), "cancel", serde_json::json!({}))),
+            WorkflowCmd::Pause { id } => Some((id.clone(), "pause", serde_json::json!({}))),
+            WorkflowCmd::Resume { id } => Some((id.clone(), "resume", serde_json::json!({}))),
+            WorkflowCmd::RetryFrom { id, step } => Some((
+                id.clone(),
+                "retry-from",
+                serde_json::json!({ "step": step }),
+            )),
+            WorkflowCmd::Show { .. } => None,
+        };
+        if let Some((id, action, body)) = action {
+            return act_on_daemon(&client, &id, action, body).await;
+        }
+    }
     let engine = admin_engine(&o).await?;
     match cmd {
         WorkflowCmd::Show { id, json } => {

@@ -45,6 +45,8 @@ pub struct StepContext {
     patch: Mutex<Map<String, Value>>,
     events: Mutex<Vec<NewEvent>>,
     totals: Mutex<CallTotals>,
+    /// Turns true when the workflow is cancelled: running Claude calls are stopped.
+    cancelled: tokio::sync::watch::Sender<bool>,
     templates_dir: std::path::PathBuf,
 }
 
@@ -85,6 +87,7 @@ impl StepContext {
             patch: Mutex::new(Map::new()),
             events: Mutex::new(Vec::new()),
             totals: Mutex::new(CallTotals::default()),
+            cancelled: tokio::sync::watch::channel(false).0,
             templates_dir,
         }
     }
@@ -297,10 +300,30 @@ impl StepContext {
         )
         .await
         .map_err(internal)?;
-        let result = self
-            .claude
-            .complete(process_id.clone(), Some(self.workflow_id.clone()), request)
-            .await;
+        let mut cancelled = self.cancelled.subscribe();
+        if *cancelled.borrow_and_update() {
+            return Err(ClaudeFailure {
+                transient: false,
+                class: "cancelled".into(),
+                message: format!("workflow {} was cancelled", self.workflow_id),
+            });
+        }
+        let call =
+            self.claude
+                .complete(process_id.clone(), Some(self.workflow_id.clone()), request);
+        tokio::pin!(call);
+        let result = tokio::select! {
+            r = &mut call => r,
+            _ = async { cancelled.wait_for(|c| *c).await.map(|_| ()) } => loop {
+                // Cancelled: stop the call (asking again until the executor has it running),
+                // then take its outcome.
+                self.claude.cancel(&process_id);
+                tokio::select! {
+                    r = &mut call => break r,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+            },
+        };
         match &result {
             Ok(answer) => {
                 self.record(
@@ -430,6 +453,12 @@ impl StepContext {
             "trace" => tracing::trace!(workflow = %wf, seq, "{message}"),
             _ => tracing::info!(workflow = %wf, seq, "{message}"),
         }
+    }
+
+    /// Stops the step's running Claude calls (their process groups are killed) and refuses
+    /// new ones: the workflow was cancelled.
+    pub fn cancel_calls(&self) {
+        self.cancelled.send_replace(true);
     }
 
     pub(crate) fn take_patch(&self) -> Map<String, Value> {

@@ -946,7 +946,13 @@ impl Engine {
             elapsed,
         };
         match outcome {
-            None => self.commit_discard(d, ev, &meta).await,
+            None => {
+                // The step's future is gone, but a plugin blocked in a host call keeps its
+                // thread: stop its Claude calls so nothing runs (or is paid) for a cancelled
+                // workflow.
+                ctx.cancel_calls();
+                self.commit_discard(d, ev, &meta).await
+            }
             Some(Ok(out)) => {
                 self.commit_success(d, ev, def.clone(), step, out, ctx, meta)
                     .await

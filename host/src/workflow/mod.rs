@@ -177,6 +177,11 @@ pub trait ClaudeApi: Send + Sync {
 
     /// After a crash: the outcome of a process that was started, if it completed.
     fn recover(&self, process_id: String) -> BoxFuture<'static, Option<ClaudeAnswer>>;
+
+    /// Stops a running call (its process group is killed); false when it is not running.
+    fn cancel(&self, _process_id: &str) -> bool {
+        false
+    }
 }
 
 /// A [`ClaudeApi`] for engines that run no Claude call (benchmarks, admin commands): every
