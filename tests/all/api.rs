@@ -205,6 +205,11 @@ async fn openapi_lists_every_route() {
         "/workflows/{id}",
         "/workflows/{id}/transcript",
         "/workflows/{id}/{action}",
+        "/spawn",
+        "/processes",
+        "/processes/{id}",
+        "/agents",
+        "/plugins",
     ];
     for p in served {
         assert!(
@@ -303,4 +308,67 @@ async fn a_reconnecting_stream_client_gets_exactly_the_missed_events_in_order() 
     // The query parameter works as well as the header.
     let again = sse_events(d.port, &format!("topic=live.*&last_id={last_id}"), None, 3).await;
     assert_eq!(again, missed);
+}
+
+#[tokio::test]
+async fn spawn_processes_agents_and_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]).await;
+    let (s, b) = d
+        .post("/spawn", &json!({"prompt": "hello", "agent": "alice"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{b}");
+    assert!(
+        b["answer"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("[simulated]")
+    );
+    let pid = b["process_id"].as_str().unwrap().to_string();
+    let (s, p) = d.get(&format!("/processes/{pid}")).await.unwrap();
+    assert_eq!((s, p["status"].as_str()), (200, Some("COMPLETED")), "{p}");
+    let (s, b) = d.get("/processes?status=COMPLETED&limit=10").await.unwrap();
+    assert_eq!(s, 200);
+    assert!(
+        b["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == pid.as_str())
+    );
+    let (s, b) = d.get("/agents").await.unwrap();
+    assert_eq!(s, 200);
+    assert!(
+        b["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["id"] == "alice"),
+        "{b}"
+    );
+    let (s, b) = d.get("/plugins").await.unwrap();
+    assert_eq!(s, 200);
+    assert!(
+        b["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "debate")
+    );
+    // Bad input: 4xx naming the problem.
+    let (s, b) = d.post("/spawn", &json!({"prompt": ""})).await.unwrap();
+    assert_eq!((s, b["error"]["field"].as_str()), (400, Some("prompt")));
+    let (s, b) = d.post("/spawn", &json!({"prompt": 3})).await.unwrap();
+    assert_eq!(s, 422, "{b}");
+    let (s, _) = d.get("/processes/proc_nope").await.unwrap();
+    assert_eq!(s, 404);
+    let (s, b) = d.get("/processes?status=LOST").await.unwrap();
+    assert_eq!((s, b["error"]["field"].as_str()), (400, Some("status")));
+    let (s, b) = d.get("/health").await.unwrap();
+    assert_eq!(s, 200);
+    assert!(
+        b["parts"]["plugins"]["loaded"].as_u64().unwrap() >= 4,
+        "{b}"
+    );
 }

@@ -4,6 +4,7 @@
 //! Bad input never yields a 5xx: every extractor rejection is turned into a 4xx JSON body
 //! `{"error": {"code", "message", "field"?}}` that names the problem.
 
+pub mod claude;
 mod events;
 mod workflows;
 

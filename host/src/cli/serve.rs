@@ -111,7 +111,10 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
         engine: host.engine.clone(),
         started: Instant::now(),
         data_dir: config.data_dir.clone(),
-        parts: Arc::new(Vec::new()),
+        parts: Arc::new(vec![
+            Arc::new(api::claude::ExecutorPart(host.executor.clone())) as Arc<dyn api::ApiPart>,
+            Arc::new(api::claude::PluginsPart(host.plugins.clone())),
+        ]),
     };
     let app = api::router(state);
     let tcp = tokio::net::TcpListener::bind(args.listen)
