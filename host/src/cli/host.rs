@@ -37,6 +37,19 @@ pub enum HostCmd {
     /// Publish, follow and list bus events
     #[command(subcommand)]
     Events(EventsCmd),
+    /// Copy the database while the daemon runs (online backup API), then check the copy
+    Backup {
+        /// A new file to write
+        dest: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the database with a backup after checking it (stop the daemon first)
+    Restore {
+        src: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a plugin component or run one of its steps, without a daemon
     #[command(subcommand)]
     Plugin(super::plugins::PluginCmd),
@@ -162,6 +175,26 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 super::serve::serve(config, args, host).await
             }
             HostCmd::Plugin(cmd) => super::plugins::run(cmd),
+            HostCmd::Backup { dest, json } => {
+                let r = store::backup::backup(&config.db_path(), &dest)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!("backed up {} to {} ({} bytes, schema {}, integrity {})", r.source, r.destination, r.bytes, r.schema_version, r.integrity);
+                }
+                Ok(())
+            }
+            HostCmd::Restore { src, json } => {
+                store::prepare_data_dir(&config.data_dir)?;
+                let _lock = crate::daemon::DataDirLock::acquire(&config.data_dir)?;
+                let r = store::backup::restore(&src, &config.db_path())?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!("restored {} from {} (schema {}, integrity {}); the previous database is kept as ksi.db.before-restore", r.destination, r.source, r.schema_version, r.integrity);
+                }
+                Ok(())
+            }
             HostCmd::Bench(BenchCmd::Executor { calls, json }) => {
                 store::prepare_data_dir(&config.data_dir)?;
                 let (fake, _) = super::run::choose_claude_bin(Some(

@@ -10,6 +10,7 @@
 //! before its future resolves. "database is locked" (another process holding the write lock)
 //! is waited out with the busy timeout and then retried forever: a write is never dropped.
 
+pub mod backup;
 mod migrate;
 
 use std::cell::Cell;
