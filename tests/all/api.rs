@@ -372,3 +372,27 @@ async fn spawn_processes_agents_and_plugins() {
         "{b}"
     );
 }
+
+#[tokio::test]
+async fn the_dashboard_page_is_served_and_reads_the_live_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]).await;
+    let (s, b) = d.get("/").await.unwrap();
+    assert_eq!(s, 200);
+    let html = b["text"].as_str().unwrap();
+    for needle in [
+        "EventSource(\"/events/stream?topic=%3E&named=false\")",
+        "/workflows?limit=50",
+        "/transcript",
+        "/processes?limit=20",
+        "/plugins",
+    ] {
+        assert!(html.contains(needle), "the page uses {needle}");
+    }
+    // The unnamed stream it reads delivers events as plain `message` events.
+    let (s, _) = d
+        .post("/events", &json!({"topic": "dash.ping", "data": {}}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201);
+}

@@ -84,6 +84,14 @@ struct StreamQuery {
     topic: Option<String>,
     /// Resume after this event id (also taken from the SSE `Last-Event-ID` header).
     last_id: Option<i64>,
+    /// SSE only: send each event under its topic as the event name (default), or unnamed so
+    /// one `onmessage` handler sees every event (`named=false`, used by the dashboard).
+    #[serde(default = "named_default")]
+    named: bool,
+}
+
+fn named_default() -> bool {
+    true
 }
 
 /// WebSocket when the request asks for an upgrade, Server-Sent Events otherwise.
@@ -111,6 +119,7 @@ async fn stream(
             .on_upgrade(move |socket| ws_loop(s, socket, pattern, start))
             .into_response());
     }
+    let named = q.named;
     let stream = futures_util::stream::unfold(
         (
             s,
@@ -118,15 +127,15 @@ async fn stream(
             start,
             Vec::<crate::bus::Event>::new().into_iter(),
         ),
-        |(s, pattern, mut last, mut buf)| async move {
+        move |(s, pattern, mut last, mut buf)| async move {
             loop {
                 if let Some(e) = buf.next() {
                     last = e.id;
-                    let ev = SseEvent::default()
-                        .id(e.id.to_string())
-                        .event(e.topic.clone())
-                        .json_data(&e)
-                        .unwrap_or_default();
+                    let mut ev = SseEvent::default().id(e.id.to_string());
+                    if named {
+                        ev = ev.event(e.topic.clone());
+                    }
+                    let ev = ev.json_data(&e).unwrap_or_default();
                     return Some((Ok::<_, Infallible>(ev), (s, pattern, last, buf)));
                 }
                 let batch = next_events(&s, pattern.as_deref(), last).await;

@@ -238,6 +238,7 @@ pub fn limit(v: Option<usize>) -> Result<usize, ApiError> {
 /// The whole router.
 pub fn router(state: AppState) -> Router {
     let mut r = Router::new()
+        .route("/", get(dashboard))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -322,6 +323,17 @@ async fn metrics(State(s): State<AppState>) -> Response {
         out.push_str(&p.metrics());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The dashboard: one page that reads the API and follows the live event stream.
+pub const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        DASHBOARD,
+    )
+        .into_response()
 }
 
 /// The OpenAPI document (kept beside the code; a test checks it lists every route).
