@@ -498,3 +498,42 @@ async fn ksi_workflow_cancel_reaches_the_running_daemon_and_stops_the_step() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn the_daemon_runs_each_standard_workflow_with_transcripts_in_claude_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(dir.path(), &[]).await;
+    for wf in ["debate", "analysis", "collaboration", "teaching"] {
+        let path = dir.path().to_path_buf();
+        let o = tokio::task::spawn_blocking(move || {
+            let v: Value = serde_json::from_slice(
+                &ksi(
+                    &path,
+                    &["run", wf, "--topic", "durable workflows", "--json"],
+                )
+                .stdout,
+            )
+            .unwrap();
+            let show = ksi(
+                &path,
+                &["workflow", "show", v["id"].as_str().unwrap(), "--json"],
+            );
+            (v, serde_json::from_slice::<Value>(&show.stdout).unwrap())
+        })
+        .await
+        .unwrap();
+        let (v, show) = o;
+        assert_eq!(v["status"], "completed", "{wf}: {v}");
+        let turns = assert_transcript_in_claude_logs(dir.path(), &show);
+        assert_eq!(turns as u64, v["claude_calls"].as_u64().unwrap(), "{wf}");
+        // The journal references each answer: every completed Claude call has its process and
+        // its response file line recorded.
+        assert!(
+            show["transcript"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["process_id"].as_str().is_some_and(|p| !p.is_empty()))
+        );
+    }
+}
