@@ -303,6 +303,42 @@ fn to_json<T: Serialize>(value: &T) -> Result<String, StepError> {
     serde_json::to_string(value).map_err(|e| StepError::fatal(format!("cannot serialize: {e}")))
 }
 
+/// Serde helpers for step params that come from the command line or HTTP as text.
+pub mod params {
+    use serde::{Deserialize, Deserializer};
+
+    /// Accepts `3` as well as `"3"` (what `ksi run --param parts=3` passes):
+    /// `#[serde(deserialize_with = "ksi_sdk::params::lenient_u32")]`.
+    ///
+    /// # Errors
+    /// A value that is neither a whole number nor text holding one.
+    pub fn lenient_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Number {
+            Int(u32),
+            Text(String),
+        }
+        match Number::deserialize(d)? {
+            Number::Int(n) => Ok(n),
+            Number::Text(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number"))),
+        }
+    }
+}
+
+/// A named agent and the Claude session it continues; keep it in the workflow state so the
+/// agent's next call resumes its conversation (`Request::agent(..).resume_opt(..)`).
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Agent {
+    /// The agent's name (the host keeps one sandbox and session per name).
+    pub agent: String,
+    /// The Claude session to resume, once the agent has spoken.
+    pub session: Option<String>,
+}
+
 /// Claude calls through the host's executor.
 pub mod claude {
     use crate::StepError;

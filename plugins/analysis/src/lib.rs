@@ -8,9 +8,11 @@
 //! session in which it set the questions, writes the report). Everything the steps share lives
 //! under the `analysis` key of the workflow state.
 
+use ksi_sdk::Agent;
 use ksi_sdk::claude::{self, Request, Response};
+use ksi_sdk::params::lenient_u32;
 use ksi_sdk::{Plugin, PluginInfo, StepError, StepInput, StepOutput, log, templates};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// The most sub-questions one analysis fans out to (each is a concurrent Claude call).
@@ -28,30 +30,6 @@ struct DecomposeParams {
 
 fn default_parts() -> u32 {
     3
-}
-
-/// Accepts `3` as well as `"3"` (what `--param parts=3` may pass).
-fn lenient_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Number {
-        Int(u32),
-        Text(String),
-    }
-    match Number::deserialize(d)? {
-        Number::Int(n) => Ok(n),
-        Number::Text(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number"))),
-    }
-}
-
-/// A named agent and the Claude session it continues.
-#[derive(Serialize, Deserialize, Clone, Default)]
-struct Agent {
-    agent: String,
-    session: Option<String>,
 }
 
 /// One sub-question and, after `analyze`, its answer.

@@ -10,9 +10,11 @@
 //! keep one Claude session for the whole lesson. Everything the steps share lives under the
 //! `teaching` key of the state.
 
+use ksi_sdk::Agent;
 use ksi_sdk::claude::{self, Request, Response};
+use ksi_sdk::params::lenient_u32;
 use ksi_sdk::{Plugin, PluginInfo, StepError, StepInput, StepOutput, log, templates};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Params of the `explain` step (later steps read the state it writes).
@@ -33,30 +35,6 @@ fn default_level() -> String {
 
 fn default_rounds() -> u32 {
     1
-}
-
-/// Accepts `2` as well as `"2"` (what `--param rounds=2` may pass).
-fn lenient_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Number {
-        Int(u32),
-        Text(String),
-    }
-    match Number::deserialize(d)? {
-        Number::Int(n) => Ok(n),
-        Number::Text(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number"))),
-    }
-}
-
-/// A named agent and the Claude session it continues.
-#[derive(Serialize, Deserialize, Clone, Default)]
-struct Agent {
-    agent: String,
-    session: Option<String>,
 }
 
 /// One round of questions and answers.
