@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPart, ApiQuery, AppState, limit};
+use super::{ApiError, ApiJson, ApiPart, ApiQuery, AppState, check_status, limit};
 use crate::claude::Executor;
 use crate::plugins::PluginRuntime;
 use crate::workflow::ClaudeRequest;
@@ -125,14 +125,7 @@ async fn processes(
     State(s): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if let Some(st) = &q.status
-        && !STATUSES.contains(&st.as_str())
-    {
-        return Err(ApiError::field(
-            "status",
-            format!("status must be one of {}", STATUSES.join(", ")),
-        ));
-    }
+    check_status(q.status.as_deref(), STATUSES)?;
     let rows =
         crate::claude::executor::list_processes(&s.store, q.status.as_deref(), limit(q.limit)?)?;
     Ok(Json(json!({ "processes": rows })))

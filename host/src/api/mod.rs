@@ -222,6 +222,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// Checks a `status` filter against the statuses a list knows.
+pub fn check_status(status: Option<&str>, known: &[&str]) -> Result<(), ApiError> {
+    match status {
+        Some(st) if !known.contains(&st) => Err(ApiError::field(
+            "status",
+            format!("status must be one of {}", known.join(", ")),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Checks a `limit` parameter.
 pub fn limit(v: Option<usize>) -> Result<usize, ApiError> {
     match v {

@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiQuery, AppState, limit};
+use super::{ApiError, ApiJson, ApiQuery, AppState, check_status, limit};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -66,14 +66,7 @@ async fn list(
     State(s): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if let Some(st) = &q.status
-        && !STATUSES.contains(&st.as_str())
-    {
-        return Err(ApiError::field(
-            "status",
-            format!("status must be one of {}", STATUSES.join(", ")),
-        ));
-    }
+    check_status(q.status.as_deref(), STATUSES)?;
     let rows = s.engine.list(q.status.as_deref(), limit(q.limit)?)?;
     let rows: Vec<Value> = rows
         .into_iter()
