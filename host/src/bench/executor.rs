@@ -36,16 +36,33 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// The child's spawn-to-exit time of process `id`, in ms.
-fn child_ms_of(store: &Store, id: &str) -> anyhow::Result<f64> {
+/// CPU time (user + system) in ms of this process (`libc::RUSAGE_SELF`) or of its reaped
+/// children (`libc::RUSAGE_CHILDREN`).
+fn cpu_ms(who: i32) -> f64 {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
+}
+
+/// A duration in the metrics of process `id` (`spawn_to_exit_us`, `spawn_us`), in ms.
+fn metric_ms_of(store: &Store, id: &str, key: &str) -> anyhow::Result<f64> {
     let row = get_process(store, id)?.ok_or_else(|| anyhow::anyhow!("no row for {id}"))?;
     let us = row
         .metrics
         .as_ref()
-        .and_then(|m| m.get("spawn_to_exit_us"))
+        .and_then(|m| m.get(key))
         .and_then(Value::as_u64)
         .unwrap_or(0);
     Ok(us as f64 / 1000.0)
+}
+
+/// The child's spawn-to-exit time of process `id`, in ms.
+fn child_ms_of(store: &Store, id: &str) -> anyhow::Result<f64> {
+    metric_ms_of(store, id, "spawn_to_exit_us")
 }
 
 /// Runs the benchmark in a fresh `data_dir` (created; existing data is not touched but shares
@@ -67,7 +84,6 @@ pub async fn bench_executor(
     };
     config.spend.max_concurrency = calls.max(1);
     config.spend.spawn_rate_per_min = 0.0;
-    config.spend.loop_max_repeats = 0;
     let exec = Executor::new(store.clone(), Bus::new(store.clone()), refs, config);
 
     let peak = std::sync::Arc::new(std::sync::Mutex::new(rss_mb()));
@@ -106,6 +122,7 @@ pub async fn bench_executor(
         sequential.push(wall - child_ms_of(&store, &id)?);
     }
     sequential.sort_by(f64::total_cmp);
+    let (self_cpu0, child_cpu0) = (cpu_ms(libc::RUSAGE_SELF), cpu_ms(libc::RUSAGE_CHILDREN));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..calls {
@@ -128,6 +145,7 @@ pub async fn bench_executor(
     }
     let mut overheads = Vec::new();
     let mut child_ms = Vec::new();
+    let mut spawn_ms = Vec::new();
     for t in tasks {
         let (id, wall, out) = t.await?;
         out.map_err(|f| {
@@ -135,12 +153,16 @@ pub async fn bench_executor(
         })?;
         let child = child_ms_of(&store, &id)?;
         child_ms.push(child);
+        spawn_ms.push(metric_ms_of(&store, &id, "spawn_us")?);
         overheads.push(wall.as_secs_f64() * 1000.0 - child);
     }
     let elapsed = t0.elapsed();
+    let ksi_cpu = (cpu_ms(libc::RUSAGE_SELF) - self_cpu0) / calls.max(1) as f64;
+    let child_cpu = (cpu_ms(libc::RUSAGE_CHILDREN) - child_cpu0) / calls.max(1) as f64;
     sampler.abort();
     overheads.sort_by(f64::total_cmp);
     child_ms.sort_by(f64::total_cmp);
+    spawn_ms.sort_by(f64::total_cmp);
     let rss = *peak.lock().unwrap();
     store.close();
     Ok(json!({
@@ -151,6 +173,10 @@ pub async fn bench_executor(
         "overhead_p90_ms": percentile(&overheads, 0.9),
         "overhead_max_ms": overheads.last().copied().unwrap_or(0.0),
         "child_p50_ms": percentile(&child_ms, 0.5),
+        "spawn_p50_ms": percentile(&spawn_ms, 0.5),
+        "spawn_p90_ms": percentile(&spawn_ms, 0.9),
+        "ksi_cpu_ms_per_call": ksi_cpu,
+        "child_cpu_ms_per_call": child_cpu,
         "calls_per_s": calls as f64 / elapsed.as_secs_f64(),
         "elapsed_ms": elapsed.as_secs_f64() * 1000.0,
         "rss_mb": rss,

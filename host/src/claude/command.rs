@@ -191,8 +191,16 @@ impl ClaudeInvocation {
     }
 
     /// A ready-to-spawn command: clean environment, piped stdio, its own process group, killed
-    /// when dropped. The caller writes [`prompt`](Self::prompt) to stdin and closes it.
+    /// when dropped, and `PR_SET_PDEATHSIG` (see [`ClaudeInvocation::command_with`]). The caller
+    /// writes [`prompt`](Self::prompt) to stdin and closes it.
     pub fn command(&self) -> tokio::process::Command {
+        self.command_with(true)
+    }
+
+    /// [`ClaudeInvocation::command`]; with `pdeathsig` false the child gets no
+    /// `PR_SET_PDEATHSIG`, so the spawn takes the fast `posix_spawn` path: for callers whose
+    /// children are watched by a [`super::guardian::Guardian`].
+    pub fn command_with(&self, pdeathsig: bool) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(self.args())
             .env_clear()
@@ -212,6 +220,9 @@ impl ClaudeInvocation {
         // next start-up's reconciliation. The signal follows the spawning thread; KSI spawns
         // from runtime worker threads or from a step's thread that waits for the call.
         // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
+        if !pdeathsig {
+            return cmd;
+        }
         let parent = std::process::id() as libc::pid_t;
         unsafe {
             cmd.pre_exec(move || {

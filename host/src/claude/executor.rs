@@ -37,7 +37,7 @@ use super::responses::{self, FoundResult, StreamLog};
 use super::retry::RetryPolicy;
 use super::spend::{Admission, Payer, Refusal, SpendLimits};
 use super::stream::{ResultSummary, StreamEvent};
-use super::supervise::{AttemptOutcome, CancelToken, Limits, Progress, run_attempt};
+use super::supervise::{AttemptOutcome, CancelToken, Limits, Progress, run_attempt_guarded};
 use crate::bus::{self, Bus, BusError, Delivery, NewEvent};
 use crate::refs::{FileRef, Refs, sha256_hex};
 use crate::store::{Store, now_ms};
@@ -361,6 +361,21 @@ struct Inner {
     admission: Admission,
     calls: Mutex<HashMap<String, InFlight>>,
     agent_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Kills the CLIs if this process dies; started at the first spawn (`None`: it could not
+    /// be, and the CLIs get `PR_SET_PDEATHSIG` instead).
+    guardian: std::sync::OnceLock<Option<super::guardian::Guardian>>,
+}
+
+/// What the spawn path already knows of a row it just inserted (read back otherwise).
+#[derive(Debug, Clone)]
+struct KnownRow {
+    rowid: i64,
+    prompt_sha: String,
+    attempts: u32,
+    max_attempts: u32,
+    /// The repeated-prompt check ran in the inserting transaction (with this outcome).
+    loop_checked: bool,
+    loop_refusal: Option<Refusal>,
 }
 
 /// Runs Claude calls; cheap to clone (all clones share limits, budgets and calls in flight).
@@ -423,6 +438,7 @@ impl Executor {
                 admission: Admission::default(),
                 calls: Mutex::default(),
                 agent_turns: Mutex::default(),
+                guardian: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -494,17 +510,6 @@ impl Executor {
         let release = |id: &str| {
             inner.calls.lock().unwrap().remove(id);
         };
-        match get_process(&inner.store, &process_id) {
-            Ok(None) => {}
-            Ok(Some(_)) => {
-                release(&process_id);
-                return Ok(process_id);
-            }
-            Err(e) => {
-                release(&process_id);
-                return Err(internal(e));
-            }
-        }
         let eff = self.effective_config();
         let profile = match &request.agent {
             Some(agent) => {
@@ -530,14 +535,40 @@ impl Executor {
             session: request.session.clone(),
         };
         let prompt_rel = format!("prompts/queue/{process_id}.txt");
-        let prompt_ref = match inner.refs.write(&prompt_rel, request.prompt.as_bytes()) {
-            Ok(r) => r,
+        // Off the runtime's threads: a row that already exists, then the prompt file (fsynced
+        // before the row that references it commits).
+        let queued = {
+            let (store, refs, id, rel, prompt) = (
+                inner.store.clone(),
+                inner.refs.clone(),
+                process_id.clone(),
+                prompt_rel.clone(),
+                request.prompt.clone(),
+            );
+            tokio::task::spawn_blocking(move || match get_process(&store, &id) {
+                Ok(None) => refs
+                    .write(&rel, prompt.as_bytes())
+                    .map(Some)
+                    .map_err(internal),
+                Ok(Some(_)) => Ok(None),
+                Err(e) => Err(internal(e)),
+            })
+            .await
+            .unwrap_or_else(|e| Err(internal(e)))
+        };
+        let prompt_ref = match queued {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                release(&process_id);
+                return Ok(process_id);
+            }
             Err(e) => {
                 release(&process_id);
-                return Err(internal(e));
+                return Err(e);
             }
         };
-        let prompt_sha = sha256_hex(request.prompt.as_bytes());
+
+        let prompt_sha = prompt_ref.sha256.clone();
         let insert = {
             let (id, wf, agent) = (
                 process_id.clone(),
@@ -549,6 +580,13 @@ impl Executor {
             let req_json = serde_json::to_string(&stored).unwrap_or_default();
             let pref = serde_json::to_string(&prompt_ref).unwrap_or_default();
             let prompt_ref = prompt_ref.clone();
+            let prompt_sha = prompt_sha.clone();
+            let (admission, spend) = (inner.admission.clone(), eff.spend.clone());
+            let payer = Payer {
+                agent: request.agent.clone(),
+                workflow: workflow_id.clone(),
+                agent_budget: profile.as_ref().and_then(AgentProfile::budget),
+            };
             inner
                 .store
                 .write(move |tx| {
@@ -559,6 +597,10 @@ impl Executor {
                          VALUES (?1, ?2, ?3, 'PENDING', ?4, 0, ?5, ?6, ?7, ?8, ?9, ?9)",
                         params![id, wf, agent, model, max_attempts, pref, prompt_sha, req_json, now],
                     )?;
+                    let rowid = tx.last_insert_rowid();
+                    // In the same transaction: calls of the same prompt committed before this
+                    // one, concurrent ones included, are all seen.
+                    let looping = admission.check_loop(tx, &spend, &payer, &prompt_sha, rowid)?;
                     bus::publish_in(
                         tx,
                         &NewEvent::new(
@@ -570,21 +612,41 @@ impl Executor {
                         )
                         .correlated(id.clone()),
                     )?;
-                    Ok::<_, BusError>(())
+                    Ok::<_, BusError>((rowid, looping))
                 })
                 .await
         };
-        if let Err(e) = insert {
-            release(&process_id);
-            let _ = std::fs::remove_file(inner.refs.root().join(&prompt_rel));
-            return Err(internal(e));
-        }
+        let (rowid, loop_refusal) = match insert {
+            Ok(inserted) => inserted,
+            Err(e) => {
+                release(&process_id);
+                let _ = std::fs::remove_file(inner.refs.root().join(&prompt_rel));
+                return Err(internal(e));
+            }
+        };
+
+        let known = KnownRow {
+            rowid,
+            prompt_sha,
+            attempts: 0,
+            max_attempts: eff.retry.max_attempts,
+            loop_checked: true,
+            loop_refusal,
+        };
         let this = self.clone();
         let id = process_id.clone();
         let task = async move {
             let out = this
                 .clone()
-                .drive(id.clone(), workflow_id, request, profile, model, cancel)
+                .drive(
+                    id.clone(),
+                    workflow_id,
+                    request,
+                    profile,
+                    model,
+                    cancel,
+                    Some(known),
+                )
                 .await;
             let _ = done_tx.send(Some(out));
             this.inner.calls.lock().unwrap().remove(&id);
@@ -604,7 +666,7 @@ impl Executor {
     }
 
     /// Stops every call in flight, for a daemon that exits: their tasks are dropped, which kills
-    /// each CLI's process group (see [`run_attempt`]). Their rows stay as they are (PENDING,
+    /// each CLI's process group (see [`super::supervise::run_attempt`]). Their rows stay as they are (PENDING,
     /// RUNNING, RETRY) for [`Executor::reconcile`] at the next start, which completes those whose
     /// result reached the disk and retries the others. Returns how many calls were stopped.
     pub async fn shutdown(&self) -> usize {
@@ -747,6 +809,7 @@ impl Executor {
         profile: Option<AgentProfile>,
         model: String,
         cancel: CancelToken,
+        known: Option<KnownRow>,
     ) -> Outcome {
         let inner = &self.inner;
         let turn = request.agent.as_deref().map(|a| self.agent_turn(a));
@@ -804,20 +867,40 @@ impl Executor {
             workflow: workflow_id.clone(),
             agent_budget: profile.as_ref().and_then(AgentProfile::budget),
         };
-        let (rowid, prompt_sha, mut attempt, max_attempts): (i64, String, u32, u32) = inner
-            .store
-            .read_async({
-                let id = id.clone();
-                move |c| {
-                    Ok::<_, BusError>(c.query_row(
-                        "SELECT rowid, prompt_sha256, attempts, max_attempts FROM processes WHERE id = ?1",
-                        [id],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                    )?)
-                }
-            })
-            .await
-            .map_err(internal)?;
+        let row = match known {
+            Some(k) => k,
+            None => inner
+                .store
+                .read_async({
+                    let id = id.clone();
+                    move |c| {
+                        Ok::<_, BusError>(c.query_row(
+                            "SELECT rowid, prompt_sha256, attempts, max_attempts FROM processes WHERE id = ?1",
+                            [id],
+                            |r| {
+                                Ok(KnownRow {
+                                    rowid: r.get(0)?,
+                                    prompt_sha: r.get(1)?,
+                                    attempts: r.get(2)?,
+                                    max_attempts: r.get(3)?,
+                                    loop_checked: false,
+                                    loop_refusal: None,
+                                })
+                            },
+                        )?)
+                    }
+                })
+                .await
+                .map_err(internal)?,
+        };
+        let KnownRow {
+            rowid,
+            prompt_sha,
+            attempts: mut attempt,
+            max_attempts,
+            loop_checked,
+            mut loop_refusal,
+        } = row;
 
         loop {
             let eff = self.effective_config();
@@ -825,8 +908,14 @@ impl Executor {
                 max_attempts,
                 ..eff.retry
             };
-            // Spend control, before every spawn.
-            let refusal = {
+            // Spend control, before every spawn. The loop check of a fresh call ran in the
+            // transaction that inserted it; a ledger is read only for limited budgets.
+            let first = attempt == 0;
+            let refusal = if let Some(r) = loop_refusal.take().filter(|_| first) {
+                Err(r)
+            } else if !eff.spend.needs_ledger(&payer) && (!first || loop_checked) {
+                Ok(inner.admission.reserve_unmetered(&eff.spend, &payer))
+            } else {
                 let store = inner.store.clone();
                 let (adm, spend, payer2, sha) = (
                     inner.admission.clone(),
@@ -834,10 +923,12 @@ impl Executor {
                     payer.clone(),
                     prompt_sha.clone(),
                 );
-                let first = attempt == 0;
                 tokio::task::spawn_blocking(move || {
                     store.read(|c| {
-                        if first && let Some(r) = adm.check_loop(c, &spend, &payer2, &sha, rowid)? {
+                        if first
+                            && !loop_checked
+                            && let Some(r) = adm.check_loop(c, &spend, &payer2, &sha, rowid)?
+                        {
                             return Ok::<_, BusError>(Err(r));
                         }
                         Ok(adm.reserve(c, &spend, &payer2)?)
@@ -859,6 +950,7 @@ impl Executor {
                 s = inner.admission.slot(&eff.spend, &model) => s,
                 _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
             };
+
             attempt += 1;
             let mut inv = self.invocation(&eff, &request, &profile, &model, &prompt, &session);
             let stream_rel = responses::pending_path(&id, attempt);
@@ -870,8 +962,19 @@ impl Executor {
             }
             let mut running_write: Option<tokio::task::JoinHandle<()>> = None;
             let mut result_sync: Option<tokio::task::JoinHandle<()>> = None;
+
             let t_spawn = Instant::now();
-            let result = run_attempt(&inv, &eff.limits, &cancel, |p| match p {
+            let guardian = inner
+                .guardian
+                .get_or_init(|| match super::guardian::Guardian::start() {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the Claude process guardian; the CLIs get PR_SET_PDEATHSIG instead");
+                        None
+                    }
+                })
+                .as_ref();
+            let result = run_attempt_guarded(&inv, &eff.limits, &cancel, guardian, |p| match p {
                 Progress::Spawned { pid, start_ticks } => {
                     running_write = Some(tokio::spawn(self.clone().record_running(
                         id.clone(),
@@ -896,6 +999,7 @@ impl Executor {
             .await;
             // The slot is held until the attempt's outcome is recorded, so a RUNNING row never
             // outnumbers the limit.
+
             drop(stream);
             if let Some(h) = running_write {
                 let _ = h.await;
@@ -1136,16 +1240,34 @@ impl Executor {
         let metrics = json!({
             "exit_code": o.exit_code,
             "spawn_to_exit_us": o.timings.spawn_to_exit.as_micros() as u64,
+            "spawn_us": o.timings.spawn.as_micros() as u64,
             "first_output_ms": o.timings.first_output.map(|d| d.as_millis() as u64),
             "wall_us": wall.as_micros() as u64,
             "api_retries": o.run.api_retries.len(),
             "stop_reason": result.stop_reason,
         });
-        // SUCCESS: the result is known and its line is fsynced in the pending log.
+        // SUCCESS: the result is known and its line is fsynced in the pending log. Meanwhile,
+        // off the runtime's threads, the response goes to the session log and the prompt to the
+        // archive (both fsynced before the COMPLETED row that references them).
+
+        let files = {
+            let (this, idc, req, o, rel) = (
+                self.clone(),
+                id.to_string(),
+                request.clone(),
+                o.clone(),
+                stream_rel.to_string(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let logged = this.log_attempt(&idc, &req, attempt, &o, &rel, None, None);
+                (logged.and_then(|(r, _)| r), this.archive_prompt(&idc))
+            })
+        };
         self.record_success(id, &result, &metrics).await;
-        let logged = self.log_attempt(id, request, attempt, o, stream_rel, None, None);
-        let response = logged.and_then(|(r, _)| r);
+
+        let (response, archived) = files.await.unwrap_or((None, None));
         let moved = response.is_some();
+
         let out = self
             .commit_completed(
                 id,
@@ -1154,13 +1276,17 @@ impl Executor {
                 model,
                 &result,
                 response,
+                archived,
                 metrics,
                 false,
             )
             .await;
-        if out.is_ok() {
-            self.drop_stream(stream_rel, moved);
+        if out.is_ok() && moved {
+            let root = self.inner.refs.root().to_path_buf();
+            let stream = root.join(stream_rel);
+            tokio::task::spawn_blocking(move || std::fs::remove_file(stream));
         }
+
         out
     }
 
@@ -1219,15 +1345,16 @@ impl Executor {
         model: &str,
         result: &ResultSummary,
         response: Option<FileRef>,
+        archived: Option<FileRef>,
         mut metrics: Value,
         recovered: bool,
     ) -> Outcome {
         let inner = &self.inner;
-        let archived = self.archive_prompt(id);
         if let (Some(r), Some(m)) = (&response, metrics.as_object_mut()) {
             m.insert("response_offset".into(), json!(r.offset));
             m.insert("response_bytes".into(), json!(r.bytes));
         }
+        let was_archived = archived.is_some();
         let (idc, r, resp, model) = (
             id.to_string(),
             result.clone(),
@@ -1305,22 +1432,37 @@ impl Executor {
                     )
                     .correlated(idc.clone()),
                 )?;
-                Ok::<_, BusError>(())
+                // The call's totals over all its attempts, as the answer reports them.
+                let totals = tx
+                    .prepare_cached(
+                        "SELECT model, tokens_in, tokens_out, tokens_cache_read, tokens_cache_write,
+                            cost_usd, duration_ms FROM processes WHERE id = ?1",
+                    )?
+                    .query_row([&idc], |r| {
+                        Ok(ClaudeAnswer {
+                            model: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                            tokens_in: r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64,
+                            tokens_out: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
+                            tokens_cache_read: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                            tokens_cache_write: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
+                            cost_usd: r.get::<_, Option<f64>>(5)?.unwrap_or(0.0),
+                            duration_ms: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
+                            process_id: idc.clone(),
+                            ..ClaudeAnswer::default()
+                        })
+                    })?;
+                Ok::<_, BusError>(totals)
             })
             .await;
-        wrote.map_err(internal)?;
-        self.drop_queued_prompt(id);
-        let row = get_process(&inner.store, id)
-            .map_err(internal)?
-            .ok_or_else(|| internal("the completed row vanished"))?;
-        let mut answer = self.answer_from_row(&row).unwrap_or_else(|| ClaudeAnswer {
-            process_id: id.to_string(),
-            ..ClaudeAnswer::default()
-        });
-        if answer.text.is_empty() {
-            answer.text = result.text.clone().unwrap_or_default();
+
+        let mut answer = wrote.map_err(internal)?;
+        if was_archived {
+            let queued = inner.refs.root().join(format!("prompts/queue/{id}.txt"));
+            tokio::task::spawn_blocking(move || std::fs::remove_file(queued));
         }
-        answer.session_id = result.session_id.clone().unwrap_or(answer.session_id);
+        answer.text = result.text.clone().unwrap_or_default();
+        answer.session_id = result.session_id.clone().unwrap_or_default();
+        answer.response_ref = response;
         Ok(answer)
     }
 
@@ -1656,6 +1798,7 @@ impl Executor {
                 row.model.as_deref().unwrap_or_default(),
                 &found.result,
                 response,
+                self.archive_prompt(&row.id),
                 metrics,
                 true,
             )
@@ -1815,7 +1958,15 @@ impl Executor {
             tokio::time::sleep(Duration::from_millis(delay)).await;
             let out = this
                 .clone()
-                .drive(id.clone(), None, request, profile, stored.model, cancel)
+                .drive(
+                    id.clone(),
+                    None,
+                    request,
+                    profile,
+                    stored.model,
+                    cancel,
+                    None,
+                )
                 .await;
             let _ = done_tx.send(Some(out));
             this.inner.calls.lock().unwrap().remove(&id);

@@ -90,6 +90,15 @@ impl Default for SpendLimits {
 }
 
 impl SpendLimits {
+    /// Whether admitting a call of `payer` reads the ledger (some budget of it is limited).
+    pub fn needs_ledger(&self, payer: &Payer) -> bool {
+        let b = &self.budgets;
+        !b.global.is_unlimited()
+            || (payer.agent.is_some()
+                && !payer.agent_budget.unwrap_or(b.per_agent).is_unlimited())
+            || (payer.workflow.is_some() && !b.per_workflow.is_unlimited())
+    }
+
     /// Applies the dynamic settings (`claude.*` keys of the `config` table) over these limits.
     /// Unknown keys and values of the wrong type are ignored (with a warning).
     pub fn apply_settings(&mut self, settings: &BTreeMap<String, Value>) {
@@ -432,6 +441,24 @@ impl Admission {
         limits: &SpendLimits,
         payer: &Payer,
     ) -> rusqlite::Result<Result<Ticket, Refusal>> {
+        self.reserve_in(Some(conn), limits, payer)
+    }
+
+    /// [`Admission::reserve`] for a payer none of whose budgets is limited
+    /// ([`SpendLimits::needs_ledger`] is false): nothing to read, so no connection.
+    pub fn reserve_unmetered(&self, limits: &SpendLimits, payer: &Payer) -> Ticket {
+        match self.reserve_in(None, limits, payer) {
+            Ok(Ok(ticket)) => ticket,
+            _ => unreachable!("a payer without a limited budget is never refused"),
+        }
+    }
+
+    fn reserve_in(
+        &self,
+        conn: Option<&Connection>,
+        limits: &SpendLimits,
+        payer: &Payer,
+    ) -> rusqlite::Result<Result<Ticket, Refusal>> {
         let since = limits
             .budgets
             .window
@@ -454,6 +481,9 @@ impl Admission {
             if budget.is_unlimited() {
                 continue;
             }
+            let Some(conn) = conn else {
+                panic!("reserve_unmetered with a limited budget: check SpendLimits::needs_ledger");
+            };
             let settled = spent(conn, scope, since)?;
             let (mut usd, mut calls) = (settled.usd, settled.calls);
             for r in reservations.values() {

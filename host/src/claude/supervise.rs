@@ -21,6 +21,7 @@ use tokio::time::sleep_until;
 
 use super::classify::{Evidence, Failure, FailureClass, PermanentKind, Termination, classify};
 use super::command::ClaudeInvocation;
+use super::guardian::Guardian;
 use super::stream::{ParsedRun, ResultSummary, StreamEvent, StreamParser};
 
 /// Time limits and buffer sizes for one attempt.
@@ -115,6 +116,8 @@ pub struct AttemptTimings {
     pub first_output: Option<Duration>,
     /// From spawn to the process being reaped (after a kill, if there was one).
     pub spawn_to_exit: Duration,
+    /// Time spent starting the process (fork until the CLI's program was executed).
+    pub spawn: Duration,
 }
 
 /// Everything one attempt produced.
@@ -187,15 +190,20 @@ impl SpawnError {
 
 /// Kills the process group when dropped, unless disarmed: dropping the attempt's future must
 /// not leave a process behind.
-struct GroupKillGuard {
+struct GroupKillGuard<'g> {
     pgid: i32,
     armed: bool,
+    /// Watches the group while it runs; told to forget it once it is dead.
+    guardian: Option<&'g Guardian>,
 }
 
-impl Drop for GroupKillGuard {
+impl Drop for GroupKillGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
             signal_group(self.pgid, libc::SIGKILL);
+        }
+        if let Some(g) = self.guardian {
+            g.release(self.pgid);
         }
     }
 }
@@ -225,11 +233,27 @@ pub async fn run_attempt(
     inv: &ClaudeInvocation,
     limits: &Limits,
     cancel: &CancelToken,
+    on_progress: impl FnMut(Progress<'_>) + Send,
+) -> Result<AttemptOutcome, SpawnError> {
+    run_attempt_guarded(inv, limits, cancel, None, on_progress).await
+}
+
+/// [`run_attempt`], with the CLI's process group watched by `guardian` instead of
+/// `PR_SET_PDEATHSIG` when one is given and alive (a faster spawn: see [`super::guardian`]).
+///
+/// # Errors
+/// As [`run_attempt`].
+pub async fn run_attempt_guarded(
+    inv: &ClaudeInvocation,
+    limits: &Limits,
+    cancel: &CancelToken,
+    guardian: Option<&Guardian>,
     mut on_progress: impl FnMut(Progress<'_>) + Send,
 ) -> Result<AttemptOutcome, SpawnError> {
     let started_at = SystemTime::now();
     let t0 = Instant::now();
-    let mut cmd = inv.command();
+    let guardian = guardian.filter(|g| g.alive());
+    let mut cmd = inv.command_with(guardian.is_none());
     if let Some(path) = &inv.stdout_file {
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -245,10 +269,13 @@ pub async fn run_attempt(
         binary: inv.binary.clone(),
         source,
     })?;
+    let spawn_time = t0.elapsed();
     let pid = child.id().expect("a freshly spawned child has a pid");
+    let guardian = guardian.filter(|g| g.watch(pid as i32));
     let mut guard = GroupKillGuard {
         pgid: pid as i32,
         armed: true,
+        guardian,
     };
     tracing::debug!(pid, command = %inv.display(), "spawned the Claude CLI");
     on_progress(Progress::Spawned {
@@ -438,6 +465,7 @@ pub async fn run_attempt(
         timings: AttemptTimings {
             first_output,
             spawn_to_exit: exited_after,
+            spawn: spawn_time,
         },
         run,
         failure,
@@ -445,28 +473,40 @@ pub async fn run_attempt(
 }
 
 /// Follows a file the CLI writes its stdout into, line by line, until the CLI has exited and
-/// everything it wrote was read. Polls (1 ms at first, backing off to 20 ms while the CLI is
-/// silent): a file has no readiness notification, and a Claude call lasts seconds.
+/// everything it wrote was read. Woken by inotify on every write (a slow tick covers a missed
+/// wakeup, or a system without inotify); reads of a local regular file do not block, so they
+/// run right here instead of on the blocking pool.
 async fn tail_lines(
     path: std::path::PathBuf,
     tx: mpsc::Sender<String>,
     mut exited: tokio::sync::watch::Receiver<bool>,
 ) {
-    use tokio::io::AsyncReadExt;
-    let Ok(mut file) = tokio::fs::File::open(&path).await else {
+    use futures_util::StreamExt;
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(&path) else {
         tracing::warn!(file = %path.display(), "cannot read the Claude CLI's stdout file");
         return;
     };
+    let mut writes = inotify::Inotify::init()
+        .and_then(|i| {
+            i.watches().add(&path, inotify::WatchMask::MODIFY)?;
+            i.into_event_stream(vec![0u8; 1024])
+        })
+        .map_err(|e| tracing::debug!(error = %e, "no inotify for the Claude CLI's stdout file; polling it"))
+        .ok();
+    let tick = if writes.is_some() {
+        Duration::from_millis(250)
+    } else {
+        Duration::from_millis(10)
+    };
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut idle = Duration::from_millis(1);
     loop {
         // Looked at before reading: once the CLI exited, a read that finds nothing means all
         // of its output was read.
-        let done = *exited.borrow();
-        let n = file.read(&mut buf).await.unwrap_or(0);
+        let done = *exited.borrow_and_update();
+        let n = file.read(&mut buf).unwrap_or(0);
         if n > 0 {
-            idle = Duration::from_millis(1);
             pending.extend_from_slice(&buf[..n]);
             while let Some(i) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=i).collect();
@@ -488,11 +528,21 @@ async fn tail_lines(
             }
             return;
         }
+        let written = async {
+            match writes.as_mut() {
+                Some(w) => {
+                    if w.next().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = exited.changed() => {}
-            _ = tokio::time::sleep(idle) => {}
+            _ = written => {}
+            _ = tokio::time::sleep(tick) => {}
         }
-        idle = (idle * 2).min(Duration::from_millis(20));
     }
 }
 

@@ -168,13 +168,26 @@ struct Inner {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Mutex<ReaderPool>,
+    /// Signalled when a reader connection goes back to the pool.
+    reader_returned: std::sync::Condvar,
     max_readers: usize,
     sync: SyncMode,
     busy_timeout: Duration,
     /// The id of the newest committed event; subscribers wait on changes.
     published: watch::Sender<i64>,
 }
+
+/// Idle reader connections and how many exist in all (idle + lent out).
+#[derive(Default)]
+struct ReaderPool {
+    idle: Vec<Connection>,
+    open: usize,
+}
+
+/// How long a read waits for a pooled connection before opening an extra one (a read nested
+/// in another read must never wait for itself).
+const READER_WAIT: Duration = Duration::from_millis(50);
 
 /// How the store opens its connections (taken from [`Config`]).
 #[derive(Debug, Clone)]
@@ -345,7 +358,8 @@ impl Store {
             path: path.to_path_buf(),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::new(ReaderPool::default()),
+            reader_returned: std::sync::Condvar::new(),
             max_readers: max_readers.max(1),
             sync,
             busy_timeout,
@@ -463,11 +477,11 @@ impl Store {
         E: From<StoreError>,
         F: FnOnce(&Connection) -> std::result::Result<T, E>,
     {
-        let conn = self.take_reader().map_err(E::from)?;
+        let (conn, pooled) = self.take_reader().map_err(E::from)?;
         let out = f(&conn);
-        let mut pool = self.inner.readers.lock().unwrap();
-        if pool.len() < self.inner.max_readers {
-            pool.push(conn);
+        if pooled {
+            self.inner.readers.lock().unwrap().idle.push(conn);
+            self.inner.reader_returned.notify_one();
         }
         out
     }
@@ -485,16 +499,52 @@ impl Store {
             .unwrap_or_else(|e| Err(StoreError::Panicked(e.to_string()).into()))
     }
 
-    fn take_reader(&self) -> Result<Connection> {
-        if let Some(conn) = self.inner.readers.lock().unwrap().pop() {
-            return Ok(conn);
-        }
-        let conn = Connection::open_with_flags(
+    /// A reader connection and whether it belongs to the pool. Connections are opened lazily
+    /// up to `max_readers` and kept (a fresh one parses the schema and has no statement cache);
+    /// when all are lent out a read waits for one, and after [`READER_WAIT`] opens an extra
+    /// connection that is closed after use.
+    fn take_reader(&self) -> Result<(Connection, bool)> {
+        let deadline = std::time::Instant::now() + READER_WAIT;
+        let mut pool = self.inner.readers.lock().unwrap();
+        let pooled = loop {
+            if let Some(conn) = pool.idle.pop() {
+                return Ok((conn, true));
+            }
+            if pool.open < self.inner.max_readers {
+                pool.open += 1;
+                break true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            pool = self
+                .inner
+                .reader_returned
+                .wait_timeout(pool, deadline - now)
+                .unwrap()
+                .0;
+        };
+        drop(pool);
+        let opened = Connection::open_with_flags(
             &self.inner.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        configure(&conn, self.inner.sync, self.inner.busy_timeout)?;
-        Ok(conn)
+        )
+        .map_err(StoreError::from)
+        .and_then(|conn| {
+            configure(&conn, self.inner.sync, self.inner.busy_timeout)?;
+            Ok(conn)
+        });
+        match opened {
+            Ok(conn) => Ok((conn, pooled)),
+            Err(e) => {
+                if pooled {
+                    self.inner.readers.lock().unwrap().open -= 1;
+                    self.inner.reader_returned.notify_one();
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A receiver that changes whenever a commit published events; its value is the newest
@@ -521,7 +571,9 @@ impl Store {
         if let Some(handle) = self.inner.writer.lock().unwrap().take() {
             let _ = handle.join();
         }
-        self.inner.readers.lock().unwrap().clear();
+        let mut pool = self.inner.readers.lock().unwrap();
+        pool.open -= pool.idle.len();
+        pool.idle.clear();
     }
 
     /// A cheap liveness check of the database (a query on a reader connection).
