@@ -32,31 +32,29 @@ pub struct ClientArgs {
         global = true,
         env = "KSI_TOKEN",
         hide_env_values = true,
-        value_name = "TOKEN",
-        conflicts_with = "token_file"
+        value_name = "TOKEN"
     )]
     pub token: Option<String>,
-    /// Read the API token from this file (one line), e.g. a copy of the daemon's api.token
+    /// Read the API token from this file (one line), e.g. a copy of the daemon's api.token;
+    /// wins over --token and KSI_TOKEN
     #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 }
 
 impl ClientArgs {
-    /// The token to send, from `--token`/`KSI_TOKEN` or `--token-file`.
+    /// The token to send: from `--token-file` when given (so a file named on the command line
+    /// wins over a `KSI_TOKEN` in the environment), else `--token`/`KSI_TOKEN`.
     ///
     /// # Errors
-    /// The token file cannot be read or is empty.
+    /// The token file cannot be read or is empty, or the token is blank.
     pub fn token(&self) -> anyhow::Result<Option<String>> {
-        if let Some(t) = &self.token {
-            let t = t.trim();
-            anyhow::ensure!(
-                !t.is_empty(),
-                "--token (or KSI_TOKEN) is empty: pass the daemon's API token"
-            );
-            return Ok(Some(t.to_string()));
-        }
         let Some(path) = &self.token_file else {
-            return Ok(None);
+            return match self.token.as_deref().map(str::trim) {
+                Some("") => anyhow::bail!(
+                    "--token (or KSI_TOKEN) is empty: pass the daemon's API token"
+                ),
+                t => Ok(t.map(str::to_string)),
+            };
         };
         let text = std::fs::read_to_string(path).with_context(|| {
             format!(
@@ -487,6 +485,11 @@ mod tests {
             ..ClientArgs::default()
         };
         assert_eq!(a.token().unwrap().as_deref(), Some("s3cret"));
+        let both = ClientArgs {
+            token: Some("from-env".into()),
+            ..a.clone()
+        };
+        assert_eq!(both.token().unwrap().as_deref(), Some("s3cret"), "the file wins");
         std::fs::write(&f, "\n").unwrap();
         assert!(a.token().unwrap_err().to_string().contains("is empty"));
         let a = ClientArgs {
