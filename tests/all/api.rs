@@ -409,7 +409,10 @@ async fn cost_sessions_schedules_messages_and_results_answer_and_refuse_bad_inpu
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), &[]).await;
     let (s, b) = d
-        .post("/spawn", &json!({"prompt": "count me", "agent": "dora", "wait": false}))
+        .post(
+            "/spawn",
+            &json!({"prompt": "count me", "agent": "dora", "wait": false}),
+        )
         .await
         .unwrap();
     assert_eq!(s, 202, "{b}");
@@ -417,11 +420,22 @@ async fn cost_sessions_schedules_messages_and_results_answer_and_refuse_bad_inpu
     let (s, r) = d.get(&format!("/processes/{pid}/result")).await.unwrap();
     assert_eq!(s, 200, "{r}");
     let session = r["answer"]["session_id"].as_str().unwrap().to_string();
-    assert!(r["answer"]["text"].as_str().unwrap().starts_with("[simulated]"));
+    assert!(
+        r["answer"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("[simulated]")
+    );
     let (s, c) = d.get("/cost").await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(c["total"]["calls"], 1, "{c}");
-    assert!(c["by_agent"].as_array().unwrap().iter().any(|l| l["key"] == "dora"));
+    assert!(
+        c["by_agent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["key"] == "dora")
+    );
     let (_, b) = d.get("/sessions").await.unwrap();
     assert_eq!(b["sessions"][0]["session_id"], session.as_str(), "{b}");
     let (s, t) = d.get(&format!("/sessions/{session}")).await.unwrap();
@@ -432,15 +446,24 @@ async fn cost_sessions_schedules_messages_and_results_answer_and_refuse_bad_inpu
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert!(kinds.contains(&"prompt") && kinds.contains(&"assistant"), "{t}");
+    assert!(
+        kinds.contains(&"prompt") && kinds.contains(&"assistant"),
+        "{t}"
+    );
 
     let (s, m) = d
-        .post("/agents/dora/messages", &json!({"text": "next time, shorter"}))
+        .post(
+            "/agents/dora/messages",
+            &json!({"text": "next time, shorter"}),
+        )
         .await
         .unwrap();
     assert_eq!(s, 201, "{m}");
     let (s, sch) = d
-        .post("/schedules", &json!({"cron": "*/5 * * * *", "type": "debate", "params": {"topic": "t"}}))
+        .post(
+            "/schedules",
+            &json!({"cron": "*/5 * * * *", "type": "debate", "params": {"topic": "t"}}),
+        )
         .await
         .unwrap();
     assert_eq!(s, 201, "{sch}");
@@ -456,21 +479,38 @@ async fn cost_sessions_schedules_messages_and_results_answer_and_refuse_bad_inpu
         .unwrap();
     assert_eq!(s, 404, "removed twice: {b}");
     let (s, b) = d
-        .post("/schedules", &json!({"cron": "every day", "type": "debate"}))
+        .post(
+            "/schedules",
+            &json!({"cron": "every day", "type": "debate"}),
+        )
         .await
         .unwrap();
-    assert_eq!((s, b["error"]["field"].as_str()), (400, Some("cron")), "{b}");
+    assert_eq!(
+        (s, b["error"]["field"].as_str()),
+        (400, Some("cron")),
+        "{b}"
+    );
     let (s, b) = d
-        .post("/schedules", &json!({"cron": "0 9 * * *", "type": "nosuch"}))
+        .post(
+            "/schedules",
+            &json!({"cron": "0 9 * * *", "type": "nosuch"}),
+        )
         .await
         .unwrap();
-    assert_eq!((s, b["error"]["field"].as_str()), (400, Some("type")), "{b}");
+    assert_eq!(
+        (s, b["error"]["field"].as_str()),
+        (400, Some("type")),
+        "{b}"
+    );
     let (s, b) = d
         .post("/agents/bad%20id!/messages", &json!({"text": "x"}))
         .await
         .unwrap();
     assert_eq!(s, 400, "{b}");
-    let (s, b) = d.post("/agents/dora/messages", &json!({"text": " "})).await.unwrap();
+    let (s, b) = d
+        .post("/agents/dora/messages", &json!({"text": " "}))
+        .await
+        .unwrap();
     assert_eq!((s, b["error"]["field"].as_str()), (400, Some("text")));
     let (s, _) = d.get("/sessions/..%2Fksi.db").await.unwrap();
     assert_eq!(s, 400);

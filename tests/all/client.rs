@@ -54,7 +54,12 @@ async fn ksi_with_url_and_token_file_spawns_lists_workflows_and_processes_withou
     // A data dir that does not exist: with --url nothing local may be opened or created.
     let elsewhere = dir.path().join("not-here");
     let remote = |args: &[&str]| {
-        let mut all = vec!["--url", url.as_str(), "--token-file", token.to_str().unwrap()];
+        let mut all = vec![
+            "--url",
+            url.as_str(),
+            "--token-file",
+            token.to_str().unwrap(),
+        ];
         all.extend_from_slice(args);
         all.into_iter().map(str::to_string).collect::<Vec<_>>()
     };
@@ -87,7 +92,10 @@ async fn ksi_with_url_and_token_file_spawns_lists_workflows_and_processes_withou
     let wf = b["id"].as_str().unwrap().to_string();
     let list = json_of(&run(remote(&["workflows", "--json"])).await);
     assert!(
-        list.as_array().unwrap().iter().any(|w| w["id"] == wf.as_str()),
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["id"] == wf.as_str()),
         "{list}"
     );
 
@@ -118,7 +126,14 @@ async fn over_the_unix_socket_actions_and_listings_reach_the_daemon() -> anyhow:
     let d = Daemon::start(dir.path(), &[]).await;
     let o = ksi_async(
         dir.path(),
-        &["schedule", "add", "0 9 * * 1-5", "debate", "--topic", "mornings"],
+        &[
+            "schedule",
+            "add",
+            "0 9 * * 1-5",
+            "debate",
+            "--topic",
+            "mornings",
+        ],
     )
     .await;
     assert!(o.status.success(), "{:?}", text(&o));
@@ -137,16 +152,25 @@ async fn over_the_unix_socket_actions_and_listings_reach_the_daemon() -> anyhow:
     let (_, b) = d.get("/events?topic=agent.carol.message").await.unwrap();
     assert_eq!(b["events"][0]["event"]["data"]["text"], "read this", "{b}");
 
-    let o = ksi_async(dir.path(), &["events", "publish", "demo.cli", r#"{"n": 7}"#]).await;
+    let o = ksi_async(
+        dir.path(),
+        &["events", "publish", "demo.cli", r#"{"n": 7}"#],
+    )
+    .await;
     assert!(o.status.success(), "{:?}", text(&o));
     let tail = json_of(
         &ksi_async(
             dir.path(),
-            &["events", "tail", "demo.>", "-n", "5", "--count", "1", "--json"],
+            &[
+                "events", "tail", "demo.>", "-n", "5", "--count", "1", "--json",
+            ],
         )
         .await,
     );
-    assert_eq!((tail["topic"].as_str(), &tail["data"]["n"]), (Some("demo.cli"), &json!(7)));
+    assert_eq!(
+        (tail["topic"].as_str(), &tail["data"]["n"]),
+        (Some("demo.cli"), &json!(7))
+    );
 
     let cost = json_of(&ksi_async(dir.path(), &["cost", "--json"]).await);
     assert!(cost["total"]["calls"].is_i64(), "{cost}");
@@ -169,7 +193,10 @@ fn without_a_daemon_reads_work_and_actions_say_how_to_start_one() {
         assert!(!o.status.success(), "{args:?} should fail: {err}");
         assert!(
             err.contains("no KSI daemon is running")
-                && err.contains(&format!("ksi-host serve --data-dir {}", dir.path().display())),
+                && err.contains(&format!(
+                    "ksi-host serve --data-dir {}",
+                    dir.path().display()
+                )),
             "{args:?}: {err}"
         );
     }
@@ -238,11 +265,22 @@ async fn the_token_is_sent_as_a_bearer_header_and_a_401_says_how_to_pass_it() ->
     std::fs::write(&file, "s3cret-token\n")?;
     let o = ksi_async(
         dir.path(),
-        &["--url", &url, "--token-file", file.to_str().unwrap(), "ps", "--json"],
+        &[
+            "--url",
+            &url,
+            "--token-file",
+            file.to_str().unwrap(),
+            "ps",
+            "--json",
+        ],
     )
     .await;
     assert_eq!(json_of(&o), json!([]));
-    let o = ksi_async(dir.path(), &["--url", &url, "--token", "s3cret-token", "ps", "--json"]).await;
+    let o = ksi_async(
+        dir.path(),
+        &["--url", &url, "--token", "s3cret-token", "ps", "--json"],
+    )
+    .await;
     assert_eq!(json_of(&o), json!([]));
     let o = ksi_async(dir.path(), &["--url", &url, "ps"]).await;
     let err = text(&o).1;
@@ -281,5 +319,9 @@ fn completions_are_printed_for_bash_zsh_and_fish() {
         .args(["completions", "tcsh"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "an unknown shell is a usage error");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
 }

@@ -50,9 +50,8 @@ async fn list(
             ));
         }
         Some(n) => {
-            let n = limit(Some(n)).map_err(|_| {
-                ApiError::field("latest", "latest must be between 1 and 1000")
-            })?;
+            let n = limit(Some(n))
+                .map_err(|_| ApiError::field("latest", "latest must be between 1 and 1000"))?;
             let newest = s.bus.latest(q.topic.as_deref(), n)?;
             (newest.first().map(|e| e.id - 1), n)
         }

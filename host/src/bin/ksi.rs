@@ -86,7 +86,11 @@ impl Cmd {
     }
 }
 
-async fn connect(cli_client: &ClientArgs, config: &ksi_host::config::Config, cmd: &Cmd) -> anyhow::Result<DaemonClient> {
+async fn connect(
+    cli_client: &ClientArgs,
+    config: &ksi_host::config::Config,
+    cmd: &Cmd,
+) -> anyhow::Result<DaemonClient> {
     let (need, name) = cmd.need();
     client::connect(cli_client, config, need, name).await
 }
@@ -152,7 +156,10 @@ fn main() {
                         Cmd::Workflow(cmd) => ksi_host::cli::workflow::run(cmd, &c).await,
                         Cmd::Claude(cmd) => ksi_host::cli::claude::run(cmd, &c).await,
                         Cmd::Events(cmd) => ksi_host::cli::events::run_client(cmd, &c).await,
-                        Cmd::Run(_) | Cmd::Plugins(_) | Cmd::Plugin(_) | Cmd::Completions { .. } => {
+                        Cmd::Run(_)
+                        | Cmd::Plugins(_)
+                        | Cmd::Plugin(_)
+                        | Cmd::Completions { .. } => {
                             unreachable!("dispatched above")
                         }
                     }

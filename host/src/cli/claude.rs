@@ -80,6 +80,8 @@ pub enum AgentCmd {
         agent: String,
         /// The message
         text: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -510,16 +512,17 @@ pub fn spawn_progress_line(t: f64, topic: &str, d: &Value) -> Option<String> {
             d["process_id"].as_str().unwrap_or("?"),
             d["model"].as_str().unwrap_or("default")
         ),
-        "claude.spawn.started" => format!(
-            "running: attempt {} (pid {})",
-            d["attempt"], d["pid"]
-        ),
+        "claude.spawn.started" => format!("running: attempt {} (pid {})", d["attempt"], d["pid"]),
         "claude.spawn.failed" => format!(
             "attempt {} failed ({}): {}{}",
             d["attempt"],
             d["class"].as_str().unwrap_or("?"),
             ellipsize(d["error"].as_str().unwrap_or(""), 80),
-            if d["status"] == "RETRY" { " — retrying" } else { "" }
+            if d["status"] == "RETRY" {
+                " — retrying"
+            } else {
+                ""
+            }
         ),
         "claude.spawn.complete" => format!(
             "done: ${:.4}, {} tokens in / {} out",
@@ -545,14 +548,21 @@ pub async fn spawn_via(
 ) -> anyhow::Result<Value> {
     // Subscribe before starting the call (the stream begins at the newest event): nothing is missed.
     let mut events = if progress {
-        Some(client.stream("/events/stream?topic=claude.spawn.%3E").await?)
+        Some(
+            client
+                .stream("/events/stream?topic=claude.spawn.%3E")
+                .await?,
+        )
     } else {
         None
     };
     let mut request = request;
     request["wait"] = Value::Bool(false);
     let started = client.call("POST", "/spawn", Some(request)).await?;
-    let id = started["process_id"].as_str().unwrap_or_default().to_string();
+    let id = started["process_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let result_path = format!("/processes/{}/result", super::client::encode(&id));
     let result = client.get(&result_path);
     let Some(events) = events.as_mut() else {
@@ -639,7 +649,7 @@ pub async fn run(cmd: ClaudeCmd, client: &super::client::DaemonClient) -> anyhow
                 println!("{}", render_agents(&rows));
             }
         }
-        ClaudeCmd::Agent(AgentCmd::Send { agent, text }) => {
+        ClaudeCmd::Agent(AgentCmd::Send { agent, text, json }) => {
             let b = client
                 .call(
                     "POST",
@@ -647,10 +657,14 @@ pub async fn run(cmd: ClaudeCmd, client: &super::client::DaemonClient) -> anyhow
                     Some(serde_json::json!({ "text": text, "from": "cli" })),
                 )
                 .await?;
-            println!(
-                "sent to {agent} (event {}); its next turn reads it",
-                b["event_id"]
-            );
+            if json {
+                print_json(&b)?;
+            } else {
+                println!(
+                    "sent to {agent} (event {}); its next turn reads it",
+                    b["event_id"]
+                );
+            }
         }
         ClaudeCmd::Cost { json } => {
             let b = client.get("/cost").await?;

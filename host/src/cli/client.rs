@@ -50,9 +50,9 @@ impl ClientArgs {
     pub fn token(&self) -> anyhow::Result<Option<String>> {
         let Some(path) = &self.token_file else {
             return match self.token.as_deref().map(str::trim) {
-                Some("") => anyhow::bail!(
-                    "--token (or KSI_TOKEN) is empty: pass the daemon's API token"
-                ),
+                Some("") => {
+                    anyhow::bail!("--token (or KSI_TOKEN) is empty: pass the daemon's API token")
+                }
                 t => Ok(t.map(str::to_string)),
             };
         };
@@ -143,9 +143,7 @@ impl DaemonClient {
                 "--url {url:?}: ksi speaks plain http only; reach a TLS-protected daemon through an SSH tunnel \
                  (ssh -L 8787:127.0.0.1:8787 HOST, then --url http://127.0.0.1:8787)"
             ),
-            _ => anyhow::bail!(
-                "--url {url:?} must start with http://, e.g. http://127.0.0.1:8787"
-            ),
+            _ => anyhow::bail!("--url {url:?} must start with http://, e.g. http://127.0.0.1:8787"),
         }
         let Some(authority) = uri.authority() else {
             anyhow::bail!("--url {url:?} has no host; use e.g. http://127.0.0.1:8787");
@@ -211,10 +209,9 @@ impl DaemonClient {
                             socket.display()
                         )
                     })?;
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(
-                    hyper_util::rt::TokioIo::new(stream),
-                )
-                .await?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await?;
                 tokio::spawn(conn);
                 let req = builder
                     .uri(path)
@@ -236,12 +233,13 @@ impl DaemonClient {
                              `ksi-host serve --listen ADDR` (a non-loopback address needs <data dir>/api.token), or fix --url / KSI_URL"
                         )
                     })?;
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(
-                    hyper_util::rt::TokioIo::new(stream),
-                )
-                .await?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await?;
                 tokio::spawn(conn);
-                let mut builder = builder.uri(format!("{base}{path}")).header("host", authority);
+                let mut builder = builder
+                    .uri(format!("{base}{path}"))
+                    .header("host", authority);
                 if let Some(t) = token {
                     builder = builder.header("authorization", format!("Bearer {t}"));
                 }
@@ -284,7 +282,12 @@ impl DaemonClient {
     /// # Errors
     /// The daemon cannot be reached, or it answered with an error: the message is the
     /// daemon's own (`{"error": {"message"}}`), and a 401 says how to pass the token.
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let (status, b) = self.request(method, path, body).await?;
         if (200..300).contains(&status) {
             return Ok(b);
@@ -401,7 +404,8 @@ pub async fn local_api(config: Config) -> anyhow::Result<axum::Router> {
         started: std::time::Instant::now(),
         data_dir: o.config.data_dir.clone(),
         parts: std::sync::Arc::new(vec![
-            std::sync::Arc::new(api::claude::ExecutorPart(executor)) as std::sync::Arc<dyn api::ApiPart>,
+            std::sync::Arc::new(api::claude::ExecutorPart(executor))
+                as std::sync::Arc<dyn api::ApiPart>,
         ]),
     };
     Ok(api::router(state))
@@ -489,7 +493,11 @@ mod tests {
             token: Some("from-env".into()),
             ..a.clone()
         };
-        assert_eq!(both.token().unwrap().as_deref(), Some("s3cret"), "the file wins");
+        assert_eq!(
+            both.token().unwrap().as_deref(),
+            Some("s3cret"),
+            "the file wins"
+        );
         std::fs::write(&f, "\n").unwrap();
         assert!(a.token().unwrap_err().to_string().contains("is empty"));
         let a = ClientArgs {

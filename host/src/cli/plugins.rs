@@ -183,7 +183,8 @@ pub async fn list_client(client: &super::client::DaemonClient, json: bool) -> an
         println!("{}", serde_json::to_string_pretty(&b)?);
         return Ok(());
     }
-    let list: Vec<crate::plugins::loader::PluginSummary> = serde_json::from_value(b["plugins"].clone())?;
+    let list: Vec<crate::plugins::loader::PluginSummary> =
+        serde_json::from_value(b["plugins"].clone())?;
     if list.is_empty() {
         println!(
             "{} has no plugin loaded; check its plugins directory and its log",

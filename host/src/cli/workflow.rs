@@ -14,8 +14,8 @@ use super::client::{DaemonClient, encode};
 use super::{Opened, clock, ellipsize, table};
 use crate::workflow::schedule::Schedule;
 use crate::workflow::{
-    BoxFuture, Engine, InstanceView, StepRecord, EngineOptions, HandlerRef, NoClaude, ResolvedStep, StepContext, StepError,
-    StepInput, StepOutput, StepRunner,
+    BoxFuture, Engine, EngineOptions, HandlerRef, InstanceView, NoClaude, ResolvedStep,
+    StepContext, StepError, StepInput, StepOutput, StepRecord, StepRunner,
 };
 
 /// `ksi workflow ...`
@@ -28,13 +28,30 @@ pub enum WorkflowCmd {
         json: bool,
     },
     /// Stop an instance; a running step's result is discarded
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Let the running step finish, then hold the instance
-    Pause { id: String },
+    Pause {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Continue a paused instance
-    Resume { id: String },
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an instance again from STEP (after a failure, or with changed plugin code)
-    RetryFrom { id: String, step: String },
+    RetryFrom {
+        id: String,
+        step: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `ksi schedule ...`
@@ -50,6 +67,8 @@ pub enum ScheduleCmd {
         /// KEY=VALUE (VALUE is JSON when it parses); repeatable
         #[arg(long = "param", short = 'p', value_name = "KEY=VALUE")]
         params: Vec<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// The schedules with their last and next tick
     List {
@@ -57,7 +76,11 @@ pub enum ScheduleCmd {
         json: bool,
     },
     /// Remove a schedule
-    Rm { id: String },
+    Rm {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Admin operations need the definitions (to check step names) but run no step.
@@ -117,6 +140,7 @@ pub async fn schedule(cmd: ScheduleCmd, client: &DaemonClient) -> anyhow::Result
             workflow,
             topic,
             params,
+            json,
         } => {
             let args = super::run::RunArgs {
                 workflow: workflow.clone(),
@@ -128,9 +152,12 @@ pub async fn schedule(cmd: ScheduleCmd, client: &DaemonClient) -> anyhow::Result
             let body = serde_json::json!({
                 "cron": cron, "type": workflow, "params": super::run::params_of(&args)?,
             });
-            let s: Schedule = serde_json::from_value(
-                client.call("POST", "/schedules", Some(body)).await?,
-            )?;
+            let b = client.call("POST", "/schedules", Some(body)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+                return Ok(());
+            }
+            let s: Schedule = serde_json::from_value(b)?;
             println!(
                 "schedule {} starts {} on \"{}\"; next at {} UTC (the daemon fires it)",
                 s.id,
@@ -165,11 +192,15 @@ pub async fn schedule(cmd: ScheduleCmd, client: &DaemonClient) -> anyhow::Result
                 println!("{t}");
             }
         }
-        ScheduleCmd::Rm { id } => {
-            client
+        ScheduleCmd::Rm { id, json } => {
+            let b = client
                 .call("DELETE", &format!("/schedules/{}", encode(&id)), None)
                 .await?;
-            println!("schedule {id} removed");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                println!("schedule {id} removed");
+            }
         }
     }
     Ok(())
@@ -236,7 +267,7 @@ pub async fn show_json(client: &DaemonClient, id: &str) -> anyhow::Result<Value>
 /// # Errors
 /// An unknown id, an action the instance's status does not allow, or an unreachable daemon.
 pub async fn run(cmd: WorkflowCmd, client: &DaemonClient) -> anyhow::Result<()> {
-    let (id, action, body) = match cmd {
+    let (id, action, body, json) = match cmd {
         WorkflowCmd::Show { id, json } => {
             let body = show_json(client, &id).await?;
             if json {
@@ -246,11 +277,11 @@ pub async fn run(cmd: WorkflowCmd, client: &DaemonClient) -> anyhow::Result<()> 
             }
             return Ok(());
         }
-        WorkflowCmd::Cancel { id } => (id, "cancel", serde_json::json!({})),
-        WorkflowCmd::Pause { id } => (id, "pause", serde_json::json!({})),
-        WorkflowCmd::Resume { id } => (id, "resume", serde_json::json!({})),
-        WorkflowCmd::RetryFrom { id, step } => {
-            (id, "retry-from", serde_json::json!({ "step": step }))
+        WorkflowCmd::Cancel { id, json } => (id, "cancel", serde_json::json!({}), json),
+        WorkflowCmd::Pause { id, json } => (id, "pause", serde_json::json!({}), json),
+        WorkflowCmd::Resume { id, json } => (id, "resume", serde_json::json!({}), json),
+        WorkflowCmd::RetryFrom { id, step, json } => {
+            (id, "retry-from", serde_json::json!({ "step": step }), json)
         }
     };
     let b = client
@@ -260,6 +291,10 @@ pub async fn run(cmd: WorkflowCmd, client: &DaemonClient) -> anyhow::Result<()> 
             Some(body),
         )
         .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(());
+    }
     let status = b["status"].as_str().unwrap_or("?");
     match action {
         "pause" => println!("{id} pause: now {status} (a running step finishes first)"),
@@ -274,13 +309,7 @@ fn print_show(body: &Value) -> anyhow::Result<()> {
     let turns = body["transcript"].as_array().cloned().unwrap_or_default();
     println!(
         "{} {} — {}  (${:.4}, {} Claude calls, {} tokens in / {} out)",
-        v.workflow_type,
-        v.id,
-        v.status,
-        v.cost_usd,
-        v.claude_calls,
-        v.tokens_in,
-        v.tokens_out
+        v.workflow_type, v.id, v.status, v.cost_usd, v.claude_calls, v.tokens_in, v.tokens_out
     );
     if let Some(e) = &v.error {
         println!("error: {e}");
@@ -302,7 +331,11 @@ fn print_show(body: &Value) -> anyhow::Result<()> {
             .unwrap_or_else(|| "…".into());
         let detail = match (&s.error, &s.output_ref, &s.output) {
             (Some(e), _, _) => e.clone(),
-            (_, Some(r), _) => format!("{} (sha256 {})", r.path, &r.sha256[..12.min(r.sha256.len())]),
+            (_, Some(r), _) => format!(
+                "{} (sha256 {})",
+                r.path,
+                &r.sha256[..12.min(r.sha256.len())]
+            ),
             (_, _, Some(o)) => o["result"].to_string(),
             _ => String::new(),
         };
