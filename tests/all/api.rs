@@ -210,6 +210,13 @@ async fn openapi_lists_every_route() {
         "/processes/{id}",
         "/agents",
         "/plugins",
+        "/processes/{id}/result",
+        "/agents/{id}/messages",
+        "/cost",
+        "/sessions",
+        "/sessions/{id}",
+        "/schedules",
+        "/schedules/{id}",
     ];
     for p in served {
         assert!(
@@ -223,7 +230,7 @@ async fn openapi_lists_every_route() {
             "documented path {p} is not served"
         );
         for (method, op) in paths[p].as_object().unwrap() {
-            assert!(["get", "post"].contains(&method.as_str()));
+            assert!(["get", "post", "delete"].contains(&method.as_str()));
             assert!(op["responses"].is_object(), "{p} {method} has responses");
         }
     }
@@ -395,4 +402,127 @@ async fn the_dashboard_page_is_served_and_reads_the_live_stream() {
         .await
         .unwrap();
     assert_eq!(s, 201);
+}
+
+#[tokio::test]
+async fn cost_sessions_schedules_messages_and_results_answer_and_refuse_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]).await;
+    let (s, b) = d
+        .post(
+            "/spawn",
+            &json!({"prompt": "count me", "agent": "dora", "wait": false}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 202, "{b}");
+    let pid = b["process_id"].as_str().unwrap().to_string();
+    let (s, r) = d.get(&format!("/processes/{pid}/result")).await.unwrap();
+    assert_eq!(s, 200, "{r}");
+    let session = r["answer"]["session_id"].as_str().unwrap().to_string();
+    assert!(
+        r["answer"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("[simulated]")
+    );
+    let (s, c) = d.get("/cost").await.unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(c["total"]["calls"], 1, "{c}");
+    assert!(
+        c["by_agent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["key"] == "dora")
+    );
+    let (_, b) = d.get("/sessions").await.unwrap();
+    assert_eq!(b["sessions"][0]["session_id"], session.as_str(), "{b}");
+    let (s, t) = d.get(&format!("/sessions/{session}")).await.unwrap();
+    assert_eq!(s, 200, "{t}");
+    let kinds: Vec<&str> = t["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"prompt") && kinds.contains(&"assistant"),
+        "{t}"
+    );
+
+    let (s, m) = d
+        .post(
+            "/agents/dora/messages",
+            &json!({"text": "next time, shorter"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{m}");
+    let (s, sch) = d
+        .post(
+            "/schedules",
+            &json!({"cron": "*/5 * * * *", "type": "debate", "params": {"topic": "t"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{sch}");
+    let id = sch["id"].as_str().unwrap();
+    let (s, _) = crate::support::http(d.port, "DELETE", &format!("/schedules/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+
+    // Bad input: 4xx naming the problem.
+    let (s, b) = crate::support::http(d.port, "DELETE", &format!("/schedules/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(s, 404, "removed twice: {b}");
+    let (s, b) = d
+        .post(
+            "/schedules",
+            &json!({"cron": "every day", "type": "debate"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, b["error"]["field"].as_str()),
+        (400, Some("cron")),
+        "{b}"
+    );
+    let (s, b) = d
+        .post(
+            "/schedules",
+            &json!({"cron": "0 9 * * *", "type": "nosuch"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, b["error"]["field"].as_str()),
+        (400, Some("type")),
+        "{b}"
+    );
+    let (s, b) = d
+        .post("/agents/bad%20id!/messages", &json!({"text": "x"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = d
+        .post("/agents/dora/messages", &json!({"text": " "}))
+        .await
+        .unwrap();
+    assert_eq!((s, b["error"]["field"].as_str()), (400, Some("text")));
+    let (s, _) = d.get("/sessions/..%2Fksi.db").await.unwrap();
+    assert_eq!(s, 400);
+    let (s, _) = d.get("/sessions/abcdef-not-a-known-session").await.unwrap();
+    assert_eq!(s, 404);
+    let (s, _) = d.get("/processes/p-nope/result").await.unwrap();
+    assert_eq!(s, 404);
+    let (s, b) = d.get("/events?latest=2&since=1").await.unwrap();
+    assert_eq!((s, b["error"]["field"].as_str()), (400, Some("latest")));
+    let (s, b) = d.get("/events?latest=2").await.unwrap();
+    assert_eq!(s, 200);
+    let evs = b["events"].as_array().unwrap();
+    assert_eq!(evs.len(), 2, "{b}");
+    assert!(evs[0]["event"]["id"].as_i64() < evs[1]["event"]["id"].as_i64());
 }

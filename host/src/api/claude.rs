@@ -1,4 +1,5 @@
-//! `/spawn`, `/processes`, `/agents` (the executor) and `/plugins` (the plugin runtime).
+//! `/spawn`, `/processes`, `/agents`, `/cost`, `/sessions` (the executor) and `/plugins` (the
+//! plugin runtime).
 
 use std::sync::Arc;
 
@@ -109,11 +110,29 @@ impl ApiPart for ExecutorPart {
                 }
             }
         };
+        let e2 = exec.clone();
+        let result = move |Path(id): Path<String>| {
+            let exec = e2.clone();
+            async move {
+                match exec.wait(&id).await {
+                    Ok(a) => Ok(Json(json!({ "process_id": id, "answer": a }))),
+                    Err(f) if f.class == "not_found" => Err(ApiError::not_found(format!(
+                        "no process {id:?}; GET /processes lists them"
+                    ))),
+                    Err(f) => Ok(Json(json!({ "process_id": id, "error": f }))),
+                }
+            }
+        };
         Router::new()
             .route("/spawn", post(spawn))
             .route("/processes", get(processes))
             .route("/processes/{id}", get(process))
+            .route("/processes/{id}/result", get(result))
             .route("/agents", get(agents))
+            .route("/agents/{id}/messages", post(agent_message))
+            .route("/cost", get(cost))
+            .route("/sessions", get(sessions))
+            .route("/sessions/{id}", get(session))
     }
 
     fn health(&self) -> Result<Value, String> {
@@ -149,6 +168,63 @@ async fn agents(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(
         json!({ "agents": crate::claude::agents::list(&s.store)? }),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    text: String,
+    #[serde(default)]
+    from: Option<String>,
+}
+
+/// Puts a message in an agent's inbox (`agent.<id>.message`), creating the agent if needed so
+/// its inbox subscription catches it.
+async fn agent_message(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(b): ApiJson<MessageBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    if b.text.trim().is_empty() {
+        return Err(ApiError::field("text", "the message is empty"));
+    }
+    crate::claude::agents::ensure(&s.store, &s.bus, &s.data_dir, &id)
+        .await
+        .map_err(|e| ApiError::bad_request("invalid_agent", e))?;
+    let event = crate::claude::agents::send(&s.bus, &id, &b.text, b.from.as_deref())
+        .await
+        .map_err(|e| ApiError::bad_request("invalid_agent", e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "agent": id, "event_id": event })),
+    ))
+}
+
+// Spend and conversations are read from the `processes` table by the queries `ksi cost` and
+// `ksi sessions` have always used (host/src/cli/claude.rs), so both faces agree.
+async fn cost(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(crate::cli::claude::cost(&s.store)?)))
+}
+
+async fn sessions(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({ "sessions": crate::cli::claude::sessions(&s.store)? }),
+    ))
+}
+
+async fn session(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !crate::claude::responses::safe_session_id(&id) {
+        return Err(ApiError::bad_request(
+            "invalid_session",
+            format!("{id:?} is not a session id; GET /sessions lists them"),
+        ));
+    }
+    let entries = crate::cli::claude::session_transcript(&s.refs, &id)
+        .map_err(|e| ApiError::not_found(format!("{e:#}")))?;
+    Ok(Json(json!({ "session_id": id, "entries": entries })))
 }
 
 impl ApiPart for PluginsPart {

@@ -31,6 +31,8 @@ struct ListQuery {
     status: Option<DeliveryStatus>,
     since: Option<i64>,
     limit: Option<usize>,
+    /// The newest N matching events (oldest first), e.g. for the backlog of a tail.
+    latest: Option<usize>,
 }
 
 async fn list(
@@ -40,11 +42,25 @@ async fn list(
     if let Some(p) = &q.topic {
         validate_pattern(p).map_err(|e| ApiError::field("topic", e.to_string()))?;
     }
-    let limit = limit(q.limit)?;
+    let (after_id, limit) = match q.latest {
+        Some(_) if q.status.is_some() || q.since.is_some() || q.limit.is_some() => {
+            return Err(ApiError::field(
+                "latest",
+                "latest cannot be combined with status, since or limit",
+            ));
+        }
+        Some(n) => {
+            let n = limit(Some(n))
+                .map_err(|_| ApiError::field("latest", "latest must be between 1 and 1000"))?;
+            let newest = s.bus.latest(q.topic.as_deref(), n)?;
+            (newest.first().map(|e| e.id - 1), n)
+        }
+        None => (q.since, limit(q.limit)?),
+    };
     let rows = s.bus.list(&EventQuery {
         pattern: q.topic,
         status: q.status,
-        after_id: q.since,
+        after_id,
         limit,
     })?;
     let next = if rows.len() == limit {

@@ -1,9 +1,10 @@
-//! `/workflows`: start, list, inspect, and steer instances.
+//! `/workflows`: start, list, inspect, and steer instances; `/schedules`: start them on a cron
+//! schedule.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -17,6 +18,55 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/workflows/{id}/transcript", get(transcript))
         .route("/workflows/{id}/{action}", post(act))
         .route("/workflow-types", get(types))
+        .route("/schedules", get(schedules).post(add_schedule))
+        .route("/schedules/{id}", delete(remove_schedule))
+}
+
+async fn schedules(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({ "schedules": crate::workflow::schedule::list(&s.store)? }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleBody {
+    /// 5 fields (UTC), e.g. "0 9 * * 1-5".
+    cron: String,
+    #[serde(rename = "type")]
+    workflow_type: String,
+    #[serde(default = "empty_object")]
+    params: Value,
+}
+
+async fn add_schedule(
+    State(s): State<AppState>,
+    ApiJson(b): ApiJson<ScheduleBody>,
+) -> Result<Response, ApiError> {
+    use crate::workflow::schedule;
+    schedule::parse_cron(&b.cron).map_err(|e| ApiError::field("cron", e))?;
+    if !b.params.is_object() {
+        return Err(ApiError::field(
+            "params",
+            format!("params must be a JSON object, got {}", b.params),
+        ));
+    }
+    let row = schedule::add(&s.engine, &b.cron, &b.workflow_type, b.params).await?;
+    Ok((StatusCode::CREATED, Json(json!(row))).into_response())
+}
+
+async fn remove_schedule(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    use crate::workflow::schedule;
+    if !schedule::list(&s.store)?.iter().any(|r| r.id == id) {
+        return Err(ApiError::not_found(format!(
+            "no schedule {id:?}; GET /schedules lists them"
+        )));
+    }
+    schedule::remove(&s.store, &id).await?;
+    Ok(Json(json!({ "id": id, "removed": true })))
 }
 
 #[derive(Debug, Deserialize)]

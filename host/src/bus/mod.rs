@@ -202,7 +202,8 @@ pub enum DeliveryStatus {
 }
 
 impl DeliveryStatus {
-    fn as_str(self) -> &'static str {
+    /// The name stored in the database and used in the API.
+    pub fn as_str(self) -> &'static str {
         match self {
             DeliveryStatus::Pending => "pending",
             DeliveryStatus::Processing => "processing",
@@ -213,7 +214,7 @@ impl DeliveryStatus {
 }
 
 /// An event with its delivery state in one subscription (for listings).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeliveryRow {
     pub event: Event,
     pub subscription: String,

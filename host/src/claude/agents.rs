@@ -101,7 +101,7 @@ pub fn valid_agent_id(id: &str) -> bool {
 }
 
 /// One row of the `agents` table.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRow {
     /// Agent id.
     pub id: String,

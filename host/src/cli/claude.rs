@@ -9,12 +9,12 @@ use std::io::{BufRead, BufReader};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use rusqlite::params;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Opened, clock, ellipsize, table};
 use crate::bus::BusError;
-use crate::claude::agents::{self, AgentRow};
+use crate::claude::agents::AgentRow;
 use crate::claude::executor::{self, Executor, ExecutorConfig, ProcessRow, ReconcileReport};
 use crate::claude::responses;
 use crate::refs::Refs;
@@ -80,6 +80,8 @@ pub enum AgentCmd {
         agent: String,
         /// The message
         text: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -203,7 +205,7 @@ pub fn render_agents(rows: &[AgentRow]) -> String {
 }
 
 /// Spend totals of one group.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CostLine {
     /// Model, agent or day (`YYYY-MM-DD`, UTC).
     pub key: String,
@@ -220,7 +222,7 @@ pub struct CostLine {
 }
 
 /// What `cost` reports.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CostReport {
     /// Everything.
     pub total: CostLine,
@@ -302,7 +304,7 @@ pub fn render_cost(r: &CostReport) -> String {
 }
 
 /// One conversation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionSummary {
     /// Session id (and log file name).
     pub session_id: String,
@@ -344,7 +346,7 @@ pub fn sessions(store: &Store) -> Result<Vec<SessionSummary>, BusError> {
 }
 
 /// One entry of a transcript.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TranscriptEntry {
     /// `prompt`, `assistant`, `tool`, `result`, `error`.
     pub kind: String,
@@ -496,11 +498,116 @@ fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one Claude command against an opened data dir.
+/// Whether stderr is a terminal (live progress goes there only then).
+pub fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+/// The progress line for one `claude.spawn.*` event of a call, `t` seconds after it started.
+pub fn spawn_progress_line(t: f64, topic: &str, d: &Value) -> Option<String> {
+    let line = match topic {
+        "claude.spawn.request" => format!(
+            "queued {} (model {})",
+            d["process_id"].as_str().unwrap_or("?"),
+            d["model"].as_str().unwrap_or("default")
+        ),
+        "claude.spawn.started" => format!("running: attempt {} (pid {})", d["attempt"], d["pid"]),
+        "claude.spawn.failed" => format!(
+            "attempt {} failed ({}): {}{}",
+            d["attempt"],
+            d["class"].as_str().unwrap_or("?"),
+            ellipsize(d["error"].as_str().unwrap_or(""), 80),
+            if d["status"] == "RETRY" {
+                " — retrying"
+            } else {
+                ""
+            }
+        ),
+        "claude.spawn.complete" => format!(
+            "done: ${:.4}, {} tokens in / {} out",
+            d["cost_usd"].as_f64().unwrap_or(0.0),
+            d["tokens_in"],
+            d["tokens_out"]
+        ),
+        _ => return None,
+    };
+    Some(format!("[{t:>6.1}s] {line}"))
+}
+
+/// `ksi spawn`: starts the call, shows its progress on stderr when that is a terminal (from
+/// the live `claude.spawn.*` events), and returns `{process_id, answer}` or
+/// `{process_id, error}`.
+///
+/// # Errors
+/// The daemon refused the call (budget, rate, bad input) or cannot be reached.
+pub async fn spawn_via(
+    client: &super::client::DaemonClient,
+    request: serde_json::Value,
+    progress: bool,
+) -> anyhow::Result<Value> {
+    // Subscribe before starting the call (the stream begins at the newest event): nothing is missed.
+    let mut events = if progress {
+        Some(
+            client
+                .stream("/events/stream?topic=claude.spawn.%3E")
+                .await?,
+        )
+    } else {
+        None
+    };
+    let mut request = request;
+    request["wait"] = Value::Bool(false);
+    let started = client.call("POST", "/spawn", Some(request)).await?;
+    let id = started["process_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let result_path = format!("/processes/{}/result", super::client::encode(&id));
+    let result = client.get(&result_path);
+    let Some(events) = events.as_mut() else {
+        return result.await;
+    };
+    let t0 = std::time::Instant::now();
+    tokio::pin!(result);
+    loop {
+        tokio::select! {
+            r = &mut result => return r,
+            e = events.next_event() => match e {
+                Ok(Some(e)) if e["data"]["process_id"].as_str() == Some(id.as_str()) => {
+                    let topic = e["topic"].as_str().unwrap_or("");
+                    if let Some(line) = spawn_progress_line(t0.elapsed().as_secs_f64(), topic, &e["data"]) {
+                        eprintln!("{line}");
+                    }
+                }
+                Ok(Some(_)) => {}
+                // The stream ended or broke: the answer still comes.
+                _ => return result.await,
+            },
+        }
+    }
+}
+
+async fn get_rows<T: serde::de::DeserializeOwned>(
+    client: &super::client::DaemonClient,
+    path: &str,
+    key: &str,
+    json: bool,
+) -> anyhow::Result<Option<Vec<T>>> {
+    let b = client.get(path).await?;
+    if json {
+        print_json(&b[key])?;
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_value(b[key].clone())?))
+}
+
+/// Runs one Claude command through the daemon's API (or the data dir's, served in process).
 ///
 /// # Errors
 /// The command failed (a failed Claude call is an error, after printing what happened).
-pub async fn run(cmd: ClaudeCmd, o: Opened) -> anyhow::Result<()> {
+pub async fn run(cmd: ClaudeCmd, client: &super::client::DaemonClient) -> anyhow::Result<()> {
+    use super::client::encode;
     match cmd {
         ClaudeCmd::Spawn {
             prompt,
@@ -508,19 +615,15 @@ pub async fn run(cmd: ClaudeCmd, o: Opened) -> anyhow::Result<()> {
             agent,
             json,
         } => {
-            let exec = executor(&o, ExecutorConfig::default());
-            let report = spawn(
-                &exec,
-                ClaudeRequest {
-                    prompt,
-                    model,
-                    agent,
-                    ..ClaudeRequest::default()
-                },
-            )
-            .await;
+            let req = serde_json::json!({ "prompt": prompt, "model": model, "agent": agent });
+            let b = spawn_via(client, req, stderr_is_terminal()).await?;
+            let report = SpawnReport {
+                process_id: b["process_id"].as_str().unwrap_or_default().to_string(),
+                answer: serde_json::from_value(b["answer"].clone()).ok(),
+                failure: serde_json::from_value(b["error"].clone()).ok(),
+            };
             if json {
-                print_json(&report)?;
+                print_json(&b)?;
             } else {
                 println!("{}", render_spawn(&report));
             }
@@ -533,44 +636,52 @@ pub async fn run(cmd: ClaudeCmd, o: Opened) -> anyhow::Result<()> {
             limit,
             json,
         } => {
-            let rows = executor::list_processes(&o.store, status.as_deref(), limit)?;
-            if json {
-                print_json(&rows)?;
-            } else {
+            let mut path = format!("/processes?limit={limit}");
+            if let Some(st) = &status {
+                path.push_str(&format!("&status={}", encode(st)));
+            }
+            if let Some(rows) = get_rows::<ProcessRow>(client, &path, "processes", json).await? {
                 println!("{}", render_ps(&rows));
             }
         }
         ClaudeCmd::Agents { json } => {
-            let rows = agents::list(&o.store)?;
-            if json {
-                print_json(&rows)?;
-            } else {
+            if let Some(rows) = get_rows::<AgentRow>(client, "/agents", "agents", json).await? {
                 println!("{}", render_agents(&rows));
             }
         }
-        ClaudeCmd::Agent(AgentCmd::Send { agent, text }) => {
-            // The agent must exist for its inbox subscription to catch the message.
-            agents::ensure(&o.store, &o.bus, &o.config.data_dir, &agent)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            let id = agents::send(&o.bus, &agent, &text, Some("cli"))
-                .await
-                .map_err(anyhow::Error::msg)?;
-            println!("sent to {agent} (event {id}); its next turn reads it");
+        ClaudeCmd::Agent(AgentCmd::Send { agent, text, json }) => {
+            let b = client
+                .call(
+                    "POST",
+                    &format!("/agents/{}/messages", encode(&agent)),
+                    Some(serde_json::json!({ "text": text, "from": "cli" })),
+                )
+                .await?;
+            if json {
+                print_json(&b)?;
+            } else {
+                println!(
+                    "sent to {agent} (event {}); its next turn reads it",
+                    b["event_id"]
+                );
+            }
         }
         ClaudeCmd::Cost { json } => {
-            let r = cost(&o.store)?;
+            let b = client.get("/cost").await?;
             if json {
-                print_json(&r)?;
+                print_json(&b)?;
             } else {
-                print!("{}", render_cost(&r));
+                print!("{}", render_cost(&serde_json::from_value(b)?));
             }
         }
         ClaudeCmd::Sessions { cmd: None, json } => {
-            let rows = sessions(&o.store)?;
-            if json {
-                print_json(&rows)?;
-            } else {
+            if let Some(rows) =
+                get_rows::<SessionSummary>(client, "/sessions", "sessions", json).await?
+            {
+                if rows.is_empty() {
+                    println!("no sessions yet; `ksi spawn \"...\"` starts one");
+                    return Ok(());
+                }
                 let mut t = table(&["session", "agent", "turns", "cost $", "last"]);
                 for s in rows {
                     t.add_row(vec![
@@ -588,10 +699,8 @@ pub async fn run(cmd: ClaudeCmd, o: Opened) -> anyhow::Result<()> {
             cmd: Some(SessionsCmd::Show { id, json }),
             ..
         } => {
-            let t = session_transcript(&o.refs, &id)?;
-            if json {
-                print_json(&t)?;
-            } else {
+            let path = format!("/sessions/{}", encode(&id));
+            if let Some(t) = get_rows::<TranscriptEntry>(client, &path, "entries", json).await? {
                 print!("{}", render_transcript(&t));
             }
         }

@@ -59,6 +59,11 @@ pub enum HostCmd {
     /// Measure the bus, plugins, executor or workflows
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Print a shell completion script: `ksi-host completions bash > /etc/bash_completion.d/ksi-host`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Tools for developing and testing KSI itself
     #[command(subcommand, hide = true)]
     Dev(DevCmd),
@@ -158,6 +163,9 @@ pub fn main() -> i32 {
 }
 
 fn run(cli: HostCli) -> anyhow::Result<()> {
+    if let HostCmd::Completions { shell } = cli.cmd {
+        return super::print_completions::<HostCli>(shell);
+    }
     let mut config = cli.global.config()?;
     // One-shot commands print their own output; only the daemon logs at info by default.
     if !matches!(cli.cmd, HostCmd::Serve(_)) && !super::log_level_chosen(&cli.global) {
@@ -338,6 +346,7 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                     .await
                     .map(|_| ())
             }
+            HostCmd::Completions { .. } => unreachable!("handled before the runtime starts"),
         }
     })
 }

@@ -135,6 +135,27 @@ pub fn table(header: &[&str]) -> comfy_table::Table {
     t
 }
 
+/// Prints the completion script of the command-line parser `C` for `shell` on stdout.
+///
+/// # Errors
+/// Writing to stdout failed.
+pub fn print_completions<C: clap::CommandFactory>(
+    shell: clap_complete::Shell,
+) -> anyhow::Result<()> {
+    let mut cmd = C::command();
+    let name = cmd.get_name().to_string();
+    // Generated into memory first: clap_complete panics on a write error, and `| head` is one.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    let mut out = std::io::stdout().lock();
+    match std::io::Write::write_all(&mut out, &script)
+        .and_then(|()| std::io::Write::flush(&mut out))
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// Prints an error chain as one readable line and returns the process exit code.
 pub fn report_error(err: &anyhow::Error) -> i32 {
     eprintln!("error: {err:#}");

@@ -172,3 +172,26 @@ pub fn list(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `ksi plugins list` through a daemon: the plugins it has loaded (`GET /plugins`).
+///
+/// # Errors
+/// The daemon cannot be reached.
+pub async fn list_client(client: &super::client::DaemonClient, json: bool) -> anyhow::Result<()> {
+    let b = client.get("/plugins").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(());
+    }
+    let list: Vec<crate::plugins::loader::PluginSummary> =
+        serde_json::from_value(b["plugins"].clone())?;
+    if list.is_empty() {
+        println!(
+            "{} has no plugin loaded; check its plugins directory and its log",
+            client.describe()
+        );
+    } else {
+        println!("{}", list_table(&list));
+    }
+    Ok(())
+}

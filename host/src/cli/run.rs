@@ -1,5 +1,6 @@
 //! `ksi run WORKFLOW`: start a workflow and follow it live — one line per step with elapsed
-//! time, cost so far and a progress bar — then print its result.
+//! time, cost so far and a progress bar, on stderr when it is a terminal — then print its
+//! result on stdout.
 //!
 //! With no daemon running, the engine is hosted in this process for the run (the data-dir lock
 //! keeps a daemon from starting meanwhile).
@@ -147,15 +148,20 @@ impl Progress {
     }
 }
 
+/// Live progress goes to stderr, and only when a person watches it: stdout keeps the result
+/// (text or `--json`) clean for pipes and files.
 fn print_line(line: &str) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    if !super::claude::stderr_is_terminal() {
+        return Ok(());
+    }
+    let mut out = std::io::stderr().lock();
     writeln!(out, "{line}")?;
     out.flush()?;
     Ok(())
 }
 
 /// Follows an instance until it ends, printing one line per finished step.
-pub async fn follow(host: &Host, id: &str, quiet: bool) -> anyhow::Result<InstanceView> {
+pub async fn follow(host: &Host, id: &str) -> anyhow::Result<InstanceView> {
     let mut progress = Progress::new(host.engine.get(id)?.total_steps.unwrap_or(1) as usize);
     let mut last_event = 0i64;
     let mut published = host.store.published();
@@ -163,7 +169,7 @@ pub async fn follow(host: &Host, id: &str, quiet: bool) -> anyhow::Result<Instan
         published.borrow_and_update();
         for e in host.bus.events_after(last_event, Some("workflow.>"), 500)? {
             last_event = e.id;
-            if e.correlation_id.as_deref() != Some(id) || quiet {
+            if e.correlation_id.as_deref() != Some(id) {
                 continue;
             }
             let cost = host.engine.get(id).map(|v| v.cost_usd).unwrap_or(0.0);
@@ -193,7 +199,7 @@ pub async fn follow(host: &Host, id: &str, quiet: bool) -> anyhow::Result<Instan
 /// The human summary of a finished instance, from its JSON (`GET /workflows/ID`: the
 /// instance with its `steps`): its final result (the last step's result, e.g. the judge's
 /// verdict) and its totals.
-pub fn render_result(v: &Value, data_dir: &std::path::Path) -> String {
+pub fn render_result(v: &Value, data_dir: Option<&std::path::Path>) -> String {
     let mut out = String::new();
     let steps = v["steps"].as_array().cloned().unwrap_or_default();
     let id = v["id"].as_str().unwrap_or("");
@@ -231,9 +237,12 @@ pub fn render_result(v: &Value, data_dir: &std::path::Path) -> String {
         v["cost_usd"].as_f64().unwrap_or(0.0),
         (end - v["created_at"].as_i64().unwrap_or(end)) as f64 / 1000.0
     ));
+    let logs = match data_dir {
+        Some(d) => format!("{}/claude_logs/", d.display()),
+        None => "claude_logs/ in the daemon's data dir".into(),
+    };
     out.push_str(&format!(
-        "transcript: ksi workflow show {id}   logs: {}/claude_logs/\n",
-        data_dir.display()
+        "transcript: ksi workflow show {id}   logs: {logs}\n"
     ));
     out
 }
@@ -244,10 +253,8 @@ pub async fn run_in_process(host: &Host, args: &RunArgs) -> anyhow::Result<Insta
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let workers = host.spawn_workers(stop_rx);
     let id = host.engine.start(&args.workflow, params).await?;
-    if !args.json {
-        println!("started {} {id}", args.workflow);
-    }
-    let v = follow(host, &id, args.json).await?;
+    print_line(&format!("started {} {id}", args.workflow))?;
+    let v = follow(host, &id).await?;
     let _ = stop.send(true);
     let _ = workers.await;
     let mut body = serde_json::to_value(&v)?;
@@ -255,43 +262,39 @@ pub async fn run_in_process(host: &Host, args: &RunArgs) -> anyhow::Result<Insta
     if args.json {
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
-        print!("{}", render_result(&body, &host.config.data_dir));
+        print!("{}", render_result(&body, Some(&host.config.data_dir)));
     }
     Ok(v)
 }
 
 /// Runs `args.workflow` on the daemon listening on `client`, following it over the live
-/// event stream.
+/// event stream; `data_dir` is the daemon's when it is local (for the logs hint).
+///
+/// # Errors
+/// The daemon refused the workflow or the stream broke.
 pub async fn run_on_daemon(
     client: &super::client::DaemonClient,
     args: &RunArgs,
-    data_dir: &std::path::Path,
+    data_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<Value> {
     let params = params_of(args)?;
     // Subscribe first (the stream starts at the newest event), then start: nothing is missed.
     let mut events = client.stream("/events/stream?topic=workflow.%3E").await?;
-    let (status, body) = client
-        .request(
+    let body = client
+        .call(
             "POST",
             "/workflows",
             Some(serde_json::json!({"type": args.workflow, "params": params})),
         )
-        .await?;
-    if status != 201 {
-        anyhow::bail!(
-            "the daemon refused the workflow: {}",
-            body["error"]["message"]
-                .as_str()
-                .unwrap_or(&body.to_string())
-        );
-    }
+        .await
+        .map_err(|e| anyhow::anyhow!("the daemon refused the workflow: {e}"))?;
     let id = body["id"].as_str().unwrap_or_default().to_string();
-    if !args.json {
-        println!("started {} {id} on the running daemon", args.workflow);
-    }
-    let (_, v) = client
-        .request("GET", &format!("/workflows/{id}"), None)
-        .await?;
+    print_line(&format!(
+        "started {} {id} on {}",
+        args.workflow,
+        client.describe()
+    ))?;
+    let v = client.get(&format!("/workflows/{id}")).await?;
     let mut progress = Progress::new(v["total_steps"].as_u64().unwrap_or(1) as usize);
     let mut cost = 0.0;
     while let Some(e) = events.next_event().await? {
@@ -304,9 +307,7 @@ pub async fn run_on_daemon(
             .as_f64()
             .filter(|_| topic == "workflow.step_complete")
             .unwrap_or(0.0);
-        if !args.json
-            && let Some(line) = progress.line(topic, d, cost)
-        {
+        if let Some(line) = progress.line(topic, d, cost) {
             print_line(&line)?;
         }
         if matches!(
@@ -316,9 +317,7 @@ pub async fn run_on_daemon(
             break;
         }
     }
-    let (_, v) = client
-        .request("GET", &format!("/workflows/{id}"), None)
-        .await?;
+    let v = client.get(&format!("/workflows/{id}")).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {

@@ -1,18 +1,21 @@
-//! `ksi workflows` and `ksi workflow show|cancel|pause|resume|retry-from`, on the data dir.
+//! `ksi workflows`, `ksi workflow show|cancel|pause|resume|retry-from` and `ksi schedule`,
+//! through the daemon's API ([`DaemonClient`]).
 //!
-//! These change instance rows and publish events through the engine's API; a running daemon
-//! picks the changes up from the bus (a cancel reaches a step it is running when that step
-//! commits, and its result is discarded).
+//! Actions and schedule changes go to the running daemon, so a cancel also stops a step it is
+//! running (and its Claude calls) at once; listings and `show` read the data dir in process
+//! when no daemon runs.
 
 use std::sync::Arc;
 
 use clap::Subcommand;
 use serde_json::Value;
 
+use super::client::{DaemonClient, encode};
 use super::{Opened, clock, ellipsize, table};
+use crate::workflow::schedule::Schedule;
 use crate::workflow::{
-    BoxFuture, Engine, EngineOptions, HandlerRef, NoClaude, ResolvedStep, StepContext, StepError,
-    StepInput, StepOutput, StepRunner,
+    BoxFuture, Engine, EngineOptions, HandlerRef, InstanceView, NoClaude, ResolvedStep,
+    StepContext, StepError, StepInput, StepOutput, StepRecord, StepRunner,
 };
 
 /// `ksi workflow ...`
@@ -25,13 +28,30 @@ pub enum WorkflowCmd {
         json: bool,
     },
     /// Stop an instance; a running step's result is discarded
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Let the running step finish, then hold the instance
-    Pause { id: String },
+    Pause {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Continue a paused instance
-    Resume { id: String },
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an instance again from STEP (after a failure, or with changed plugin code)
-    RetryFrom { id: String, step: String },
+    RetryFrom {
+        id: String,
+        step: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `ksi schedule ...`
@@ -47,6 +67,8 @@ pub enum ScheduleCmd {
         /// KEY=VALUE (VALUE is JSON when it parses); repeatable
         #[arg(long = "param", short = 'p', value_name = "KEY=VALUE")]
         params: Vec<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// The schedules with their last and next tick
     List {
@@ -54,65 +76,11 @@ pub enum ScheduleCmd {
         json: bool,
     },
     /// Remove a schedule
-    Rm { id: String },
-}
-
-/// `ksi schedule ...`.
-pub async fn schedule(cmd: ScheduleCmd, o: Opened) -> anyhow::Result<()> {
-    use crate::workflow::schedule;
-    let engine = admin_engine(&o).await?;
-    match cmd {
-        ScheduleCmd::Add {
-            cron,
-            workflow,
-            topic,
-            params,
-        } => {
-            let args = super::run::RunArgs {
-                workflow: workflow.clone(),
-                topic,
-                params,
-                json: false,
-                claude_bin: None,
-            };
-            let s = schedule::add(&engine, &cron, &workflow, super::run::params_of(&args)?).await?;
-            println!(
-                "schedule {} starts {} on \"{}\"; next at {} UTC (the daemon fires it)",
-                s.id,
-                s.workflow_type,
-                s.cron,
-                s.next_fire_at.map(super::clock).unwrap_or_default()
-            );
-        }
-        ScheduleCmd::List { json } => {
-            let all = schedule::list(&o.store)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
-            } else if all.is_empty() {
-                println!(
-                    "no schedules; add one with `ksi schedule add \"0 9 * * *\" debate --topic ...`"
-                );
-            } else {
-                let mut t = table(&["id", "cron", "workflow", "params", "last", "next"]);
-                for s in all {
-                    t.add_row(vec![
-                        s.id,
-                        s.cron,
-                        s.workflow_type,
-                        ellipsize(&s.params.to_string(), 40),
-                        s.last_fired_at.map(clock).unwrap_or_default(),
-                        s.next_fire_at.map(clock).unwrap_or_default(),
-                    ]);
-                }
-                println!("{t}");
-            }
-        }
-        ScheduleCmd::Rm { id } => {
-            schedule::remove(&o.store, &id).await?;
-            println!("schedule {id} removed");
-        }
-    }
-    Ok(())
+    Rm {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Admin operations need the definitions (to check step names) but run no step.
@@ -142,7 +110,9 @@ impl StepRunner for AdminRunner {
     }
 }
 
-async fn admin_engine(o: &Opened) -> anyhow::Result<Engine> {
+/// An engine over an opened data dir that loads the definitions but runs no step (for the
+/// API served in process by `ksi` when no daemon runs).
+pub(crate) async fn admin_engine(o: &Opened) -> anyhow::Result<Engine> {
     let engine = Engine::new(
         o.store.clone(),
         o.refs.clone(),
@@ -159,15 +129,99 @@ async fn admin_engine(o: &Opened) -> anyhow::Result<Engine> {
     Ok(engine)
 }
 
-/// `ksi workflows`.
+/// `ksi schedule ...`.
+///
+/// # Errors
+/// Bad arguments or the daemon's refusal, in its words.
+pub async fn schedule(cmd: ScheduleCmd, client: &DaemonClient) -> anyhow::Result<()> {
+    match cmd {
+        ScheduleCmd::Add {
+            cron,
+            workflow,
+            topic,
+            params,
+            json,
+        } => {
+            let args = super::run::RunArgs {
+                workflow: workflow.clone(),
+                topic,
+                params,
+                json: false,
+                claude_bin: None,
+            };
+            let body = serde_json::json!({
+                "cron": cron, "type": workflow, "params": super::run::params_of(&args)?,
+            });
+            let b = client.call("POST", "/schedules", Some(body)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+                return Ok(());
+            }
+            let s: Schedule = serde_json::from_value(b)?;
+            println!(
+                "schedule {} starts {} on \"{}\"; next at {} UTC (the daemon fires it)",
+                s.id,
+                s.workflow_type,
+                s.cron,
+                s.next_fire_at.map(clock).unwrap_or_default()
+            );
+        }
+        ScheduleCmd::List { json } => {
+            let b = client.get("/schedules").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b["schedules"])?);
+                return Ok(());
+            }
+            let all: Vec<Schedule> = serde_json::from_value(b["schedules"].clone())?;
+            if all.is_empty() {
+                println!(
+                    "no schedules; add one with `ksi schedule add \"0 9 * * *\" debate --topic ...`"
+                );
+            } else {
+                let mut t = table(&["id", "cron", "workflow", "params", "last", "next"]);
+                for s in all {
+                    t.add_row(vec![
+                        s.id,
+                        s.cron,
+                        s.workflow_type,
+                        ellipsize(&s.params.to_string(), 40),
+                        s.last_fired_at.map(clock).unwrap_or_default(),
+                        s.next_fire_at.map(clock).unwrap_or_default(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        ScheduleCmd::Rm { id, json } => {
+            let b = client
+                .call("DELETE", &format!("/schedules/{}", encode(&id)), None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                println!("schedule {id} removed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ksi workflows`: instances, newest first.
+///
+/// # Errors
+/// A bad status filter or an unreachable daemon.
 pub async fn list(
-    o: Opened,
+    client: &DaemonClient,
     status: Option<String>,
     limit: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    let engine = admin_engine(&o).await?;
-    let rows = engine.list(status.as_deref(), limit)?;
+    let mut path = format!("/workflows?limit={limit}");
+    if let Some(st) = &status {
+        path.push_str(&format!("&status={}", encode(st)));
+    }
+    let b = client.get(&path).await?;
+    let rows = b["workflows"].as_array().cloned().unwrap_or_default();
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
@@ -179,152 +233,138 @@ pub async fn list(
     let mut t = table(&[
         "id", "type", "status", "step", "calls", "cost", "started", "error",
     ]);
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
     for v in rows {
         t.add_row(vec![
-            v.id,
-            v.workflow_type,
-            v.status,
-            v.current_step.unwrap_or_default(),
-            v.claude_calls.to_string(),
-            format!("${:.4}", v.cost_usd),
-            clock(v.created_at),
-            ellipsize(v.error.as_deref().unwrap_or(""), 40),
+            text(&v["id"]),
+            text(&v["type"]),
+            text(&v["status"]),
+            text(&v["current_step"]),
+            v["claude_calls"].to_string(),
+            format!("${:.4}", v["cost_usd"].as_f64().unwrap_or(0.0)),
+            clock(v["created_at"].as_i64().unwrap_or(0)),
+            ellipsize(v["error"].as_str().unwrap_or(""), 40),
         ]);
     }
     println!("{t}");
     Ok(())
 }
 
-/// Sends an action to the running daemon, so it also stops a step it is running (and its
-/// Claude calls) at once.
-async fn act_on_daemon(
-    client: &super::client::DaemonClient,
-    id: &str,
-    action: &str,
-    body: serde_json::Value,
-) -> anyhow::Result<()> {
-    let (status, b) = client
-        .request("POST", &format!("/workflows/{id}/{action}"), Some(body))
-        .await?;
-    if !(200..300).contains(&status) {
-        anyhow::bail!(
-            "{}",
-            b["error"]["message"].as_str().unwrap_or(&b.to_string())
-        );
-    }
-    println!("{id} {action}: now {}", b["status"].as_str().unwrap_or("?"));
-    Ok(())
+/// The instance with its `steps` and `transcript` (what `ksi workflow show --json` prints).
+///
+/// # Errors
+/// An unknown id or an unreachable daemon.
+pub async fn show_json(client: &DaemonClient, id: &str) -> anyhow::Result<Value> {
+    let id = encode(id);
+    let mut body = client.get(&format!("/workflows/{id}")).await?;
+    let t = client.get(&format!("/workflows/{id}/transcript")).await?;
+    body["transcript"] = t["turns"].clone();
+    Ok(body)
 }
 
 /// `ksi workflow ...`.
-pub async fn run(cmd: WorkflowCmd, o: Opened) -> anyhow::Result<()> {
-    if let Some(client) = super::client::DaemonClient::find(&o.config.data_dir).await {
-        let action = match &cmd {
-            WorkflowCmd::Cancel { id } => Some((id.clone(), "cancel", serde_json::json!({}))),
-            WorkflowCmd::Pause { id } => Some((id.clone(), "pause", serde_json::json!({}))),
-            WorkflowCmd::Resume { id } => Some((id.clone(), "resume", serde_json::json!({}))),
-            WorkflowCmd::RetryFrom { id, step } => Some((
-                id.clone(),
-                "retry-from",
-                serde_json::json!({ "step": step }),
-            )),
-            WorkflowCmd::Show { .. } => None,
-        };
-        if let Some((id, action, body)) = action {
-            return act_on_daemon(&client, &id, action, body).await;
-        }
-    }
-    let engine = admin_engine(&o).await?;
-    match cmd {
+///
+/// # Errors
+/// An unknown id, an action the instance's status does not allow, or an unreachable daemon.
+pub async fn run(cmd: WorkflowCmd, client: &DaemonClient) -> anyhow::Result<()> {
+    let (id, action, body, json) = match cmd {
         WorkflowCmd::Show { id, json } => {
-            let v = engine.get(&id)?;
-            let steps = engine.history(&id)?;
-            let turns = engine.transcript(&id)?;
+            let body = show_json(client, &id).await?;
             if json {
-                let mut body = serde_json::to_value(&v)?;
-                body["steps"] = serde_json::to_value(&steps)?;
-                body["transcript"] = Value::Array(turns);
                 println!("{}", serde_json::to_string_pretty(&body)?);
-                return Ok(());
+            } else {
+                print_show(&body)?;
             }
+            return Ok(());
+        }
+        WorkflowCmd::Cancel { id, json } => (id, "cancel", serde_json::json!({}), json),
+        WorkflowCmd::Pause { id, json } => (id, "pause", serde_json::json!({}), json),
+        WorkflowCmd::Resume { id, json } => (id, "resume", serde_json::json!({}), json),
+        WorkflowCmd::RetryFrom { id, step, json } => {
+            (id, "retry-from", serde_json::json!({ "step": step }), json)
+        }
+    };
+    let b = client
+        .call(
+            "POST",
+            &format!("/workflows/{}/{action}", encode(&id)),
+            Some(body),
+        )
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(());
+    }
+    let status = b["status"].as_str().unwrap_or("?");
+    match action {
+        "pause" => println!("{id} pause: now {status} (a running step finishes first)"),
+        _ => println!("{id} {action}: now {status}"),
+    }
+    Ok(())
+}
+
+fn print_show(body: &Value) -> anyhow::Result<()> {
+    let v: InstanceView = serde_json::from_value(body.clone())?;
+    let steps: Vec<StepRecord> = serde_json::from_value(body["steps"].clone())?;
+    let turns = body["transcript"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{} {} — {}  (${:.4}, {} Claude calls, {} tokens in / {} out)",
+        v.workflow_type, v.id, v.status, v.cost_usd, v.claude_calls, v.tokens_in, v.tokens_out
+    );
+    if let Some(e) = &v.error {
+        println!("error: {e}");
+    }
+    let mut t = table(&[
+        "seq",
+        "step",
+        "try",
+        "status",
+        "plugin",
+        "ms",
+        "cost",
+        "output / error",
+    ]);
+    for s in &steps {
+        let dur = s
+            .finished_at
+            .map(|f| (f - s.started_at).to_string())
+            .unwrap_or_else(|| "…".into());
+        let detail = match (&s.error, &s.output_ref, &s.output) {
+            (Some(e), _, _) => e.clone(),
+            (_, Some(r), _) => format!(
+                "{} (sha256 {})",
+                r.path,
+                &r.sha256[..12.min(r.sha256.len())]
+            ),
+            (_, _, Some(o)) => o["result"].to_string(),
+            _ => String::new(),
+        };
+        t.add_row(vec![
+            s.seq.to_string(),
+            s.step.clone(),
+            s.attempt.to_string(),
+            s.status.clone(),
+            s.plugin.clone().unwrap_or_default(),
+            dur,
+            format!("${:.4}", s.cost_usd),
+            ellipsize(&detail, 60),
+        ]);
+    }
+    println!("{t}");
+    if !turns.is_empty() {
+        println!("\ntranscript:");
+        for turn in turns {
+            let who = turn["agent"].as_str().unwrap_or("claude");
+            let file = turn["response_ref"]["path"]
+                .as_str()
+                .map(|p| format!("  [{p}:{}]", turn["response_ref"]["line"]))
+                .unwrap_or_default();
             println!(
-                "{} {} — {}  (${:.4}, {} Claude calls, {} tokens in / {} out)",
-                v.workflow_type,
-                v.id,
-                v.status,
-                v.cost_usd,
-                v.claude_calls,
-                v.tokens_in,
-                v.tokens_out
+                "\n— {} ({}){file}\n{}",
+                who,
+                turn["step"].as_str().unwrap_or(""),
+                turn["text"].as_str().unwrap_or("")
             );
-            if let Some(e) = &v.error {
-                println!("error: {e}");
-            }
-            let mut t = table(&[
-                "seq",
-                "step",
-                "try",
-                "status",
-                "plugin",
-                "ms",
-                "cost",
-                "output / error",
-            ]);
-            for s in &steps {
-                let dur = s
-                    .finished_at
-                    .map(|f| (f - s.started_at).to_string())
-                    .unwrap_or_else(|| "…".into());
-                let detail = match (&s.error, &s.output_ref, &s.output) {
-                    (Some(e), _, _) => e.clone(),
-                    (_, Some(r), _) => format!("{} (sha256 {})", r.path, &r.sha256[..12]),
-                    (_, _, Some(o)) => o["result"].to_string(),
-                    _ => String::new(),
-                };
-                t.add_row(vec![
-                    s.seq.to_string(),
-                    s.step.clone(),
-                    s.attempt.to_string(),
-                    s.status.clone(),
-                    s.plugin.clone().unwrap_or_default(),
-                    dur,
-                    format!("${:.4}", s.cost_usd),
-                    ellipsize(&detail, 60),
-                ]);
-            }
-            println!("{t}");
-            if !turns.is_empty() {
-                println!("\ntranscript:");
-                for turn in turns {
-                    let who = turn["agent"].as_str().unwrap_or("claude");
-                    let file = turn["response_ref"]["path"]
-                        .as_str()
-                        .map(|p| format!("  [{p}:{}]", turn["response_ref"]["line"]))
-                        .unwrap_or_default();
-                    println!(
-                        "\n— {} ({}){file}\n{}",
-                        who,
-                        turn["step"].as_str().unwrap_or(""),
-                        turn["text"].as_str().unwrap_or("")
-                    );
-                }
-            }
-        }
-        WorkflowCmd::Cancel { id } => {
-            engine.cancel(&id).await?;
-            println!("{id} cancelled");
-        }
-        WorkflowCmd::Pause { id } => {
-            engine.pause(&id).await?;
-            println!("{id} paused (a running step finishes first)");
-        }
-        WorkflowCmd::Resume { id } => {
-            engine.resume(&id).await?;
-            println!("{id} resumed");
-        }
-        WorkflowCmd::RetryFrom { id, step } => {
-            engine.retry_from(&id, &step).await?;
-            println!("{id} runs again from {step}");
         }
     }
     Ok(())

@@ -181,7 +181,7 @@ strip = true
 //!
 //! Build: `cargo build --target wasm32-wasip2 --release`
 //! Check: `ksi-host plugin check target/wasm32-wasip2/release/{file}.wasm`
-//! Try:   `ksi-host plugin run target/wasm32-wasip2/release/{file}.wasm greet '{{"name": "Ada"}}'`
+//! Try:   `ksi-host plugin run target/wasm32-wasip2/release/{file}.wasm greet --params '{{"name": "Ada"}}'`
 
 use ksi_sdk::{{Plugin, PluginInfo, StepError, StepInput, StepOutput, claude, log}};
 use serde::Deserialize;

@@ -105,7 +105,7 @@ struct StepEvent {
 }
 
 /// One row of an instance's history.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
     pub seq: u64,
     pub attempt: u32,
@@ -127,7 +127,7 @@ pub struct StepRecord {
 }
 
 /// An instance as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceView {
     pub id: String,
     #[serde(rename = "type")]
