@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod claude;
 mod cli;
+mod compat;
 mod crash;
 mod executor;
 mod workflows;

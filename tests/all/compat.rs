@@ -1,0 +1,296 @@
+//! Compatibility with the original KSI: its clients' Unix-socket protocol against a running
+//! daemon (on fake-claude), and `ksi-host import-logs` on logs in the shapes it wrote.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::support::{Daemon, bin, ksi_host, text};
+
+/// A client speaking the original protocol: newline-delimited JSON over the Unix socket.
+struct Client {
+    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    wr: OwnedWriteHalf,
+}
+
+impl Client {
+    async fn connect(data_dir: &Path) -> Client {
+        let path = data_dir.join("ksi-compat.sock");
+        let stream = UnixStream::connect(&path)
+            .await
+            .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        let (rd, wr) = stream.into_split();
+        Client {
+            lines: BufReader::new(rd).lines(),
+            wr,
+        }
+    }
+
+    async fn send_raw(&mut self, line: &str) {
+        self.wr.write_all(line.as_bytes()).await.unwrap();
+        self.wr.write_all(b"\n").await.unwrap();
+    }
+
+    async fn send(&mut self, event: &str, data: Value, correlation_id: &str) {
+        let msg = json!({ "event": event, "data": data, "correlation_id": correlation_id });
+        self.send_raw(&msg.to_string()).await;
+    }
+
+    /// The next message, within 20 s.
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(20), self.lines.next_line())
+            .await
+            .expect("a message from the daemon within 20 s")
+            .unwrap()
+            .expect("the connection is still open");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// Sends a request and returns its reply (the message with its correlation id).
+    async fn request(&mut self, event: &str, data: Value) -> Value {
+        let corr = format!("c-{}", rand_id());
+        self.send(event, data, &corr).await;
+        loop {
+            let m = self.next().await;
+            if m["correlation_id"] == corr.as_str() {
+                return m;
+            }
+        }
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn completion_async_replies_queued_then_pushes_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(dir.path(), &[]).await;
+    let mut c = Client::connect(dir.path()).await;
+    c.send(
+        "completion:async",
+        json!({"prompt": "Say hello", "model": "claude-cli/sonnet", "request_id": "req-42"}),
+        "corr-1",
+    )
+    .await;
+    let queued = c.next().await;
+    assert_eq!(queued["event"], "completion:async", "{queued}");
+    assert_eq!(queued["correlation_id"], "corr-1", "{queued}");
+    assert_eq!(queued["count"], 1);
+    assert!(queued["timestamp"].as_f64().unwrap() > 0.0);
+    assert_eq!(queued["data"]["request_id"], "req-42");
+    assert_eq!(queued["data"]["status"], "queued");
+
+    let pushed = c.next().await;
+    assert_eq!(pushed["event"], "completion:result", "{pushed}");
+    let data = &pushed["data"];
+    assert_eq!(data["request_id"], "req-42", "{pushed}");
+    assert_eq!(data["status"], "completed", "{pushed}");
+    let answer = data["response"].as_str().unwrap();
+    assert!(answer.starts_with("[simulated]"), "fake-claude's answer: {answer}");
+    // The original's shape: the CLI's own result JSON under result.response.
+    assert_eq!(data["result"]["ksi"]["provider"], "claude-cli");
+    assert_eq!(data["result"]["ksi"]["request_id"], "req-42");
+    assert_eq!(data["result"]["response"]["type"], "result");
+    assert_eq!(data["result"]["response"]["result"], answer);
+    let session = data["session_id"].as_str().unwrap();
+    assert_eq!(data["result"]["response"]["session_id"], session);
+    assert!(data["cost"].as_f64().unwrap() > 0.0, "{pushed}");
+    assert!(data["model"].as_str().unwrap().contains("sonnet"), "{pushed}");
+
+    // The call went through the executor: it is a process row like any other.
+    let pid = queued["data"]["process_id"].as_str().unwrap();
+    assert_eq!(data["process_id"], pid);
+    let out = std::process::Command::new(bin("ksi"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["ps", "--json"])
+        .env_remove("KSI_DATA_DIR")
+        .output()
+        .unwrap();
+    let rows: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{:?}", text(&out)));
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == pid && r["status"] == "COMPLETED"),
+        "{rows}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_completion_pushes_a_result_carrying_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // A spent budget: the executor refuses the call, and the refusal is the pushed result.
+    let set = ksi_host(dir.path(), &["config", "set", "claude.budget.global_usd", "0"]);
+    assert!(set.status.success(), "{:?}", text(&set));
+    let _d = Daemon::start(dir.path(), &[]).await;
+    let mut c = Client::connect(dir.path()).await;
+    let q = c.request("completion:async", json!({"prompt": "hi"})).await;
+    assert_eq!(q["data"]["status"], "queued", "{q}");
+    let r = c.next().await;
+    assert_eq!(r["event"], "completion:result", "{r}");
+    assert_eq!(r["data"]["request_id"], q["data"]["request_id"]);
+    assert_eq!(r["data"]["status"], "failed", "{r}");
+    assert_eq!(r["data"]["error_class"], "budget", "{r}");
+    assert!(!r["data"]["error"].as_str().unwrap().is_empty(), "{r}");
+    assert_eq!(r["data"]["transient"], false, "{r}");
+}
+
+#[tokio::test]
+async fn monitor_subscribe_pushes_matching_events_as_they_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]).await;
+    let mut watcher = Client::connect(dir.path()).await;
+    let r = watcher
+        .request(
+            "monitor:subscribe",
+            json!({"client_id": "watcher", "event_patterns": ["demo:*", "completion:result"]}),
+        )
+        .await;
+    assert_eq!(r["data"]["status"], "subscribed", "{r}");
+    assert_eq!(r["data"]["client_id"], "watcher");
+
+    // A bus event published over HTTP: `demo.thing` is pushed as `demo:thing`; `other.x` is not.
+    let (s, _) = d
+        .post("/events", &json!({"topic": "other.x", "data": {}}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201);
+    let (s, _) = d
+        .post("/events", &json!({"topic": "demo.thing", "data": {"n": 7}}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201);
+    let m = watcher.next().await;
+    assert_eq!(m["event"], "demo:thing", "{m}");
+    assert_eq!(m["event_name"], "demo:thing");
+    assert_eq!(m["data"]["n"], 7);
+    assert_eq!(m["_topic"], "demo.thing");
+
+    // Another client's completion: its claude.spawn.complete reaches the watcher as
+    // completion:result.
+    let mut caller = Client::connect(dir.path()).await;
+    let q = caller
+        .request("completion:async", json!({"prompt": "watched call"}))
+        .await;
+    let pid = q["data"]["process_id"].as_str().unwrap().to_string();
+    let m = watcher.next().await;
+    assert_eq!(m["event"], "completion:result", "{m}");
+    assert_eq!(m["data"]["process_id"], pid.as_str(), "{m}");
+    assert!(m["data"]["session_id"].is_string(), "{m}");
+}
+
+#[tokio::test]
+async fn agents_health_discovery_and_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(dir.path(), &[]).await;
+    let mut c = Client::connect(dir.path()).await;
+
+    let r = c.request("agent:spawn", json!({"agent_id": "alice"})).await;
+    assert_eq!(r["event"], "agent:spawn", "{r}");
+    assert_eq!(r["data"]["agent_id"], "alice", "{r}");
+    assert_eq!(r["data"]["status"], "created", "{r}");
+    let r = c.request("agent:spawn", json!({"agent_id": "alice"})).await;
+    assert_eq!(r["data"]["status"], "exists", "{r}");
+    let r = c.request("agent:list", json!({})).await;
+    let agents = r["data"]["agents"].as_array().unwrap();
+    assert_eq!(r["data"]["count"], agents.len());
+    assert!(agents.iter().any(|a| a["agent_id"] == "alice"), "{r}");
+    let r = c.request("agent:spawn", json!({"agent_id": "not valid!"})).await;
+    assert!(r["error"].as_str().unwrap().contains("not a valid agent id"), "{r}");
+
+    let r = c.request("system:health", json!({})).await;
+    assert_eq!(r["data"]["status"], "healthy", "{r}");
+    assert_eq!(r["data"]["database"]["ok"], true);
+    assert!(r["data"]["uptime"].as_f64().unwrap() >= 0.0);
+
+    let r = c.request("system:discover", json!({})).await;
+    let events = r["data"]["events"].as_object().unwrap();
+    for name in [
+        "completion:async",
+        "monitor:subscribe",
+        "agent:spawn",
+        "agent:list",
+        "system:health",
+        "system:discover",
+    ] {
+        assert!(events.contains_key(name), "{name} missing from {r}");
+    }
+    assert_eq!(
+        events["completion:async"]["parameters"]["prompt"]["type"],
+        "str"
+    );
+    assert_eq!(r["data"]["total"], events.len());
+    let r = c
+        .request("system:discover", json!({"namespace": "agent"}))
+        .await;
+    assert_eq!(r["data"]["total"], 2, "{r}");
+
+    // An unknown event: an error reply with its correlation id, and the connection stays.
+    let r = c.request("state:entity:get", json!({"id": "x"})).await;
+    assert_eq!(r["event"], "state:entity:get");
+    let err = r["error"].as_str().unwrap();
+    assert!(err.contains("unknown event") && err.contains("system:discover"), "{err}");
+    let r = c.request("system:health", json!({})).await;
+    assert_eq!(r["data"]["status"], "healthy", "still answering: {r}");
+
+    // Malformed input: an error reply each, never a dropped connection.
+    c.send_raw("{this is not json").await;
+    let r = c.next().await;
+    assert!(r["error"].as_str().unwrap().contains("invalid JSON"), "{r}");
+    c.send_raw(r#"{"data": {}, "correlation_id": "no-name"}"#).await;
+    let r = c.next().await;
+    assert_eq!(r["correlation_id"], "no-name");
+    assert!(r["error"].as_str().unwrap().contains("no \"event\""), "{r}");
+    c.send_raw(r#"{"event": "completion:async", "data": [1], "correlation_id": "bad-data"}"#)
+        .await;
+    let r = c.next().await;
+    assert_eq!(r["correlation_id"], "bad-data");
+    assert!(r["error"].as_str().unwrap().contains("must be a JSON object"), "{r}");
+    let r = c.request("completion:async", json!({"model": "sonnet"})).await;
+    assert!(r["error"].as_str().unwrap().contains("\"prompt\""), "{r}");
+    let r = c.request("system:health", json!({})).await;
+    assert_eq!(r["data"]["status"], "healthy", "still answering: {r}");
+}
+
+#[tokio::test]
+async fn many_clients_at_once_and_a_silent_one_blocks_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(dir.path(), &[]).await;
+    // A client that subscribes to everything and never reads.
+    let mut silent = Client::connect(dir.path()).await;
+    silent.send("monitor:subscribe", json!({}), "s").await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let path = dir.path().to_path_buf();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&path).await;
+            for _ in 0..5 {
+                let r = c.request("system:health", json!({"i": i})).await;
+                assert_eq!(r["data"]["status"], "healthy", "{r}");
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("clients answered")
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn no_compat_turns_the_listener_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(dir.path(), &[("KSI_COMPAT", "false")]).await;
+    assert!(!dir.path().join("ksi-compat.sock").exists());
+}
