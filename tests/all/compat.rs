@@ -294,3 +294,153 @@ async fn no_compat_turns_the_listener_off() {
     let _d = Daemon::start(dir.path(), &[("KSI_COMPAT", "false")]).await;
     assert!(!dir.path().join("ksi-compat.sock").exists());
 }
+
+/// A real CLI result line from `shared/fixtures/claude-cli/`.
+fn cli_result(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures/claude-cli")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("the fixture {} ({e})", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// An original KSI checkout with logs in the shapes it wrote.
+fn original_checkout(root: &Path) -> (String, String, f64) {
+    let mut one = cli_result("json_2.1.x_success_sonnet45_scylla.json");
+    let two = cli_result("stream_2.1.x_line_result_success.json");
+    let (s1, s2) = (
+        one["session_id"].as_str().unwrap().to_string(),
+        two["session_id"].as_str().unwrap().to_string(),
+    );
+    let cost = one["total_cost_usd"].as_f64().unwrap() + two["total_cost_usd"].as_f64().unwrap() + 0.01;
+    let raw_one = one.clone();
+    // claude_logs/: the daemon's "human" line, then the CLI result typed "claude".
+    one["type"] = json!("claude");
+    one["timestamp"] = json!("2025-06-21T10:00:00.123456Z");
+    one["process_id"] = json!("a1b2c3d4");
+    one["agent_id"] = json!("researcher");
+    write_lines(
+        &root.join(format!("claude_logs/{s1}.jsonl")),
+        &[
+            json!({"timestamp": "2025-06-21T09:59:58Z", "type": "human", "content": "Write hello.py"}).to_string(),
+            one.to_string(),
+            "{\"type\": \"claude\", \"result\": truncated".into(),
+        ],
+    );
+    // An early CLI's result: sessionId and cost_usd, no uuid.
+    write_lines(
+        &root.join("claude_logs/legacy-session-1.jsonl"),
+        &[
+            json!({"timestamp": "2025-06-01T08:00:00Z", "type": "human", "content": "Old question"}).to_string(),
+            json!({"type": "claude", "timestamp": "2025-06-01T08:00:05Z", "sessionId": "legacy-session-1",
+                   "result": "Old answer", "cost_usd": 0.01, "duration_ms": 5000, "num_turns": 1,
+                   "is_error": false}).to_string(),
+        ],
+    );
+    std::os::unix::fs::symlink(format!("{s1}.jsonl"), root.join("claude_logs/latest.jsonl")).unwrap();
+    // var/logs/responses/: the completion service's envelopes, one of them a copy of the above.
+    let envelope = |resp: &Value, req: &str| {
+        json!({"ksi": {"provider": "claude-cli", "request_id": req,
+                       "timestamp": "2025-07-02T12:00:00Z", "duration_ms": 8722},
+               "response": resp})
+        .to_string()
+    };
+    write_lines(
+        &root.join(format!("var/logs/responses/{s2}.jsonl")),
+        &[
+            json!({"type": "user", "timestamp": "2025-07-02T11:59:50Z", "content": "List the files",
+                   "request_id": "req-2", "model": "claude-cli/opus", "agent_id": null}).to_string(),
+            envelope(&two, "req-2"),
+        ],
+    );
+    write_lines(
+        &root.join(format!("var/logs/responses/{s1}.jsonl")),
+        &[envelope(&raw_one, "req-1")],
+    );
+    (s1, s2, cost)
+}
+
+fn ksi_json(data_dir: &Path, args: &[&str]) -> Value {
+    let out = std::process::Command::new(bin("ksi"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("KSI_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ksi {args:?}: {:?}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {:?}", text(&out)))
+}
+
+#[test]
+fn import_logs_indexes_original_conversations_once() {
+    let original = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (s1, s2, cost) = original_checkout(original.path());
+    let dir = original.path().to_str().unwrap();
+
+    let out = ksi_host(data.path(), &["import-logs", dir, "--json"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["files"], 4, "latest.jsonl is a link, not a log: {r}");
+    assert_eq!(r["turns"], 3, "{r}");
+    assert_eq!(r["conversations"], 3, "{r}");
+    assert_eq!(r["already_imported"], 1, "the response-log copy of a claude_logs result: {r}");
+    assert_eq!(r["skipped"], 1, "{r}");
+    assert!(r["problems"][0].as_str().unwrap().contains(":3: not JSON"), "{r}");
+    assert!((r["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9, "{r}");
+
+    // Twice: nothing new.
+    let out = ksi_host(data.path(), &["import-logs", dir, "--json"]);
+    let again: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["turns"], 0, "{again}");
+    assert_eq!(again["already_imported"], 4, "{again}");
+    let out = ksi_host(data.path(), &["import-logs", dir]);
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("imported 0 turns") && stdout.contains("1 lines skipped"), "{stdout}");
+
+    // The client sees them: sessions, a transcript with prompt and answer, the cost.
+    let sessions = ksi_json(data.path(), &["sessions", "--json"]);
+    let ids: Vec<&str> = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{sessions}");
+    for id in [s1.as_str(), s2.as_str(), "legacy-session-1"] {
+        assert!(ids.contains(&id), "{id} missing from {sessions}");
+    }
+    let first = sessions.as_array().unwrap().iter().find(|s| s["session_id"] == s1.as_str()).unwrap();
+    assert_eq!(first["agent_id"], "researcher", "{first}");
+    assert_eq!(first["turns"], 1);
+    let t = ksi_json(data.path(), &["sessions", "show", &s1, "--json"]);
+    let kinds: Vec<&str> = t.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["prompt", "result"], "{t}");
+    assert_eq!(t[0]["text"], "Write hello.py");
+    let t = ksi_json(data.path(), &["sessions", "show", "legacy-session-1", "--json"]);
+    assert_eq!(t[0]["text"], "Old question", "{t}");
+    let c = ksi_json(data.path(), &["cost", "--json"]);
+    assert!((c["total"]["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9, "{c}");
+    assert_eq!(c["total"]["calls"], 3, "{c}");
+    assert!(
+        c["by_model"].as_array().unwrap().iter().any(|m| m["key"] == "claude-sonnet-4-5-20250929"),
+        "the costliest model of modelUsage: {c}"
+    );
+}
+
+#[test]
+fn import_logs_refuses_a_directory_without_logs() {
+    let empty = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let out = ksi_host(data.path(), &["import-logs", empty.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("neither claude_logs/ nor var/logs/responses/"), "{stderr}");
+}

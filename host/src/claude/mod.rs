@@ -20,6 +20,7 @@ pub mod agents;
 pub mod classify;
 pub mod command;
 pub mod executor;
+pub mod import;
 pub mod orphan;
 pub mod responses;
 pub mod retry;
