@@ -94,7 +94,10 @@ async fn completion_async_replies_queued_then_pushes_its_result() {
     assert_eq!(data["request_id"], "req-42", "{pushed}");
     assert_eq!(data["status"], "completed", "{pushed}");
     let answer = data["response"].as_str().unwrap();
-    assert!(answer.starts_with("[simulated]"), "fake-claude's answer: {answer}");
+    assert!(
+        answer.starts_with("[simulated]"),
+        "fake-claude's answer: {answer}"
+    );
     // The original's shape: the CLI's own result JSON under result.response.
     assert_eq!(data["result"]["ksi"]["provider"], "claude-cli");
     assert_eq!(data["result"]["ksi"]["request_id"], "req-42");
@@ -103,7 +106,10 @@ async fn completion_async_replies_queued_then_pushes_its_result() {
     let session = data["session_id"].as_str().unwrap();
     assert_eq!(data["result"]["response"]["session_id"], session);
     assert!(data["cost"].as_f64().unwrap() > 0.0, "{pushed}");
-    assert!(data["model"].as_str().unwrap().contains("sonnet"), "{pushed}");
+    assert!(
+        data["model"].as_str().unwrap().contains("sonnet"),
+        "{pushed}"
+    );
 
     // The call went through the executor: it is a process row like any other.
     let pid = queued["data"]["process_id"].as_str().unwrap();
@@ -130,7 +136,10 @@ async fn completion_async_replies_queued_then_pushes_its_result() {
 async fn a_failed_completion_pushes_a_result_carrying_the_error() {
     let dir = tempfile::tempdir().unwrap();
     // A spent budget: the executor refuses the call, and the refusal is the pushed result.
-    let set = ksi_host(dir.path(), &["config", "set", "claude.budget.global_usd", "0"]);
+    let set = ksi_host(
+        dir.path(),
+        &["config", "set", "claude.budget.global_usd", "0"],
+    );
     assert!(set.status.success(), "{:?}", text(&set));
     let _d = Daemon::start(dir.path(), &[]).await;
     let mut c = Client::connect(dir.path()).await;
@@ -205,8 +214,16 @@ async fn agents_health_discovery_and_bad_requests() {
     let agents = r["data"]["agents"].as_array().unwrap();
     assert_eq!(r["data"]["count"], agents.len());
     assert!(agents.iter().any(|a| a["agent_id"] == "alice"), "{r}");
-    let r = c.request("agent:spawn", json!({"agent_id": "not valid!"})).await;
-    assert!(r["error"].as_str().unwrap().contains("not a valid agent id"), "{r}");
+    let r = c
+        .request("agent:spawn", json!({"agent_id": "not valid!"}))
+        .await;
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid agent id"),
+        "{r}"
+    );
 
     let r = c.request("system:health", json!({})).await;
     assert_eq!(r["data"]["status"], "healthy", "{r}");
@@ -239,7 +256,10 @@ async fn agents_health_discovery_and_bad_requests() {
     let r = c.request("state:entity:get", json!({"id": "x"})).await;
     assert_eq!(r["event"], "state:entity:get");
     let err = r["error"].as_str().unwrap();
-    assert!(err.contains("unknown event") && err.contains("system:discover"), "{err}");
+    assert!(
+        err.contains("unknown event") && err.contains("system:discover"),
+        "{err}"
+    );
     let r = c.request("system:health", json!({})).await;
     assert_eq!(r["data"]["status"], "healthy", "still answering: {r}");
 
@@ -247,7 +267,8 @@ async fn agents_health_discovery_and_bad_requests() {
     c.send_raw("{this is not json").await;
     let r = c.next().await;
     assert!(r["error"].as_str().unwrap().contains("invalid JSON"), "{r}");
-    c.send_raw(r#"{"data": {}, "correlation_id": "no-name"}"#).await;
+    c.send_raw(r#"{"data": {}, "correlation_id": "no-name"}"#)
+        .await;
     let r = c.next().await;
     assert_eq!(r["correlation_id"], "no-name");
     assert!(r["error"].as_str().unwrap().contains("no \"event\""), "{r}");
@@ -255,8 +276,16 @@ async fn agents_health_discovery_and_bad_requests() {
         .await;
     let r = c.next().await;
     assert_eq!(r["correlation_id"], "bad-data");
-    assert!(r["error"].as_str().unwrap().contains("must be a JSON object"), "{r}");
-    let r = c.request("completion:async", json!({"model": "sonnet"})).await;
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("must be a JSON object"),
+        "{r}"
+    );
+    let r = c
+        .request("completion:async", json!({"model": "sonnet"}))
+        .await;
     assert!(r["error"].as_str().unwrap().contains("\"prompt\""), "{r}");
     let r = c.request("system:health", json!({})).await;
     assert_eq!(r["data"]["status"], "healthy", "still answering: {r}");
@@ -318,7 +347,8 @@ fn original_checkout(root: &Path) -> (String, String, f64) {
         one["session_id"].as_str().unwrap().to_string(),
         two["session_id"].as_str().unwrap().to_string(),
     );
-    let cost = one["total_cost_usd"].as_f64().unwrap() + two["total_cost_usd"].as_f64().unwrap() + 0.01;
+    let cost =
+        one["total_cost_usd"].as_f64().unwrap() + two["total_cost_usd"].as_f64().unwrap() + 0.01;
     let raw_one = one.clone();
     // claude_logs/: the daemon's "human" line, then the CLI result typed "claude".
     one["type"] = json!("claude");
@@ -343,7 +373,8 @@ fn original_checkout(root: &Path) -> (String, String, f64) {
                    "is_error": false}).to_string(),
         ],
     );
-    std::os::unix::fs::symlink(format!("{s1}.jsonl"), root.join("claude_logs/latest.jsonl")).unwrap();
+    std::os::unix::fs::symlink(format!("{s1}.jsonl"), root.join("claude_logs/latest.jsonl"))
+        .unwrap();
     // var/logs/responses/: the completion service's envelopes, one of them a copy of the above.
     let envelope = |resp: &Value, req: &str| {
         json!({"ksi": {"provider": "claude-cli", "request_id": req,
@@ -391,9 +422,15 @@ fn import_logs_indexes_original_conversations_once() {
     assert_eq!(r["files"], 4, "latest.jsonl is a link, not a log: {r}");
     assert_eq!(r["turns"], 3, "{r}");
     assert_eq!(r["conversations"], 3, "{r}");
-    assert_eq!(r["already_imported"], 1, "the response-log copy of a claude_logs result: {r}");
+    assert_eq!(
+        r["already_imported"], 1,
+        "the response-log copy of a claude_logs result: {r}"
+    );
     assert_eq!(r["skipped"], 1, "{r}");
-    assert!(r["problems"][0].as_str().unwrap().contains(":3: not JSON"), "{r}");
+    assert!(
+        r["problems"][0].as_str().unwrap().contains(":3: not JSON"),
+        "{r}"
+    );
     assert!((r["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9, "{r}");
 
     // Twice: nothing new.
@@ -403,7 +440,10 @@ fn import_logs_indexes_original_conversations_once() {
     assert_eq!(again["already_imported"], 4, "{again}");
     let out = ksi_host(data.path(), &["import-logs", dir]);
     let (stdout, _) = text(&out);
-    assert!(stdout.contains("imported 0 turns") && stdout.contains("1 lines skipped"), "{stdout}");
+    assert!(
+        stdout.contains("imported 0 turns") && stdout.contains("1 lines skipped"),
+        "{stdout}"
+    );
 
     // The client sees them: sessions, a transcript with prompt and answer, the cost.
     let sessions = ksi_json(data.path(), &["sessions", "--json"]);
@@ -417,20 +457,40 @@ fn import_logs_indexes_original_conversations_once() {
     for id in [s1.as_str(), s2.as_str(), "legacy-session-1"] {
         assert!(ids.contains(&id), "{id} missing from {sessions}");
     }
-    let first = sessions.as_array().unwrap().iter().find(|s| s["session_id"] == s1.as_str()).unwrap();
+    let first = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["session_id"] == s1.as_str())
+        .unwrap();
     assert_eq!(first["agent_id"], "researcher", "{first}");
     assert_eq!(first["turns"], 1);
     let t = ksi_json(data.path(), &["sessions", "show", &s1, "--json"]);
-    let kinds: Vec<&str> = t.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = t
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["prompt", "result"], "{t}");
     assert_eq!(t[0]["text"], "Write hello.py");
-    let t = ksi_json(data.path(), &["sessions", "show", "legacy-session-1", "--json"]);
+    let t = ksi_json(
+        data.path(),
+        &["sessions", "show", "legacy-session-1", "--json"],
+    );
     assert_eq!(t[0]["text"], "Old question", "{t}");
     let c = ksi_json(data.path(), &["cost", "--json"]);
-    assert!((c["total"]["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9, "{c}");
+    assert!(
+        (c["total"]["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9,
+        "{c}"
+    );
     assert_eq!(c["total"]["calls"], 3, "{c}");
     assert!(
-        c["by_model"].as_array().unwrap().iter().any(|m| m["key"] == "claude-sonnet-4-5-20250929"),
+        c["by_model"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["key"] == "claude-sonnet-4-5-20250929"),
         "the costliest model of modelUsage: {c}"
     );
 }
@@ -439,8 +499,14 @@ fn import_logs_indexes_original_conversations_once() {
 fn import_logs_refuses_a_directory_without_logs() {
     let empty = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let out = ksi_host(data.path(), &["import-logs", empty.path().to_str().unwrap()]);
+    let out = ksi_host(
+        data.path(),
+        &["import-logs", empty.path().to_str().unwrap()],
+    );
     assert!(!out.status.success());
     let (_, stderr) = text(&out);
-    assert!(stderr.contains("neither claude_logs/ nor var/logs/responses/"), "{stderr}");
+    assert!(
+        stderr.contains("neither claude_logs/ nor var/logs/responses/"),
+        "{stderr}"
+    );
 }

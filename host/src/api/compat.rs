@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::bus::{Bus, Event};
 use crate::claude::{Executor, agents};
+use crate::config::Config;
 use crate::refs::Refs;
 use crate::store::Store;
 use crate::workflow::{ClaudeAnswer, ClaudeFailure, ClaudeRequest};
@@ -72,6 +73,20 @@ impl CompatState {
             next_conn: Arc::default(),
         }
     }
+}
+
+/// Path of the compatibility socket, or `None` when it is off (`off` is `--no-compat`; the
+/// `compat = false` setting is overridden by an explicit `flag` path): the flag, else the
+/// `compat_socket` setting (relative to the data dir), else `<data dir>/ksi-compat.sock`.
+pub fn socket_path(config: &Config, flag: Option<&Path>, off: bool) -> Option<PathBuf> {
+    if off || (!config.compat && flag.is_none()) {
+        return None;
+    }
+    Some(match (flag, &config.compat_socket) {
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some(p)) => config.data_dir.join(p),
+        (None, None) => config.data_dir.join(SOCKET_NAME),
+    })
 }
 
 /// Binds the compatibility socket (mode 0600: whoever can connect can spend on Claude), replacing
@@ -724,8 +739,10 @@ async fn monitor(
             if !wanted {
                 continue;
             }
-            if matches!(e.topic.as_str(), "claude.spawn.complete" | "claude.spawn.failed")
-                && let Some(pid) = e.data.get("process_id").and_then(Value::as_str)
+            if matches!(
+                e.topic.as_str(),
+                "claude.spawn.complete" | "claude.spawn.failed"
+            ) && let Some(pid) = e.data.get("process_id").and_then(Value::as_str)
                 && own.lock().expect("own processes").contains(pid)
             {
                 // This connection gets the call's completion:result pushed directly.
@@ -756,9 +773,7 @@ async fn agent_spawn(
         let id = id.clone();
         state
             .store
-            .read_async(move |c| {
-                agents::get(c, &id).map_err(crate::bus::BusError::from)
-            })
+            .read_async(move |c| agents::get(c, &id).map_err(crate::bus::BusError::from))
             .await
             .map_err(|e| e.to_string())?
             .is_some()
@@ -843,11 +858,31 @@ const EVENTS: &[EventSpec] = &[
         summary: "Queue a Claude call; replies {request_id, status: queued}, then pushes completion:result with the same request_id.",
         params: &[
             ("prompt", "str", false, "The prompt (or give messages)"),
-            ("messages", "list", false, "Chat messages; the last non-assistant message is sent"),
-            ("model", "str", false, "Model, e.g. sonnet or claude-cli/sonnet"),
+            (
+                "messages",
+                "list",
+                false,
+                "Chat messages; the last non-assistant message is sent",
+            ),
+            (
+                "model",
+                "str",
+                false,
+                "Model, e.g. sonnet or claude-cli/sonnet",
+            ),
             ("session_id", "str", false, "Session to resume"),
-            ("agent_id", "str", false, "Agent whose session continues (created if new)"),
-            ("request_id", "str", false, "Your id for the request (generated if absent)"),
+            (
+                "agent_id",
+                "str",
+                false,
+                "Agent whose session continues (created if new)",
+            ),
+            (
+                "request_id",
+                "str",
+                false,
+                "Your id for the request (generated if absent)",
+            ),
             ("system_prompt", "str", false, "System prompt"),
             ("max_turns", "int", false, "Turn limit for the call"),
         ],
@@ -856,7 +891,12 @@ const EVENTS: &[EventSpec] = &[
         name: "monitor:subscribe",
         summary: "Push bus events as they commit whose name matches a pattern (fnmatch, e.g. completion:*); replaces the previous subscription.",
         params: &[
-            ("event_patterns", "list", false, "fnmatch patterns over event names (default [\"*\"])"),
+            (
+                "event_patterns",
+                "list",
+                false,
+                "fnmatch patterns over event names (default [\"*\"])",
+            ),
             ("client_id", "str", false, "Your client id (echoed back)"),
         ],
     },
@@ -869,10 +909,25 @@ const EVENTS: &[EventSpec] = &[
         name: "agent:spawn",
         summary: "Create an agent (sandbox, inbox, session continuity); with a prompt, also start its first turn.",
         params: &[
-            ("agent_id", "str", false, "Agent id: letters, digits, - and _ (generated if absent)"),
-            ("prompt", "str", false, "First message; its completion:result is pushed"),
+            (
+                "agent_id",
+                "str",
+                false,
+                "Agent id: letters, digits, - and _ (generated if absent)",
+            ),
+            (
+                "prompt",
+                "str",
+                false,
+                "First message; its completion:result is pushed",
+            ),
             ("model", "str", false, "Model for that first message"),
-            ("profile", "str", false, "Accepted; KSI reads agents/profiles/<agent_id>.toml"),
+            (
+                "profile",
+                "str",
+                false,
+                "Accepted; KSI reads agents/profiles/<agent_id>.toml",
+            ),
         ],
     },
     EventSpec {
@@ -889,7 +944,12 @@ const EVENTS: &[EventSpec] = &[
         name: "system:discover",
         summary: "List the events this listener handles, with their parameters.",
         params: &[
-            ("namespace", "str", false, "Only events of this namespace (e.g. completion)"),
+            (
+                "namespace",
+                "str",
+                false,
+                "Only events of this namespace (e.g. completion)",
+            ),
             ("event", "str", false, "Only this event"),
         ],
     },
@@ -976,13 +1036,39 @@ mod tests {
     }
 
     #[test]
+    fn the_socket_path_comes_from_flag_then_setting_then_data_dir() {
+        let mut c = Config {
+            data_dir: PathBuf::from("/d"),
+            ..Config::default()
+        };
+        assert_eq!(
+            socket_path(&c, None, false),
+            Some(PathBuf::from("/d/ksi-compat.sock"))
+        );
+        c.compat_socket = Some(PathBuf::from("run/old.sock"));
+        assert_eq!(
+            socket_path(&c, None, false),
+            Some(PathBuf::from("/d/run/old.sock"))
+        );
+        let flag = Path::new("/tmp/x.sock");
+        assert_eq!(socket_path(&c, Some(flag), false), Some(flag.to_path_buf()));
+        assert_eq!(socket_path(&c, None, true), None);
+        c.compat = false;
+        assert_eq!(socket_path(&c, None, false), None);
+        assert_eq!(socket_path(&c, Some(flag), false), Some(flag.to_path_buf()));
+    }
+
+    #[test]
     fn bus_topics_get_the_originals_event_names() {
         assert_eq!(compat_name("claude.spawn.complete"), "completion:result");
         assert_eq!(compat_name("claude.spawn.failed"), "completion:error");
         assert_eq!(compat_name("claude.spawn.request"), "completion:async");
         assert_eq!(compat_name("agent.created"), "agent:spawned");
         assert_eq!(compat_name("agent.alice.message"), "agent:message");
-        assert_eq!(compat_name("workflow.step_complete"), "workflow:step_complete");
+        assert_eq!(
+            compat_name("workflow.step_complete"),
+            "workflow:step_complete"
+        );
         assert_eq!(
             compat_name("workflow.debate.step.opening"),
             "workflow:debate.step.opening"
@@ -1000,9 +1086,15 @@ mod tests {
             read_line(&mut r, &mut buf).await.unwrap(),
             Line::TooLong(n) if n == MAX_LINE_BYTES + 10
         ));
-        assert!(matches!(read_line(&mut r, &mut buf).await.unwrap(), Line::Text));
+        assert!(matches!(
+            read_line(&mut r, &mut buf).await.unwrap(),
+            Line::Text
+        ));
         assert_eq!(buf, b"{\"event\":\"system:health\"}");
-        assert!(matches!(read_line(&mut r, &mut buf).await.unwrap(), Line::Eof));
+        assert!(matches!(
+            read_line(&mut r, &mut buf).await.unwrap(),
+            Line::Eof
+        ));
     }
 
     #[test]
@@ -1020,7 +1112,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.prompt, "hi");
         assert_eq!(r.model.as_deref(), Some("sonnet"));
-        let e = claude_request(&data(json!({"prompt": "x", "max_turns": "two"})), None).unwrap_err();
+        let e =
+            claude_request(&data(json!({"prompt": "x", "max_turns": "two"})), None).unwrap_err();
         assert!(e.contains("max_turns"), "{e}");
     }
 }

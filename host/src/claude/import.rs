@@ -212,9 +212,9 @@ pub async fn import_logs(store: &Store, refs: &Refs, dir: &Path) -> anyhow::Resu
             // What the line is: a prompt, a result (bare or in a KSI envelope), or other.
             let (result, meta) = match (kind, v.get("ksi"), v.get("response")) {
                 ("human" | "user", _, _) if v.get("content").is_some() => {
-                    prompt = v.get("content").and_then(|c| match c {
-                        Value::String(s) => Some(s.clone()),
-                        other => Some(other.to_string()),
+                    prompt = v.get("content").map(|c| match c {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
                     });
                     continue;
                 }
@@ -278,12 +278,13 @@ pub async fn import_logs(store: &Store, refs: &Refs, dir: &Path) -> anyhow::Resu
 
 fn exists(store: &Store, id: &str) -> anyhow::Result<bool> {
     let id = id.to_string();
-    Ok(store.read(move |c| {
-        c.query_row("SELECT 1 FROM processes WHERE id = ?1", [id], |_| Ok(()))
-            .optional()
-            .map_err(BusError::from)
-    })?
-    .is_some())
+    Ok(store
+        .read(move |c| {
+            c.query_row("SELECT 1 FROM processes WHERE id = ?1", [id], |_| Ok(()))
+                .optional()
+                .map_err(BusError::from)
+        })?
+        .is_some())
 }
 
 fn num(v: &Value, keys: &[&str]) -> Option<f64> {
@@ -361,9 +362,28 @@ async fn import_turn(store: &Store, refs: &Refs, t: Turn) -> anyhow::Result<f64>
                  VALUES (?1, ?2, ?3, ?4, ?5, 1, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
                     ?16, ?17, ?18, ?19, ?20, ?20, ?21, ?22)",
                 params![
-                    id, agent, status, model, sess, prompt_file, line.path, line.line.map(|l| l as i64),
-                    line.sha256, error, cost, tin, tout, tcr, tcw, turns, duration, duration_api,
-                    metrics, created, created + duration.unwrap_or(0), now_ms()
+                    id,
+                    agent,
+                    status,
+                    model,
+                    sess,
+                    prompt_file,
+                    line.path,
+                    line.line.map(|l| l as i64),
+                    line.sha256,
+                    error,
+                    cost,
+                    tin,
+                    tout,
+                    tcr,
+                    tcw,
+                    turns,
+                    duration,
+                    duration_api,
+                    metrics,
+                    created,
+                    created + duration.unwrap_or(0),
+                    now_ms()
                 ],
             )?;
             Ok::<_, BusError>(())
@@ -382,7 +402,10 @@ pub fn render(r: &ImportReport) -> String {
         s.push_str(&format!("\n  skipped {p}"));
     }
     if r.skipped > r.problems.len() {
-        s.push_str(&format!("\n  ... and {} more", r.skipped - r.problems.len()));
+        s.push_str(&format!(
+            "\n  ... and {} more",
+            r.skipped - r.problems.len()
+        ));
     }
     if r.turns > 0 {
         s.push_str("\n`ksi sessions` lists them; `ksi cost` counts them");

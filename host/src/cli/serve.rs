@@ -40,19 +40,6 @@ pub fn socket_path(config: &Config) -> std::path::PathBuf {
     config.data_dir.join("ksi.sock")
 }
 
-/// Path of the original-KSI compatibility socket, or `None` when it is turned off: the flag,
-/// else the `compat_socket` setting (relative to the data dir), else `<data dir>/ksi-compat.sock`.
-pub fn compat_socket_path(config: &Config, args: &ServeArgs) -> Option<std::path::PathBuf> {
-    if args.no_compat || (!config.compat && args.compat_socket.is_none()) {
-        return None;
-    }
-    Some(match (&args.compat_socket, &config.compat_socket) {
-        (Some(p), _) => p.clone(),
-        (None, Some(p)) => config.data_dir.join(p),
-        (None, None) => config.data_dir.join(api::compat::SOCKET_NAME),
-    })
-}
-
 /// Reloads the workflow definitions when a file of the definitions directory changes (a file
 /// that fails validation is reported and its previous version keeps serving).
 fn watch_definitions(host: &Host) -> anyhow::Result<notify::RecommendedWatcher> {
@@ -149,22 +136,26 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     let _ = std::fs::remove_file(&sock); // a stale socket of a dead daemon (the data-dir lock is ours)
     let unix = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("binding {}", sock.display()))?;
-    let compat = match compat_socket_path(&config, &args) {
-        Some(path) => {
-            let listener = api::compat::bind(&path)?;
-            let state = api::compat::CompatState::new(
-                host.store.clone(),
-                host.bus.clone(),
-                host.refs.clone(),
-                host.executor.clone(),
-                config.data_dir.clone(),
-            );
-            tokio::spawn(api::compat::serve(listener, state, stop_rx.clone()));
-            eprintln!("ksi-host: clients of the original KSI can connect to {}", path.display());
-            Some(path)
-        }
-        None => None,
-    };
+    let compat =
+        match api::compat::socket_path(&config, args.compat_socket.as_deref(), args.no_compat) {
+            Some(path) => {
+                let listener = api::compat::bind(&path)?;
+                let state = api::compat::CompatState::new(
+                    host.store.clone(),
+                    host.bus.clone(),
+                    host.refs.clone(),
+                    host.executor.clone(),
+                    config.data_dir.clone(),
+                );
+                tokio::spawn(api::compat::serve(listener, state, stop_rx.clone()));
+                eprintln!(
+                    "ksi-host: clients of the original KSI can connect to {}",
+                    path.display()
+                );
+                Some(path)
+            }
+            None => None,
+        };
     tracing::info!(listen = %args.listen, socket = %sock.display(), compat = ?compat, "ksi-host serving");
     eprintln!(
         "ksi-host serving on http://{} and {}",
