@@ -292,16 +292,44 @@ async fn agents_health_discovery_and_bad_requests() {
 }
 
 #[tokio::test]
-async fn many_clients_at_once_and_a_silent_one_blocks_nobody() {
+async fn a_client_that_stops_reading_blocks_nobody() {
     let dir = tempfile::tempdir().unwrap();
-    let _d = Daemon::start(dir.path(), &[]).await;
-    // A client that subscribes to everything and never reads.
+    let d = Daemon::start(dir.path(), &[]).await;
+    // Subscribes to everything, then never reads: its socket buffer and outbox fill up.
     let mut silent = Client::connect(dir.path()).await;
     silent.send("monitor:subscribe", json!({}), "s").await;
-    let mut tasks = Vec::new();
-    for i in 0..20 {
+    let mut reader = Client::connect(dir.path()).await;
+    let r = reader
+        .request("monitor:subscribe", json!({"event_patterns": ["load:*"]}))
+        .await;
+    assert_eq!(r["data"]["status"], "subscribed");
+
+    // 600 events of 2 KB: far more than the silent client's buffers hold.
+    const EVENTS: usize = 600;
+    let pad = "x".repeat(2048);
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let (port, pad) = (d.port, pad.clone());
+        publishers.push(tokio::spawn(async move {
+            for i in 0..EVENTS / 4 {
+                let body = json!({"topic": "load.tick", "data": {"p": p, "i": i, "pad": pad}});
+                let (s, b) = crate::support::http(
+                    port,
+                    "POST",
+                    "/events",
+                    Some(body.to_string().into_bytes()),
+                )
+                .await
+                .unwrap();
+                assert_eq!(s, 201, "{b}");
+            }
+        }));
+    }
+    // Meanwhile other clients get answers.
+    let mut askers = Vec::new();
+    for i in 0..10 {
         let path = dir.path().to_path_buf();
-        tasks.push(tokio::spawn(async move {
+        askers.push(tokio::spawn(async move {
             let mut c = Client::connect(&path).await;
             for _ in 0..5 {
                 let r = c.request("system:health", json!({"i": i})).await;
@@ -309,12 +337,29 @@ async fn many_clients_at_once_and_a_silent_one_blocks_nobody() {
             }
         }));
     }
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(30), t)
+    for t in publishers.into_iter().chain(askers) {
+        tokio::time::timeout(Duration::from_secs(60), t)
             .await
-            .expect("clients answered")
+            .expect("publishers and clients finished")
             .unwrap();
     }
+    // The reading subscriber got every event, in order per publisher.
+    let mut last = [-1i64; 4];
+    for _ in 0..EVENTS {
+        let m = reader.next().await;
+        assert_eq!(m["event"], "load:tick", "{m}");
+        let (p, i) = (
+            m["data"]["p"].as_u64().unwrap() as usize,
+            m["data"]["i"].as_i64().unwrap(),
+        );
+        assert!(i > last[p], "out of order: {i} after {}", last[p]);
+        last[p] = i;
+    }
+    assert!(
+        last.iter().all(|&l| l == (EVENTS / 4) as i64 - 1),
+        "{last:?}"
+    );
+    drop(silent);
 }
 
 #[tokio::test]

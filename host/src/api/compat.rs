@@ -189,10 +189,11 @@ async fn connection(state: CompatState, stream: UnixStream) {
     if let Some((_, task)) = conn.monitor.take() {
         task.abort();
     }
-    drop(conn);
-    // Pushes still owed (a running completion) hold the outbox open; the writer ends with them.
-    let _ = writer.await;
     state.connections.fetch_sub(1, Ordering::Relaxed);
+    // Pushes still owed (a running completion) hold the outbox open: the writer ends after them,
+    // or at its first failed write to a client that is gone.
+    drop(conn);
+    drop(writer);
 }
 
 /// The state of one connection.
