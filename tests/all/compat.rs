@@ -517,8 +517,15 @@ fn import_logs_indexes_original_conversations_once() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["prompt", "result"], "{t}");
+    assert_eq!(kinds, ["prompt", "assistant", "result"], "{t}");
     assert_eq!(t[0]["text"], "Write hello.py");
+    assert!(
+        t[1]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Task completed successfully!"),
+        "{t}"
+    );
     let t = ksi_json(
         data.path(),
         &["sessions", "show", "legacy-session-1", "--json"],

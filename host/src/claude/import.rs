@@ -12,10 +12,10 @@
 //! Each result becomes one COMPLETED (or, for an error result, FAILED) `processes` row whose id is
 //! derived from the result itself (the CLI's `uuid`, else a hash of the result without the
 //! fields the original added), so importing twice, or finding the same answer in both logs,
-//! adds nothing. The result line and a `ksi_envelope` line (the prompt's file, where it came
-//! from) are COPIED into `claude_logs/<session>.jsonl` of the data dir: that is the file `ksi
-//! sessions show` reads, references must stay inside the data dir, and the original checkout
-//! may be moved or deleted after the move. The prompt goes to `prompts/imported/<id>.txt`.
+//! adds nothing. The answer (as an `assistant` line), the result line and a `ksi_envelope` line
+//! (the prompt's file, where it came from) are COPIED into `claude_logs/<session>.jsonl` of the
+//! data dir: that is the file `ksi sessions show` reads, references must stay inside the data
+//! dir, and the original checkout may be moved or deleted after the move. The prompt goes to `prompts/imported/<id>.txt`.
 //! Files are written before the row that points at them. Lines that are not JSON, or results
 //! without a usable session id, are counted and reported, never fatal.
 
@@ -305,21 +305,46 @@ async fn import_turn(store: &Store, refs: &Refs, t: Turn) -> anyhow::Result<f64>
         ),
         None => None,
     };
-    // KSI's transcript reads `result` lines; the original's `claude` type is renamed.
+    // The copy in KSI's shapes (the original file is left as it is): the answer as an
+    // `assistant` line (the original ran `--output-format json`, which has none, and the
+    // transcript shows answers from those), the result typed `result` with today's field names,
+    // then the envelope.
     let mut result = t.result.clone();
     if let Some(o) = result.as_object_mut() {
         o.insert("type".into(), json!("result"));
+        o.insert("session_id".into(), json!(session));
+        if !o.contains_key("total_cost_usd")
+            && let Some(c) = o.get("cost_usd").cloned()
+        {
+            o.insert("total_cost_usd".into(), c);
+        }
     }
-    let envelope = json!({
-        "type": "ksi_envelope", "process_id": t.id, "agent_id": t.agent_id, "attempt": 1,
-        "prompt_file": prompt_ref.as_ref().map(|r| r.path.clone()),
-        "imported_from": t.source,
-    });
-    let (result_line, envelope_line) = (result.to_string(), envelope.to_string());
+    let mut lines_out = Vec::new();
+    if let Some(text) = str_of(&t.result, "result").filter(|_| !t.is_error) {
+        lines_out.push(
+            json!({
+                "type": "assistant", "session_id": session, "imported": true,
+                "message": {"id": format!("{}-answer", t.id), "role": "assistant",
+                            "content": [{"type": "text", "text": text}]},
+            })
+            .to_string(),
+        );
+    }
+    lines_out.push(result.to_string());
+    lines_out.push(
+        json!({
+            "type": "ksi_envelope", "process_id": t.id, "agent_id": t.agent_id, "attempt": 1,
+            "prompt_file": prompt_ref.as_ref().map(|r| r.path.clone()),
+            "imported_from": t.source,
+        })
+        .to_string(),
+    );
     let rel = session_path(&session);
-    let lines = refs
-        .append_lines(&rel, &[result_line.as_bytes(), envelope_line.as_bytes()])
+    let bytes: Vec<&[u8]> = lines_out.iter().map(|l| l.as_bytes()).collect();
+    let written = refs
+        .append_lines(&rel, &bytes)
         .with_context(|| format!("appending to {rel}"))?;
+    let result_ref = written[written.len() - 2].clone();
     let r = &t.result;
     let cost = num(r, &["total_cost_usd", "cost_usd"]).unwrap_or(0.0);
     let (status, error) = if t.is_error {
@@ -337,7 +362,7 @@ async fn import_turn(store: &Store, refs: &Refs, t: Turn) -> anyhow::Result<f64>
         status,
         t.model.clone(),
         prompt_ref.map(|p| serde_json::to_string(&p).unwrap_or_default()),
-        lines[0].clone(),
+        result_ref,
         error,
         json!({ "imported_from": t.source }).to_string(),
     );
