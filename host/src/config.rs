@@ -47,6 +47,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter, as in `RUST_LOG` (`info`, `ksi_host=debug`).
     pub log_level: String,
+    /// Whether `ksi-host serve` also listens for clients of the original KSI (its Unix-socket
+    /// protocol; `--no-compat` turns it off for one run).
+    pub compat: bool,
+    /// Socket of that listener (default `<data dir>/ksi-compat.sock`; a relative path is taken
+    /// relative to the data dir; `--compat-socket` overrides it).
+    pub compat_socket: Option<PathBuf>,
 }
 
 /// SQLite durability level for commits.
@@ -82,6 +88,8 @@ impl Default for Config {
             bus_retention_secs: 7 * 24 * 3600,
             log_format: LogFormat::Text,
             log_level: "info".to_string(),
+            compat: true,
+            compat_socket: None,
         }
     }
 }

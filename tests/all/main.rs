@@ -7,6 +7,7 @@ mod api;
 mod claude;
 mod cli;
 mod client;
+mod compat;
 mod crash;
 mod executor;
 mod workflows;

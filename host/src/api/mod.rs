@@ -5,6 +5,7 @@
 //! `{"error": {"code", "message", "field"?}}` that names the problem.
 
 pub mod claude;
+pub mod compat;
 mod events;
 mod workflows;
 

@@ -21,6 +21,7 @@ pub mod classify;
 pub mod command;
 pub mod executor;
 pub mod guardian;
+pub mod import;
 pub mod orphan;
 pub mod responses;
 pub mod retry;

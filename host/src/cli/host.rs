@@ -50,6 +50,15 @@ pub enum HostCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Index the conversation logs of an original KSI checkout (claude_logs/*.jsonl,
+    /// var/logs/responses/*.jsonl) so `ksi sessions` and `ksi cost` see them; importing twice
+    /// adds nothing
+    ImportLogs {
+        /// Root of the original KSI checkout
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a plugin component or run one of its steps, without a daemon
     #[command(subcommand)]
     Plugin(super::plugins::PluginCmd),
@@ -230,6 +239,17 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 Ok(())
             }
             HostCmd::Migrate { status, json } => migrate(&config, status, json),
+            HostCmd::ImportLogs { dir, json } => {
+                let o = open(config)?;
+                let r = crate::claude::import::import_logs(&o.store, &o.refs, &dir).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!("{}", crate::claude::import::render(&r));
+                }
+                o.store.close();
+                Ok(())
+            }
             HostCmd::Events(cmd) => super::events::run(cmd, open(config)?).await,
             HostCmd::Config(cmd) => config_cmd(cmd, open(config)?).await,
             HostCmd::Bench(BenchCmd::Bus {

@@ -26,6 +26,13 @@ pub struct ServeArgs {
     /// The Claude CLI to run (default: KSI_CLAUDE_BIN, else `claude` on PATH, else fake-claude)
     #[arg(long, value_name = "PATH")]
     pub claude_bin: Option<std::path::PathBuf>,
+    /// Socket for clients of the original KSI (default: config `compat_socket`, else
+    /// <data dir>/ksi-compat.sock)
+    #[arg(long, value_name = "PATH", conflicts_with = "no_compat")]
+    pub compat_socket: Option<std::path::PathBuf>,
+    /// Do not listen for clients of the original KSI
+    #[arg(long)]
+    pub no_compat: bool,
 }
 
 /// Path of the daemon's Unix socket.
@@ -129,7 +136,27 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     let _ = std::fs::remove_file(&sock); // a stale socket of a dead daemon (the data-dir lock is ours)
     let unix = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("binding {}", sock.display()))?;
-    tracing::info!(listen = %args.listen, socket = %sock.display(), "ksi-host serving");
+    let compat =
+        match api::compat::socket_path(&config, args.compat_socket.as_deref(), args.no_compat) {
+            Some(path) => {
+                let listener = api::compat::bind(&path)?;
+                let state = api::compat::CompatState::new(
+                    host.store.clone(),
+                    host.bus.clone(),
+                    host.refs.clone(),
+                    host.executor.clone(),
+                    config.data_dir.clone(),
+                );
+                tokio::spawn(api::compat::serve(listener, state, stop_rx.clone()));
+                eprintln!(
+                    "ksi-host: clients of the original KSI can connect to {}",
+                    path.display()
+                );
+                Some(path)
+            }
+            None => None,
+        };
+    tracing::info!(listen = %args.listen, socket = %sock.display(), compat = ?compat, "ksi-host serving");
     eprintln!(
         "ksi-host serving on http://{} and {}",
         args.listen,
@@ -190,6 +217,9 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     })
     .await;
     let _ = std::fs::remove_file(&sock);
+    if let Some(path) = compat {
+        let _ = std::fs::remove_file(path);
+    }
     host.store.close();
     eprintln!("ksi-host: stopped");
     Ok(())
