@@ -40,7 +40,7 @@ use super::stream::{ResultSummary, StreamEvent};
 use super::supervise::{AttemptOutcome, CancelToken, Limits, Progress, run_attempt_guarded};
 use crate::bus::{self, Bus, BusError, Delivery, NewEvent};
 use crate::refs::{FileRef, Refs, sha256_hex};
-use crate::store::{Store, now_ms};
+use crate::store::{ExecCached, Store, now_ms};
 use crate::workflow::{BoxFuture, ClaudeAnswer, ClaudeApi, ClaudeFailure, ClaudeRequest};
 
 /// Static settings of the executor. The `config` table overrides them per call (see
@@ -297,11 +297,10 @@ fn read_process(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProcessRow> {
 pub fn get_process(store: &Store, id: &str) -> Result<Option<ProcessRow>, BusError> {
     let id = id.to_string();
     store.read(move |c| {
-        Ok(c.query_row(
-            &format!("SELECT {PROCESS_COLUMNS} FROM processes WHERE id = ?1"),
-            [id],
-            read_process,
-        )
+        Ok(c.prepare_cached(&format!(
+            "SELECT {PROCESS_COLUMNS} FROM processes WHERE id = ?1"
+        ))?
+        .query_row([id], read_process)
         .optional()?)
     })
 }
@@ -591,7 +590,7 @@ impl Executor {
                 .store
                 .write(move |tx| {
                     let now = now_ms();
-                    tx.execute(
+                    tx.exec(
                         "INSERT INTO processes(id, workflow_id, agent_id, status, model, attempts, max_attempts,
                             prompt_file, prompt_sha256, request, created_at, updated_at)
                          VALUES (?1, ?2, ?3, 'PENDING', ?4, 0, ?5, ?6, ?7, ?8, ?9, ?9)",
@@ -848,7 +847,7 @@ impl Executor {
                 inner
                     .store
                     .write(move |tx| {
-                        tx.execute(
+                        tx.exec(
                             "UPDATE processes SET prompt_file = ?2, updated_at = ?3 WHERE id = ?1",
                             params![
                                 idc,
@@ -1145,14 +1144,14 @@ impl Executor {
             .store
             .write(move |tx| {
                 let now = now_ms();
-                tx.execute(
+                tx.exec(
                     "UPDATE processes SET status = 'RUNNING', pid = ?2, pid_start_ticks = ?3, attempts = ?4,
                         stream_file = ?5, started_at = COALESCE(started_at, ?6), next_attempt_at = NULL,
                         updated_at = ?6 WHERE id = ?1",
                     params![id, pid, start_ticks.map(|t| t as i64), attempt, stream_rel, now],
                 )?;
                 if let Some(a) = &agent {
-                    tx.execute(
+                    tx.exec(
                         "UPDATE agents SET status = 'busy', current_process_id = ?2, last_active_at = ?3 WHERE id = ?1",
                         params![a, id, now],
                     )?;
@@ -1304,7 +1303,7 @@ impl Executor {
             .inner
             .store
             .write_relaxed(move |tx| {
-                tx.execute(
+                tx.exec(
                     "UPDATE processes SET status = 'SUCCESS', session_id = COALESCE(?2, session_id),
                         cost_usd = COALESCE(cost_usd, 0) + ?3, tokens_in = COALESCE(tokens_in, 0) + ?4,
                         tokens_out = COALESCE(tokens_out, 0) + ?5,
@@ -1367,7 +1366,7 @@ impl Executor {
             .write(move |tx| {
                 let now = now_ms();
                 if recovered {
-                    tx.execute(
+                    tx.exec(
                         "UPDATE processes SET session_id = COALESCE(?2, session_id),
                             cost_usd = COALESCE(cost_usd, 0) + ?3, tokens_in = COALESCE(tokens_in, 0) + ?4,
                             tokens_out = COALESCE(tokens_out, 0) + ?5,
@@ -1388,7 +1387,7 @@ impl Executor {
                         ],
                     )?;
                 }
-                tx.execute(
+                tx.exec(
                     "UPDATE processes SET status = 'COMPLETED', error = NULL, error_class = NULL,
                         session_id = COALESCE(?2, session_id),
                         response_file = ?3, response_line = ?4, response_sha256 = ?5, metrics = ?6,
@@ -1407,7 +1406,7 @@ impl Executor {
                 )?;
                 if let Some(a) = &agent {
                     let tokens = r.usage.input + r.usage.output;
-                    tx.execute(
+                    tx.exec(
                         "UPDATE agents SET status = 'active', current_session_id = COALESCE(?2, current_session_id),
                             current_process_id = ?3, last_active_at = ?4,
                             metrics = json_set(metrics,
@@ -1587,7 +1586,7 @@ impl Executor {
                         r.usage.cache_creation as i64,
                     )
                 });
-                tx.execute(
+                tx.exec(
                     "UPDATE processes SET status = ?2, attempts = MAX(attempts, ?3), error = ?4, error_class = ?5,
                         next_attempt_at = ?6, session_id = COALESCE(session_id, ?7),
                         cost_usd = COALESCE(cost_usd, 0) + ?8, tokens_in = COALESCE(tokens_in, 0) + ?9,
@@ -1611,7 +1610,7 @@ impl Executor {
                     ],
                 )?;
                 if let Some(a) = &agent {
-                    tx.execute(
+                    tx.exec(
                         "UPDATE agents SET status = CASE WHEN ?2 THEN 'active' ELSE status END,
                             current_process_id = ?3, last_active_at = ?4 WHERE id = ?1",
                         params![a, terminal, idc, now],
@@ -1619,7 +1618,7 @@ impl Executor {
                     // The CLI no longer knows the agent's session: its next call starts a new one
                     // instead of failing the same way forever.
                     if class == FailureClass::Permanent(PermanentKind::UnknownSession).as_str() {
-                        tx.execute(
+                        tx.exec(
                             "UPDATE agents SET current_session_id = NULL WHERE id = ?1",
                             [a],
                         )?;
@@ -1670,7 +1669,7 @@ impl Executor {
             .store
             .write(move |tx| {
                 let now = now_ms();
-                tx.execute(
+                tx.exec(
                     "UPDATE processes SET status = 'FAILED', error = ?2, error_class = ?3,
                         prompt_file = COALESCE(?4, prompt_file), completed_at = ?5, updated_at = ?5 WHERE id = ?1",
                     params![
@@ -2064,7 +2063,7 @@ impl Executor {
                 self.inner
                     .store
                     .write(move |tx| {
-                        tx.execute(
+                        tx.exec(
                             "UPDATE agents SET status = 'active' WHERE id = ?1 AND status = 'busy'",
                             [a],
                         )?;

@@ -73,7 +73,12 @@ impl Guardian {
             libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
             let pid = libc::fork();
             if pid == 0 {
-                guardian_main(read.as_raw_fd(), write.as_raw_fd(), devnull.as_raw_fd(), &old);
+                guardian_main(
+                    read.as_raw_fd(),
+                    write.as_raw_fd(),
+                    devnull.as_raw_fd(),
+                    &old,
+                );
             }
             libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
             pid

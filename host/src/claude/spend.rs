@@ -94,8 +94,7 @@ impl SpendLimits {
     pub fn needs_ledger(&self, payer: &Payer) -> bool {
         let b = &self.budgets;
         !b.global.is_unlimited()
-            || (payer.agent.is_some()
-                && !payer.agent_budget.unwrap_or(b.per_agent).is_unlimited())
+            || (payer.agent.is_some() && !payer.agent_budget.unwrap_or(b.per_agent).is_unlimited())
             || (payer.workflow.is_some() && !b.per_workflow.is_unlimited())
     }
 
@@ -407,14 +406,17 @@ impl Admission {
         // A loop is made of calls that answered (or are answering). Calls that failed or were
         // cut off by a crash of the daemon do not count: re-running them after a restart is
         // recovery, not a runaway agent.
-        let repeats: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM processes
+        let repeats: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM processes
              WHERE prompt_sha256 = ?1 AND created_at >= ?2 AND rowid < ?3
                AND agent_id IS ?4 AND workflow_id IS ?5
                AND status IN ('PENDING', 'RUNNING', 'SUCCESS', 'COMPLETED', 'RETRY')",
-            params![prompt_sha256, since, rowid, payer.agent, payer.workflow],
-            |r| r.get(0),
-        )?;
+            )?
+            .query_row(
+                params![prompt_sha256, since, rowid, payer.agent, payer.workflow],
+                |r| r.get(0),
+            )?;
         if repeats as u64 >= limits.loop_max_repeats as u64 {
             let scope = match (&payer.agent, &payer.workflow) {
                 (Some(a), _) => format!("agent {a}"),

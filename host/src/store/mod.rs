@@ -274,6 +274,8 @@ fn check_header(path: &Path) -> Result<()> {
 
 fn configure(conn: &Connection, sync: SyncMode, busy: Duration) -> Result<()> {
     conn.busy_timeout(busy)?;
+    // Room for every statement of the hot paths (see [`ExecCached`]).
+    conn.set_prepared_statement_cache_capacity(128);
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(
         None,
@@ -763,6 +765,20 @@ impl Drop for Syncer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// `execute` through the connection's prepared-statement cache: the statements of the hot
+/// paths (a Claude call, a workflow step) run thousands of times, and preparing one costs more
+/// than running it.
+pub trait ExecCached {
+    /// Like [`Connection::execute`], with the statement prepared once per connection.
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+}
+
+impl ExecCached for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
     }
 }
 

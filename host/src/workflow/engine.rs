@@ -20,7 +20,7 @@ use super::definition::{Definition, DefinitionError, END, HandlerRef, Step};
 use super::{ClaudeApi, StepError, StepInput, StepOutput, StepRunner};
 use crate::bus::{self, Bus, BusError, Delivery, NewEvent, Subscription, SubscriptionOptions};
 use crate::refs::{FileRef, Refs};
-use crate::store::{Store, Tx, now_ms};
+use crate::store::{ExecCached, Store, Tx, now_ms};
 
 /// State larger than this (serialized) goes to a checkpoint file instead of the row.
 pub const INLINE_STATE_MAX: usize = 10 * 1024;
@@ -360,7 +360,7 @@ impl Engine {
         merge_patch(&mut merged, &Value::Object(given));
         let first = def.first().name.clone();
         let now = now_ms();
-        tx.execute(
+        tx.exec(
             "INSERT INTO workflows(id, type, definition_version, definition_sha256, current_step,
                 current_step_index, total_steps, params, state, status, created_at, updated_at, next_seq)
              VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, '{}', 'running', ?8, ?8, 2)",
@@ -595,7 +595,7 @@ impl Engine {
     /// processes are killed) and its result discarded.
     pub async fn cancel(&self, id: &str) -> Result<(), WorkflowError> {
         self.transition(id, "cancel", &["running", "paused", "pending"], "running or paused", |tx, id, _| {
-            tx.execute(
+            tx.exec(
                 "UPDATE workflows SET status = 'cancelled', parked = '[]', updated_at = ?2, completed_at = ?2 WHERE id = ?1",
                 params![id, now_ms()],
             )?;
@@ -614,7 +614,7 @@ impl Engine {
     /// Pauses an instance: the step running now finishes; the next one waits for resume.
     pub async fn pause(&self, id: &str) -> Result<(), WorkflowError> {
         self.transition(id, "pause", &["running"], "running", |tx, id, _| {
-            tx.execute(
+            tx.exec(
                 "UPDATE workflows SET status = 'paused', updated_at = ?2 WHERE id = ?1",
                 params![id, now_ms()],
             )?;
@@ -632,7 +632,7 @@ impl Engine {
         self.transition(id, "resume", &["paused"], "paused", |tx, id, wtype| {
             let parked: String = tx.query_row("SELECT parked FROM workflows WHERE id = ?1", [id], |r| r.get(0))?;
             let parked: Vec<StepEvent> = serde_json::from_str(&parked).unwrap_or_default();
-            tx.execute("UPDATE workflows SET status = 'running', parked = '[]', updated_at = ?2 WHERE id = ?1", params![id, now_ms()])?;
+            tx.exec("UPDATE workflows SET status = 'running', parked = '[]', updated_at = ?2 WHERE id = ?1", params![id, now_ms()])?;
             for ev in &parked {
                 publish_step(tx, wtype, ev, None)?;
             }
@@ -679,7 +679,7 @@ impl Engine {
         };
         self.transition(id, "retry-from", &["failed", "cancelled", "paused", "completed"], "failed, cancelled, paused or completed", move |tx, id, wtype| {
             let seq: i64 = tx.query_row("SELECT next_seq FROM workflows WHERE id = ?1", [id], |r| r.get(0))?;
-            tx.execute(
+            tx.exec(
                 "UPDATE workflows SET status = 'running', error = NULL, parked = '[]', next_seq = next_seq + 1,
                     current_step = ?2, completed_at = NULL, updated_at = ?3 WHERE id = ?1",
                 params![id, step, now_ms()],
@@ -876,13 +876,13 @@ impl Engine {
                 tokio::time::sleep(RUNNING_MARKER_AFTER).await;
                 let _ = store
                     .write_relaxed(move |tx| {
-                        tx.execute(
+                        tx.exec(
                             "INSERT OR REPLACE INTO workflow_steps(workflow_id, seq, attempt, step, group_seq, status,
                                 input_sha256, plugin, plugin_sha256, started_at)
                              VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)",
                             params![ev2.workflow_id, ev2.seq as i64, ev2.attempt, ev2.step, ev2.group.map(|g| g as i64), isha, plugin2, sha2, started],
                         )?;
-                        tx.execute(
+                        tx.exec(
                             "UPDATE workflows SET current_step = ?2, current_step_index = ?3, updated_at = ?4 WHERE id = ?1",
                             params![ev2.workflow_id, ev2.step, ev2.seq as i64, started],
                         )?;
@@ -1074,7 +1074,7 @@ impl Engine {
                         [&ev.workflow_id],
                         |r| r.get(0),
                     )?;
-                    tx.execute(
+                    tx.exec(
                         "UPDATE workflows SET next_seq = next_seq + ?2 WHERE id = ?1",
                         params![ev.workflow_id, step.parallel.len() as i64],
                     )?;
@@ -1252,7 +1252,7 @@ impl Engine {
                 } else {
                     journal(tx, &ev, "failed", &meta, None, None, Some(&err.message), &totals)?;
                     let message = format!("step {:?} failed on attempt {}: {}", ev.step, ev.attempt, err.message);
-                    tx.execute(
+                    tx.exec(
                         "UPDATE workflows SET status = 'failed', error = ?2, updated_at = ?3, completed_at = ?3 WHERE id = ?1",
                         params![ev.workflow_id, message, now_ms()],
                     )?;
@@ -1351,7 +1351,7 @@ fn park_in(tx: &Tx<'_>, ev: &StepEvent) -> Result<(), WorkflowError> {
     if !list.contains(ev) {
         list.push(ev.clone());
     }
-    tx.execute(
+    tx.exec(
         "UPDATE workflows SET parked = ?2 WHERE id = ?1",
         params![ev.workflow_id, serde_json::to_string(&list).unwrap()],
     )?;
@@ -1479,7 +1479,7 @@ fn advance(
     )?
     .execute(params![ev.workflow_id, inline, checkpoint, now])?;
     if target == END {
-        tx.execute(
+        tx.exec(
             "UPDATE workflows SET status = 'completed', current_step = NULL, completed_at = ?2 WHERE id = ?1",
             params![ev.workflow_id, now],
         )?;
