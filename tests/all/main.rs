@@ -8,4 +8,5 @@ mod claude;
 mod cli;
 mod crash;
 mod executor;
+mod ops;
 mod workflows;

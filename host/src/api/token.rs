@@ -253,6 +253,6 @@ mod tests {
             Verdict::Broken(m) => assert!(m.contains("ksi-host token rotate"), "{m}"),
             other => panic!("{other:?}"),
         }
-        assert!(read(dir.path()).unwrap_err().to_string().contains("empty"));
+        assert!(format!("{:#}", read(dir.path()).unwrap_err()).contains("empty"));
     }
 }
