@@ -248,7 +248,13 @@ mod tests {
         let paths: Vec<&str> = all.iter().map(|r| r.entry.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["/workflows/0", "/workflows/1", "/workflows/2", "/workflows/3", "/workflows/4"]
+            [
+                "/workflows/0",
+                "/workflows/1",
+                "/workflows/2",
+                "/workflows/3",
+                "/workflows/4"
+            ]
         );
         assert_eq!(all[0].entry, entry("/workflows/0").tap_at(all[0].entry.at));
         // Without `since`: the newest `limit`, still oldest first.

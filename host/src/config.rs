@@ -116,8 +116,13 @@ impl std::str::FromStr for Interval {
 impl std::fmt::Display for Interval {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = self.0.as_millis() as u64;
-        for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-            if ms % size == 0 {
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms.is_multiple_of(size) {
                 return write!(f, "{}{unit}", ms / size);
             }
         }
@@ -289,13 +294,23 @@ mod tests {
 
     #[test]
     fn intervals_parse_with_units_and_reject_nonsense() {
-        assert_eq!("6h".parse::<Interval>().unwrap().0, Duration::from_secs(6 * 3600));
-        assert_eq!("250ms".parse::<Interval>().unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            "6h".parse::<Interval>().unwrap().0,
+            Duration::from_secs(6 * 3600)
+        );
+        assert_eq!(
+            "250ms".parse::<Interval>().unwrap().0,
+            Duration::from_millis(250)
+        );
         assert_eq!("1d".parse::<Interval>().unwrap().to_string(), "1d");
         assert_eq!("90s".parse::<Interval>().unwrap().to_string(), "90s");
         let e = "6 hours".parse::<Interval>().unwrap_err();
         assert!(e.contains("unknown unit"), "{e}");
-        assert!("h".parse::<Interval>().unwrap_err().contains("not a duration"));
+        assert!(
+            "h".parse::<Interval>()
+                .unwrap_err()
+                .contains("not a duration")
+        );
         assert!("0s".parse::<Interval>().unwrap_err().contains("zero"));
     }
 
@@ -308,14 +323,24 @@ mod tests {
         )
         .unwrap();
         let c = Config::load_from(dir.path(), &ConfigOverrides::default()).unwrap();
-        assert_eq!(c.backup_interval, Some(Interval(Duration::from_secs(6 * 3600))));
+        assert_eq!(
+            c.backup_interval,
+            Some(Interval(Duration::from_secs(6 * 3600)))
+        );
         assert_eq!(c.backup_keep, 3);
         assert_eq!(c.backup_dir, dir.path().join("backups"));
         assert_eq!(c.log_file, Some(dir.path().join("logs/ksi.log")));
         assert_eq!(c.log_rotation, LogRotation::Hourly);
-        let d = Config::load_from(tempfile::tempdir().unwrap().path(), &ConfigOverrides::default())
-            .unwrap();
-        assert_eq!((d.backup_interval, d.log_file), (None, None), "off by default");
+        let d = Config::load_from(
+            tempfile::tempdir().unwrap().path(),
+            &ConfigOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (d.backup_interval, d.log_file),
+            (None, None),
+            "off by default"
+        );
     }
 
     #[test]
@@ -323,7 +348,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONFIG_FILE), "backup_interval = \"soon\"\n").unwrap();
         let err = Config::load_from(dir.path(), &ConfigOverrides::default()).unwrap_err();
-        assert!(err.to_string().contains("\"soon\" is not a duration"), "{err}");
+        assert!(
+            err.to_string().contains("\"soon\" is not a duration"),
+            "{err}"
+        );
     }
 
     #[test]

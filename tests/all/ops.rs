@@ -35,9 +35,7 @@ async fn request(
         req = req.header(*k, *v);
     }
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = req
-        .body(Full::new(hyper::body::Bytes::from(body)))
-        .unwrap();
+    let req = req.body(Full::new(hyper::body::Bytes::from(body))).unwrap();
     let resp = sender.send_request(req).await.unwrap();
     let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
     // A stream never ends: its status and headers are all a test needs.
@@ -73,7 +71,10 @@ async fn tcp_requests_need_the_token_once_it_exists_and_rotation_takes_effect_at
     assert_eq!(text(&shown).0.trim(), old);
 
     let (s, _, b) = request(d.port, "GET", "/workflows", &[], None).await;
-    assert_eq!((s, b["error"]["code"].as_str()), (401, Some("token_required")));
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("token_required"))
+    );
     let msg = b["error"]["message"].as_str().unwrap();
     assert!(msg.contains("Authorization: Bearer <token>"), "{msg}");
     assert!(msg.contains("ksi-host token show"), "{msg}");
@@ -251,7 +252,14 @@ async fn every_mutating_call_is_audited_with_who_what_and_outcome() {
     .await;
     assert_eq!(s, 201);
     // Reads are not audited.
-    request(d.port, "GET", "/workflows", &[("authorization", &bearer)], None).await;
+    request(
+        d.port,
+        "GET",
+        "/workflows",
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
 
     let entries = audit_entries(dir.path(), 5).await;
     assert_eq!(entries.len(), 5, "{entries:#?}");
@@ -277,9 +285,17 @@ async fn every_mutating_call_is_audited_with_who_what_and_outcome() {
         ]
     );
     assert_eq!(entries[0]["resource"], format!("events:{}", ev["id"]));
-    assert!(entries[0]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        entries[0]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     let summary = entries[0]["summary"].as_str().unwrap();
-    assert!(summary.contains("audit.test") && summary.len() < 200, "{summary}");
+    assert!(
+        summary.contains("audit.test") && summary.len() < 200,
+        "{summary}"
+    );
     assert_eq!(entries[2]["resource"], wf["id"]);
     assert_eq!(entries[2]["peer"], Value::Null);
     assert!(entries.iter().all(|e| e["at"].as_i64().unwrap() > 0));
@@ -289,9 +305,17 @@ async fn every_mutating_call_is_audited_with_who_what_and_outcome() {
         .get(&format!("/audit?since={}&limit=2", entries[1]["id"]))
         .await
         .unwrap();
-    let ids: Vec<&Value> = b["entries"].as_array().unwrap().iter().map(|e| &e["id"]).collect();
+    let ids: Vec<&Value> = b["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["id"])
+        .collect();
     assert_eq!(ids, [&entries[2]["id"], &entries[3]["id"]]);
-    let (s, b) = client.request("GET", "/audit?since=-1", None).await.unwrap();
+    let (s, b) = client
+        .request("GET", "/audit?since=-1", None)
+        .await
+        .unwrap();
     assert_eq!((s, b["error"]["field"].as_str()), (400, Some("since")));
     let o = ksi_host(dir.path(), &["audit", "--json"]);
     let (out, err) = text(&o);
@@ -300,7 +324,10 @@ async fn every_mutating_call_is_audited_with_who_what_and_outcome() {
     assert_eq!(cli, entries);
     let o = ksi_host(dir.path(), &["audit"]);
     let (out, _) = text(&o);
-    assert!(out.contains("unix socket") && out.contains("POST /workflows"), "{out}");
+    assert!(
+        out.contains("unix socket") && out.contains("POST /workflows"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -321,7 +348,10 @@ async fn json_log_lines_parse_and_carry_process_and_workflow_ids() {
     assert_eq!(s, 201, "{b}");
     let pid = b["process_id"].as_str().unwrap().to_string();
     let (s, b) = d
-        .post("/workflows", &json!({"type": "debate", "params": {"topic": "logs"}}))
+        .post(
+            "/workflows",
+            &json!({"type": "debate", "params": {"topic": "logs"}}),
+        )
         .await
         .unwrap();
     assert_eq!(s, 201, "{b}");
@@ -348,12 +378,16 @@ async fn json_log_lines_parse_and_carry_process_and_workflow_ids() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
     let in_span = |name: &str, field: &str, id: &str| {
         lines.iter().any(|l| {
-            l["spans"].as_array().is_some_and(|spans| {
-                spans.iter().any(|s| s["name"] == name && s[field] == id)
-            })
+            l["spans"]
+                .as_array()
+                .is_some_and(|spans| spans.iter().any(|s| s["name"] == name && s[field] == id))
         })
     };
     assert!(in_span("claude_call", "process_id", &pid), "{content}");
@@ -387,20 +421,29 @@ async fn scheduled_backups_compress_old_ones_keep_n_and_restore_compressed() {
     )
     .await;
     let (s, marker) = d
-        .post("/events", &json!({"topic": "before.backup", "data": {"n": 1}}))
+        .post(
+            "/events",
+            &json!({"topic": "before.backup", "data": {"n": 1}}),
+        )
         .await
         .unwrap();
     assert_eq!(s, 201);
     let done = events_of(&d, "system.backup.completed", 4).await;
     let last = &done.last().unwrap()["event"]["data"];
     assert_eq!(last["integrity"], "ok");
-    assert!(last["destination"].as_str().unwrap().ends_with(".db"), "{last}");
+    assert!(
+        last["destination"].as_str().unwrap().ends_with(".db"),
+        "{last}"
+    );
     // Stop the daemon (a restore needs it stopped): SIGTERM lets a backup in progress finish.
     let mut d = d;
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
     let status = d.child.wait().unwrap();
-    assert!(status.success(), "the daemon drained and exited 0: {status}");
+    assert!(
+        status.success(),
+        "the daemon drained and exited 0: {status}"
+    );
 
     let mut names: Vec<String> = std::fs::read_dir(&backups)
         .unwrap()
@@ -408,19 +451,32 @@ async fn scheduled_backups_compress_old_ones_keep_n_and_restore_compressed() {
         .collect();
     names.sort();
     assert_eq!(names.len(), 2, "keep 2: {names:?}");
-    assert!(names[0].starts_with("ksi-") && names[0].ends_with(".db.gz"), "{names:?}");
-    assert!(names[1].ends_with(".db"), "the newest stays plain: {names:?}");
+    assert!(
+        names[0].starts_with("ksi-") && names[0].ends_with(".db.gz"),
+        "{names:?}"
+    );
+    assert!(
+        names[1].ends_with(".db"),
+        "the newest stays plain: {names:?}"
+    );
 
     // A compressed backup restores, with the data it held.
     let o = ksi_host(
         dir.path(),
-        &["restore", backups.join(&names[0]).to_str().unwrap(), "--json"],
+        &[
+            "restore",
+            backups.join(&names[0]).to_str().unwrap(),
+            "--json",
+        ],
     );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
     let r: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["integrity"], "ok");
-    let o = ksi_host(dir.path(), &["events", "list", "--topic", "before.backup", "--json"]);
+    let o = ksi_host(
+        dir.path(),
+        &["events", "list", "--topic", "before.backup", "--json"],
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let rows: Vec<Value> = serde_json::from_str(&out).unwrap();

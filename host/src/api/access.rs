@@ -395,8 +395,8 @@ mod tests {
     #[test]
     fn summaries_cut_long_values_and_name_non_json() {
         let long = "x".repeat(500);
-        let s = summarize(format!(r#"{{"prompt": "{long}", "agent": "alice"}}"#).as_bytes())
-            .unwrap();
+        let s =
+            summarize(format!(r#"{{"prompt": "{long}", "agent": "alice"}}"#).as_bytes()).unwrap();
         assert!(s.contains("\"agent\":\"alice\""), "{s}");
         assert!(s.chars().count() < 120, "{s}");
         assert_eq!(summarize(b"\x00\x01").unwrap(), "(2 bytes, not JSON)");
@@ -410,7 +410,10 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         assert_eq!(presented_token(&mut req).unwrap().as_deref(), Some("ab+c"));
-        assert_eq!(req.uri().to_string(), "/events/stream?topic=%3E&named=false");
+        assert_eq!(
+            req.uri().to_string(),
+            "/events/stream?topic=%3E&named=false"
+        );
         // Elsewhere the query parameter is not a way in.
         let mut req = Request::builder()
             .uri("/workflows?access_token=x")

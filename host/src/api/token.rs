@@ -24,7 +24,10 @@ pub fn token_path(data_dir: &Path) -> PathBuf {
 /// A short, non-secret name of a token for logs and the audit log: `token:` and the first
 /// 8 hex digits of its sha256.
 pub fn token_id(token: &str) -> String {
-    format!("token:{}", &hex::encode(Sha256::digest(token.as_bytes()))[..8])
+    format!(
+        "token:{}",
+        &hex::encode(Sha256::digest(token.as_bytes()))[..8]
+    )
 }
 
 /// Reads the token of `data_dir`; `None` when there is no token file.
@@ -127,11 +130,14 @@ pub enum Verdict {
     Broken(String),
 }
 
+/// What identifies a version of the token file: inode, size, mtime (s, ns).
+type FileStamp = (u64, u64, i64, i64);
+
 /// The token file, re-read whenever it changes.
 #[derive(Debug)]
 pub struct TokenFile {
     path: PathBuf,
-    cache: Mutex<(Option<(u64, u64, i64, i64)>, TokenState)>,
+    cache: Mutex<(Option<FileStamp>, TokenState)>,
 }
 
 impl TokenFile {
@@ -200,7 +206,11 @@ impl TokenFile {
             (TokenState::Present { digest, id }, Some(p)) => {
                 // Comparing digests keeps the comparison's time independent of the token.
                 let d: [u8; 32] = Sha256::digest(p.as_bytes()).into();
-                if d.iter().zip(digest.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0 {
+                if d.iter()
+                    .zip(digest.iter())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+                {
                     Verdict::Valid(id)
                 } else {
                     Verdict::Wrong

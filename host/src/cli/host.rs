@@ -407,9 +407,24 @@ fn audit_cmd(o: super::Opened, since: Option<i64>, limit: usize, json: bool) -> 
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else if rows.is_empty() {
-        println!("the audit log is empty{}", if since.is_some() { " after that id" } else { "" });
+        println!(
+            "the audit log is empty{}",
+            if since.is_some() {
+                " after that id"
+            } else {
+                ""
+            }
+        );
     } else {
-        let mut t = table(&["id", "when (UTC)", "who", "request", "status", "resource", "body"]);
+        let mut t = table(&[
+            "id",
+            "when (UTC)",
+            "who",
+            "request",
+            "status",
+            "resource",
+            "body",
+        ]);
         for r in rows {
             let e = r.entry;
             let who = match e.peer {

@@ -18,9 +18,9 @@ use clap::Args;
 
 use crate::bus::Bus;
 use crate::config::{Config, ConfigOverrides, LogFormat, LogRotation};
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use crate::refs::Refs;
 use crate::store::Store;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// Flags every subcommand of both binaries accepts.
 #[derive(Debug, Clone, Args)]

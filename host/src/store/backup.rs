@@ -106,7 +106,9 @@ pub fn restore(src: &Path, db: &Path) -> Result<BackupReport> {
     let mut report = out.map_err(|e| match e {
         StoreError::NotADatabase { .. } => StoreError::Backup {
             path: src.to_path_buf(),
-            message: "it decompresses to something that is not a SQLite database; nothing was replaced".into(),
+            message:
+                "it decompresses to something that is not a SQLite database; nothing was replaced"
+                    .into(),
         },
         other => other,
     })?;
@@ -128,9 +130,15 @@ fn io_err(path: &Path, what: &str, e: std::io::Error) -> StoreError {
 pub fn is_gzip(path: &Path) -> Result<bool> {
     let mut magic = [0u8; 2];
     let mut f = std::fs::File::open(path).map_err(|e| {
-        io_err(path, "cannot open it (check the path and that you may read it)", e)
+        io_err(
+            path,
+            "cannot open it (check the path and that you may read it)",
+            e,
+        )
     })?;
-    let n = f.read(&mut magic).map_err(|e| io_err(path, "reading it", e))?;
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| io_err(path, "reading it", e))?;
     Ok(n == 2 && magic == [0x1f, 0x8b])
 }
 
@@ -229,7 +237,13 @@ pub fn scheduled_backup(db: &Path, dir: &Path, keep: usize) -> Result<ScheduledB
     if !dir.exists() {
         std::fs::create_dir_all(dir)
             .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-            .map_err(|e| io_err(dir, "creating the backup directory (set backup_dir to a writable directory)", e))?;
+            .map_err(|e| {
+                io_err(
+                    dir,
+                    "creating the backup directory (set backup_dir to a writable directory)",
+                    e,
+                )
+            })?;
     }
     // Leftovers of a run that crashed half-way.
     if let Ok(rd) = std::fs::read_dir(dir) {
@@ -360,11 +374,20 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 3, "{names:?}");
-        assert!(names[0].ends_with(".db"), "the newest stays plain: {names:?}");
-        assert!(names[1..].iter().all(|n| n.ends_with(".db.gz")), "{names:?}");
+        assert!(
+            names[0].ends_with(".db"),
+            "the newest stays plain: {names:?}"
+        );
+        assert!(
+            names[1..].iter().all(|n| n.ends_with(".db.gz")),
+            "{names:?}"
+        );
         let mode = std::fs::metadata(&files[0]).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(&backups).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&backups).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
     }
 
     #[test]
@@ -388,7 +411,10 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM config", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 5);
-        assert!(!target.path().join("ksi.db.restore-src").exists(), "temp file removed");
+        assert!(
+            !target.path().join("ksi.db.restore-src").exists(),
+            "temp file removed"
+        );
     }
 
     #[test]
