@@ -103,6 +103,15 @@ async fn tcp_requests_need_the_token_once_it_exists_and_rotation_takes_effect_at
     // Open without a token: the health probe and the dashboard page.
     assert_eq!(request(d.port, "GET", "/health", &[], None).await.0, 200);
     assert_eq!(request(d.port, "GET", "/", &[], None).await.0, 200);
+    let (s, _, _) = request(
+        d.port,
+        "GET",
+        "/health",
+        &[("authorization", "Token malformed")],
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "a probe with a stray header still gets its answer");
     // The live stream takes the token as a query parameter (an EventSource cannot set headers).
     let (s, _, _) = request(
         d.port,

@@ -184,6 +184,70 @@ fn unauthorized(code: &'static str, message: String) -> ApiError {
 
 const HOW_TO_PASS: &str = "send the header `Authorization: Bearer <token>` (the token is the file api.token in the daemon's data dir; `ksi-host token show` prints it). The live stream also accepts ?access_token=<token>, and the dashboard ?token=<token> on its URL";
 
+/// Who is calling, and whether they may.
+struct Caller {
+    /// For the audit log: `unix socket`, a token id, `anonymous`, or the peer IP of a request
+    /// without a valid token.
+    client: String,
+    /// Whose bucket the request takes from: the token id, else the peer IP (`unix socket`
+    /// for the socket).
+    rate_key: String,
+    /// Why the request is refused, if it is.
+    refusal: Option<ApiError>,
+}
+
+fn identify(access: &Access, req: &mut Request, peer: Option<SocketAddr>) -> Caller {
+    let beyond_loopback = match access.listener {
+        Listener::Unix => {
+            return Caller {
+                client: "unix socket".into(),
+                rate_key: "unix socket".into(),
+                refusal: None,
+            };
+        }
+        Listener::Tcp { beyond_loopback } => beyond_loopback,
+    };
+    let ip = peer.map_or_else(|| "unknown".to_string(), |p| p.ip().to_string());
+    let open = open_route(req.method(), req.uri().path());
+    let refused = |refusal: ApiError| Caller {
+        client: ip.clone(),
+        rate_key: ip.clone(),
+        refusal: (!open).then_some(refusal),
+    };
+    let presented = match presented_token(req) {
+        Ok(p) => p,
+        Err(e) => return refused(e),
+    };
+    match access.token.verify(presented.as_deref()) {
+        Verdict::Valid(id) => Caller {
+            client: id.clone(),
+            rate_key: id,
+            refusal: None,
+        },
+        Verdict::Open if beyond_loopback => refused(unauthorized(
+            "token_missing",
+            format!(
+                "the daemon listens beyond loopback but its token file {} is gone; create one with `ksi-host token rotate`",
+                access.token.path().display()
+            ),
+        )),
+        Verdict::Open => Caller {
+            client: "anonymous".into(),
+            rate_key: ip.clone(),
+            refusal: None,
+        },
+        Verdict::Missing => refused(unauthorized(
+            "token_required",
+            format!("this daemon requires its API token: {HOW_TO_PASS}"),
+        )),
+        Verdict::Wrong => refused(unauthorized(
+            "token_wrong",
+            format!("the API token is wrong (it may have been rotated): {HOW_TO_PASS}"),
+        )),
+        Verdict::Broken(m) => refused(unauthorized("token_unusable", m)),
+    }
+}
+
 /// The middleware.
 async fn guard(State(access): State<Arc<Access>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -194,51 +258,11 @@ async fn guard(State(access): State<Arc<Access>>, mut req: Request, next: Next) 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
 
-    // Who is calling, and may they?
-    let (client, refusal) = match access.listener {
-        Listener::Unix => ("unix socket".to_string(), None),
-        Listener::Tcp { beyond_loopback } => {
-            let ip = peer.map_or_else(|| "unknown".to_string(), |p| p.ip().to_string());
-            match presented_token(&mut req) {
-                Err(e) => (ip, Some(e)),
-                Ok(presented) => {
-                    let open = open_route(&method, req.uri().path());
-                    match access.token.verify(presented.as_deref()) {
-                        Verdict::Valid(id) => (id, None),
-                        Verdict::Open if beyond_loopback && !open => (
-                            ip,
-                            Some(unauthorized(
-                                "token_missing",
-                                format!(
-                                    "the daemon listens beyond loopback but its token file {} is gone; create one with `ksi-host token rotate`",
-                                    access.token.path().display()
-                                ),
-                            )),
-                        ),
-                        Verdict::Open => ("anonymous".to_string(), None),
-                        _ if open => (ip, None),
-                        Verdict::Missing => (
-                            ip,
-                            Some(unauthorized(
-                                "token_required",
-                                format!("this daemon requires its API token: {HOW_TO_PASS}"),
-                            )),
-                        ),
-                        Verdict::Wrong => (
-                            ip,
-                            Some(unauthorized(
-                                "token_wrong",
-                                format!(
-                                    "the API token is wrong (it may have been rotated): {HOW_TO_PASS}"
-                                ),
-                            )),
-                        ),
-                        Verdict::Broken(m) => (ip, Some(unauthorized("token_unusable", m))),
-                    }
-                }
-            }
-        }
-    };
+    let Caller {
+        client,
+        rate_key,
+        refusal,
+    } = identify(&access, &mut req, peer);
     let path = req
         .uri()
         .path_and_query()
@@ -247,7 +271,7 @@ async fn guard(State(access): State<Arc<Access>>, mut req: Request, next: Next) 
     // Rate limit before anything else is done for the request (refused ones count too, so
     // guessing tokens is as slow as everything else).
     let limited = access.rate.as_ref().and_then(|r| {
-        r.check(&client).err().map(|wait| {
+        r.check(&rate_key).err().map(|wait| {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             let mut resp = ApiError {
                 status: StatusCode::TOO_MANY_REQUESTS,
