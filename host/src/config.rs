@@ -53,6 +53,100 @@ pub struct Config {
     /// Socket of that listener (default `<data dir>/ksi-compat.sock`; a relative path is taken
     /// relative to the data dir; `--compat-socket` overrides it).
     pub compat_socket: Option<PathBuf>,
+    /// `ksi-host serve` writes its log lines to this file instead of stderr (relative paths
+    /// are relative to the data dir; `--log-file` to the current directory).
+    pub log_file: Option<PathBuf>,
+    /// When the log file starts a new file: `daily`, `hourly` or `never`. Rotated files are
+    /// named `<stem>.<date>.<ext>`.
+    pub log_rotation: LogRotation,
+    /// Rotated log files kept; older ones are deleted.
+    pub log_keep: usize,
+    /// Requests per second each API client may make (a client is a token, a peer address, or
+    /// the Unix socket as a whole); excess requests get 429. 0 turns the limit off.
+    pub api_rate_per_s: u32,
+    /// Requests a client may make in a burst above its rate (the size of its token bucket).
+    pub api_rate_burst: u32,
+    /// Entries of the audit log (mutating API calls) older than this many days are pruned.
+    pub audit_retention_days: u64,
+    /// How often `ksi-host serve` backs up the database, e.g. `30m`, `6h`, `1d`; unset = never.
+    pub backup_interval: Option<Interval>,
+    /// Where scheduled backups go (relative paths are relative to the data dir).
+    pub backup_dir: PathBuf,
+    /// Scheduled backups kept (the newest plain, the others gzip-compressed); older ones are
+    /// deleted.
+    pub backup_keep: usize,
+}
+
+/// When a log file is rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogRotation {
+    Daily,
+    Hourly,
+    Never,
+}
+
+/// A duration written for people: a number and a unit, `ms`, `s`, `m`, `h` or `d`
+/// (`500ms`, `30m`, `6h`, `1d`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub Duration);
+
+impl std::str::FromStr for Interval {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| {
+            format!("{s:?} is not a duration: write a number and a unit, e.g. 30m, 6h or 1d")
+        })?;
+        let ms = match unit.trim() {
+            "ms" => n,
+            "s" => n * 1000,
+            "m" => n * 60_000,
+            "h" => n * 3_600_000,
+            "d" => n * 86_400_000,
+            other => {
+                return Err(format!(
+                    "{s:?} has the unknown unit {other:?}: use ms, s, m, h or d (e.g. 6h)"
+                ));
+            }
+        };
+        if ms == 0 {
+            return Err(format!("{s:?} is zero: an interval must be positive"));
+        }
+        Ok(Interval(Duration::from_millis(ms)))
+    }
+}
+
+impl std::fmt::Display for Interval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis() as u64;
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms.is_multiple_of(size) {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl Serialize for Interval {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// SQLite durability level for commits.
@@ -90,6 +184,15 @@ impl Default for Config {
             log_level: "info".to_string(),
             compat: true,
             compat_socket: None,
+            log_file: None,
+            log_rotation: LogRotation::Daily,
+            log_keep: 14,
+            api_rate_per_s: 1000,
+            api_rate_burst: 2000,
+            audit_retention_days: 90,
+            backup_interval: None,
+            backup_dir: PathBuf::from("backups"),
+            backup_keep: 7,
         }
     }
 }
@@ -105,6 +208,8 @@ pub struct ConfigOverrides {
     pub log_level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
 }
 
 /// A configuration that could not be assembled.
@@ -142,6 +247,12 @@ impl Config {
             .extract()
             .map_err(|e| ConfigError(e.to_string()))?;
         config.data_dir = data_dir.to_path_buf();
+        // Paths from the file or the environment are relative to the data dir (a flag was
+        // made absolute against the current directory before it got here).
+        if let Some(f) = &config.log_file {
+            config.log_file = Some(data_dir.join(f));
+        }
+        config.backup_dir = data_dir.join(&config.backup_dir);
         Ok(config)
     }
 
@@ -187,6 +298,68 @@ mod tests {
         assert_eq!(c.bus_max_attempts, 9, "file overrides default");
         assert_eq!(c.log_level, "warn", "flag overrides file");
         assert_eq!(c.bus_lease_ms, 30_000, "default kept");
+    }
+
+    #[test]
+    fn intervals_parse_with_units_and_reject_nonsense() {
+        assert_eq!(
+            "6h".parse::<Interval>().unwrap().0,
+            Duration::from_secs(6 * 3600)
+        );
+        assert_eq!(
+            "250ms".parse::<Interval>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!("1d".parse::<Interval>().unwrap().to_string(), "1d");
+        assert_eq!("90s".parse::<Interval>().unwrap().to_string(), "90s");
+        let e = "6 hours".parse::<Interval>().unwrap_err();
+        assert!(e.contains("unknown unit"), "{e}");
+        assert!(
+            "h".parse::<Interval>()
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!("0s".parse::<Interval>().unwrap_err().contains("zero"));
+    }
+
+    #[test]
+    fn backup_and_log_settings_come_from_the_file_relative_to_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "backup_interval = \"6h\"\nbackup_keep = 3\nlog_file = \"logs/ksi.log\"\nlog_rotation = \"hourly\"\n",
+        )
+        .unwrap();
+        let c = Config::load_from(dir.path(), &ConfigOverrides::default()).unwrap();
+        assert_eq!(
+            c.backup_interval,
+            Some(Interval(Duration::from_secs(6 * 3600)))
+        );
+        assert_eq!(c.backup_keep, 3);
+        assert_eq!(c.backup_dir, dir.path().join("backups"));
+        assert_eq!(c.log_file, Some(dir.path().join("logs/ksi.log")));
+        assert_eq!(c.log_rotation, LogRotation::Hourly);
+        let d = Config::load_from(
+            tempfile::tempdir().unwrap().path(),
+            &ConfigOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (d.backup_interval, d.log_file),
+            (None, None),
+            "off by default"
+        );
+    }
+
+    #[test]
+    fn a_bad_backup_interval_is_an_error_naming_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), "backup_interval = \"soon\"\n").unwrap();
+        let err = Config::load_from(dir.path(), &ConfigOverrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("\"soon\" is not a duration"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! One module per part (see `shared/ARCHITECTURE.md`): [`store`] owns the SQLite database,
 //! [`bus`] the durable event bus, [`refs`] the files that rows point to, [`settings`] the
 //! dynamic configuration, [`claude`] runs the Claude CLI, [`workflow`] the durable workflow
-//! engine, [`plugins`] the WebAssembly step handlers, [`cli`] the command-line faces.
+//! engine, [`plugins`] the WebAssembly step handlers, [`api`] the HTTP face (with its
+//! token, rate limit and [`audit`] log), [`cli`] the command-line faces.
 
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod bus;
 pub mod claude;

@@ -217,6 +217,7 @@ async fn openapi_lists_every_route() {
         "/sessions/{id}",
         "/schedules",
         "/schedules/{id}",
+        "/audit",
     ];
     for p in served {
         assert!(
@@ -388,7 +389,9 @@ async fn the_dashboard_page_is_served_and_reads_the_live_stream() {
     assert_eq!(s, 200);
     let html = b["text"].as_str().unwrap();
     for needle in [
-        "EventSource(\"/events/stream?topic=%3E&named=false\")",
+        "EventSource(\"/events/stream?topic=%3E&named=false\"",
+        "&access_token=",
+        "Authorization: \"Bearer \" + TOKEN",
         "/workflows?limit=50",
         "/transcript",
         "/processes?limit=20",

@@ -10,4 +10,5 @@ mod client;
 mod compat;
 mod crash;
 mod executor;
+mod ops;
 mod workflows;

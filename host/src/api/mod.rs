@@ -1,12 +1,18 @@
 //! The daemon's HTTP face (axum): JSON API, live event stream (WebSocket and Server-Sent
 //! Events), Prometheus metrics, the OpenAPI document and the dashboard.
 //!
+//! Every request passes [`access`] first: the API token over TCP ([`token`]), a per-client
+//! rate limit, and the audit log of mutating calls.
+//!
 //! Bad input never yields a 5xx: every extractor rejection is turned into a 4xx JSON body
 //! `{"error": {"code", "message", "field"?}}` that names the problem.
 
+pub mod access;
+mod audit;
 pub mod claude;
 pub mod compat;
 mod events;
+pub mod token;
 mod workflows;
 
 use std::sync::Arc;
@@ -254,6 +260,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .merge(audit::routes())
         .merge(events::routes())
         .merge(workflows::routes());
     for part in state.parts.iter() {

@@ -658,6 +658,11 @@ impl Executor {
     fn start(&self, id: &str, task: impl std::future::Future<Output = ()> + Send + 'static) {
         use tracing::Instrument;
         let span = tracing::info_span!("claude_call", process_id = %id);
+        let task = async move {
+            tracing::info!("Claude call started");
+            task.await;
+            tracing::info!("Claude call finished");
+        };
         let handle = tokio::spawn(task.instrument(span));
         if let Some(c) = self.inner.calls.lock().unwrap().get_mut(id) {
             c.task = Some(handle.abort_handle());

@@ -44,7 +44,8 @@ pub enum HostCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Replace the database with a backup after checking it (stop the daemon first)
+    /// Replace the database with a backup after checking it (stop the daemon first); takes
+    /// plain and gzip-compressed (`.db.gz`) backups
     Restore {
         src: std::path::PathBuf,
         #[arg(long)]
@@ -56,6 +57,20 @@ pub enum HostCmd {
     ImportLogs {
         /// Root of the original KSI checkout
         dir: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or rotate the API token that TCP clients must send (<data dir>/api.token)
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Show the audit log: every mutating API call, who made it, and what came of it
+    Audit {
+        /// Entries after this id (default: the newest --limit)
+        #[arg(long, value_name = "ID")]
+        since: Option<i64>,
+        /// Most entries to show
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
         #[arg(long)]
         json: bool,
     },
@@ -76,6 +91,16 @@ pub enum HostCmd {
     /// Tools for developing and testing KSI itself
     #[command(subcommand, hide = true)]
     Dev(DevCmd),
+}
+
+/// `ksi-host token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Print the current token
+    Show,
+    /// Write a new random token (mode 0600) and print it; a running daemon accepts only the
+    /// new one from its next request on
+    Rotate,
 }
 
 /// `ksi-host config ...`
@@ -180,7 +205,11 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
     if !matches!(cli.cmd, HostCmd::Serve(_)) && !super::log_level_chosen(&cli.global) {
         config.log_level = "warn".into();
     }
-    init_logging(&config);
+    if matches!(cli.cmd, HostCmd::Serve(_)) {
+        super::init_daemon_logging(&config)?;
+    } else {
+        init_logging(&config);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -192,6 +221,8 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 super::serve::serve(config, args, host).await
             }
             HostCmd::Plugin(cmd) => super::plugins::run(cmd),
+            HostCmd::Token(cmd) => token_cmd(&config, cmd),
+            HostCmd::Audit { since, limit, json } => audit_cmd(open(config)?, since, limit, json),
             HostCmd::Backup { dest, json } => {
                 let r = store::backup::backup(&config.db_path(), &dest)?;
                 if json {
@@ -369,6 +400,83 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
             HostCmd::Completions { .. } => unreachable!("handled before the runtime starts"),
         }
     })
+}
+
+fn token_cmd(config: &crate::config::Config, cmd: TokenCmd) -> anyhow::Result<()> {
+    use crate::api::token;
+    match cmd {
+        TokenCmd::Show => match token::read(&config.data_dir)? {
+            Some(t) => println!("{t}"),
+            None => anyhow::bail!(
+                "there is no API token in {} (the API is open on loopback); create one with `ksi-host token rotate`",
+                config.data_dir.display()
+            ),
+        },
+        TokenCmd::Rotate => {
+            store::prepare_data_dir(&config.data_dir)?;
+            let t = token::rotate(&config.data_dir)?;
+            println!("{t}");
+            eprintln!(
+                "wrote {} ({}); a running daemon takes it from its next request on, and the old token stops working",
+                token::token_path(&config.data_dir).display(),
+                token::token_id(&t)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn audit_cmd(o: super::Opened, since: Option<i64>, limit: usize, json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=crate::api::MAX_LIMIT).contains(&limit),
+        "--limit must be between 1 and {}",
+        crate::api::MAX_LIMIT
+    );
+    let rows = o.store.read(|c| crate::audit::list(c, since, limit))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        println!(
+            "the audit log is empty{}",
+            if since.is_some() {
+                " after that id"
+            } else {
+                ""
+            }
+        );
+    } else {
+        let mut t = table(&[
+            "id",
+            "when (UTC)",
+            "who",
+            "request",
+            "status",
+            "resource",
+            "body",
+        ]);
+        for r in rows {
+            let e = r.entry;
+            let who = match e.peer {
+                Some(p) if e.client != p => format!("{} from {p}", e.client),
+                _ => e.client,
+            };
+            let when = chrono::DateTime::from_timestamp_millis(e.at)
+                .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            t.add_row(vec![
+                r.id.to_string(),
+                when,
+                who,
+                format!("{} {}", e.method, super::ellipsize(&e.path, 48)),
+                e.status.to_string(),
+                e.resource.unwrap_or_default(),
+                super::ellipsize(&e.summary.unwrap_or_default(), 60),
+            ]);
+        }
+        println!("{t}");
+    }
+    o.store.close();
+    Ok(())
 }
 
 fn migrate(config: &crate::config::Config, status_only: bool, json: bool) -> anyhow::Result<()> {

@@ -17,9 +17,10 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::bus::Bus;
-use crate::config::{Config, ConfigOverrides, LogFormat};
+use crate::config::{Config, ConfigOverrides, LogFormat, LogRotation};
 use crate::refs::Refs;
 use crate::store::Store;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// Flags every subcommand of both binaries accepts.
 #[derive(Debug, Clone, Args)]
@@ -33,6 +34,9 @@ pub struct GlobalArgs {
     /// Log filter, e.g. info or ksi_host=debug
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// `ksi-host serve`: write logs to this file (rotated per `log_rotation`) instead of stderr
+    #[arg(long, global = true, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
 }
 
 impl GlobalArgs {
@@ -43,6 +47,11 @@ impl GlobalArgs {
             log_format: self.log_format,
             log_level: self.log_level.clone(),
             sync: None,
+            // A path on the command line is relative to where the command runs.
+            log_file: self
+                .log_file
+                .as_ref()
+                .map(|p| std::env::current_dir().unwrap_or_default().join(p)),
         })?)
     }
 }
@@ -65,15 +74,86 @@ pub fn print_json_table(v: &serde_json::Value) {
     println!("{t}");
 }
 
-/// Sets up `tracing` on stderr in the configured format.
+/// Sets up `tracing` on stderr in the configured format (the log file is the daemon's only:
+/// see [`init_daemon_logging`]).
 pub fn init_logging(config: &Config) {
+    install_subscriber(config, BoxMakeWriter::new(std::io::stderr), true);
+}
+
+/// Sets up `tracing` for `ksi-host serve`: on stderr, or, when `log_file` is configured, in
+/// that file, rotated as `log_rotation` says, keeping `log_keep` files.
+///
+/// In JSON, every line carries the fields of the spans it was logged in (`span` and `spans`),
+/// so a line logged during a Claude call has its `process_id` and one logged during a
+/// workflow step its `workflow_id`, `step` and `event_id`.
+///
+/// # Errors
+/// The log file's directory cannot be created or written.
+pub fn init_daemon_logging(config: &Config) -> anyhow::Result<()> {
+    let Some(path) = &config.log_file else {
+        init_logging(config);
+        return Ok(());
+    };
+    let appender = log_file_appender(path, config.log_rotation, config.log_keep)?;
+    install_subscriber(config, BoxMakeWriter::new(appender), false);
+    Ok(())
+}
+
+/// A rolling file appender for `path`: `dir/stem.ext` becomes `dir/stem.<date>.ext` when rotated.
+fn log_file_appender(
+    path: &std::path::Path,
+    rotation: LogRotation,
+    keep: usize,
+) -> anyhow::Result<tracing_appender::rolling::RollingFileAppender> {
+    use tracing_appender::rolling::{Builder, Rotation};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty())
+        .with_context(|| {
+            format!(
+                "the log file {} has no usable file name; give a path such as /var/log/ksi/ksi-host.log",
+                path.display()
+            )
+        })?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the log directory {}", dir.display()))?;
+    let mut b = Builder::new()
+        .rotation(match rotation {
+            LogRotation::Daily => Rotation::DAILY,
+            LogRotation::Hourly => Rotation::HOURLY,
+            LogRotation::Never => Rotation::NEVER,
+        })
+        .filename_prefix(stem)
+        .max_log_files(keep.max(1));
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        b = b.filename_suffix(ext);
+    }
+    b.build(dir).with_context(|| {
+        format!(
+            "opening the log file {} (check that the daemon's user may write there, or change --log-file / log_file)",
+            path.display()
+        )
+    })
+}
+
+fn install_subscriber(config: &Config, writer: BoxMakeWriter, ansi: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     let _ = match config.log_format {
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
         LogFormat::Text => builder.compact().try_init(),
     };
 }

@@ -1,6 +1,7 @@
 //! `ksi-host serve`: the daemon. HTTP on a loopback address and on a Unix socket in the data
-//! dir; SIGTERM/SIGINT drain (stop claiming, let running steps finish within a grace period,
-//! then exit 0).
+//! dir, each behind [`api::access`] (token over TCP, rate limit, audit log); scheduled
+//! backups; SIGTERM/SIGINT drain (stop claiming, let running steps finish within a grace
+//! period, then exit 0).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,6 +70,67 @@ fn watch_definitions(host: &Host) -> anyhow::Result<notify::RecommendedWatcher> 
     Ok(watcher)
 }
 
+/// Backs the database up every `every` into `backup_dir` (see
+/// [`crate::store::backup::scheduled_backup`]), publishing `system.backup.completed` or
+/// `system.backup.failed` after each run.
+fn spawn_backups(
+    config: &Config,
+    host: &Host,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let (db, dir, keep) = (
+        config.db_path(),
+        config.backup_dir.clone(),
+        config.backup_keep,
+    );
+    let bus = host.bus.clone();
+    tracing::info!(dir = %dir.display(), every = ?every, keep, "scheduled backups on");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let run = tokio::task::spawn_blocking({
+                let (db, dir) = (db.clone(), dir.clone());
+                move || crate::store::backup::scheduled_backup(&db, &dir, keep)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            let event = match run {
+                Ok(r) => {
+                    tracing::info!(
+                        file = %r.backup.destination,
+                        bytes = r.backup.bytes,
+                        compressed = r.compressed.len(),
+                        deleted = r.deleted.len(),
+                        ms = r.duration_ms,
+                        "scheduled backup done"
+                    );
+                    crate::bus::NewEvent::new(
+                        "system.backup.completed",
+                        serde_json::to_value(&r).unwrap_or_default(),
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "scheduled backup failed");
+                    crate::bus::NewEvent::new(
+                        "system.backup.failed",
+                        serde_json::json!({ "backup_dir": dir, "error": e }),
+                    )
+                }
+            };
+            if let Err(e) = bus.publish(event).await {
+                tracing::warn!(error = %e, "could not publish the backup event");
+            }
+        }
+    })
+}
+
 /// Runs the daemon until a signal, then drains.
 pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Result<()> {
     let token_file = config.data_dir.join("api.token");
@@ -79,6 +141,13 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
             token_file.display()
         );
     }
+    if let Some(mode) = api::token::too_open(&config.data_dir) {
+        tracing::warn!(
+            file = %token_file.display(),
+            mode = format!("{mode:o}"),
+            "the API token file is readable by other users: chmod 600 it"
+        );
+    }
     let (stop, stop_rx) = watch::channel(false);
     let workers = host.spawn_workers(stop_rx.clone());
     let scheduler = tokio::spawn(crate::workflow::schedule::run(
@@ -86,12 +155,14 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
         stop_rx.clone(),
     ));
     let _definitions_watcher = watch_definitions(&host)?;
-    // Retention, hourly: archived prompts, and completed bus events older than
-    // `bus_retention_secs` (dead letters and unfinished deliveries are kept).
+    // Retention, hourly: archived prompts, completed bus events older than
+    // `bus_retention_secs` (dead letters and unfinished deliveries are kept), and audit log
+    // entries older than `audit_retention_days`.
     {
         let exec = host.executor.clone();
         let bus = host.bus.clone();
         let retention = Duration::from_secs(config.bus_retention_secs);
+        let audit_max_age_ms = (config.audit_retention_days as i64).saturating_mul(86_400_000);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             loop {
@@ -103,6 +174,11 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
                     Ok(0) => {}
                     Ok(n) => tracing::info!(events = n, "old completed events pruned"),
                     Err(e) => tracing::warn!(error = %e, "pruning old events failed"),
+                }
+                match crate::audit::prune(bus.store(), audit_max_age_ms).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(entries = n, "old audit log entries pruned"),
+                    Err(e) => tracing::warn!(error = %e, "pruning the audit log failed"),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
@@ -123,7 +199,25 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
             Arc::new(api::claude::PluginsPart(host.plugins.clone())),
         ]),
     };
+    let backups = config
+        .backup_interval
+        .map(|every| spawn_backups(&config, &host, every.0, stop_rx.clone()));
     let app = api::router(state);
+    // The same routes on both listeners, each behind its own access rules.
+    let audit = crate::audit::AuditLog::spawn(host.store.clone());
+    let token = Arc::new(api::token::TokenFile::new(&config.data_dir));
+    let rate = api::access::RateLimit::new(config.api_rate_per_s, config.api_rate_burst);
+    let access = |listener| api::access::Access {
+        listener,
+        token: token.clone(),
+        rate: rate.clone(),
+        audit: audit.clone(),
+    };
+    let tcp_app = access(api::access::Listener::Tcp {
+        beyond_loopback: !args.listen.ip().is_loopback(),
+    })
+    .wrap(app.clone());
+    let unix_app = access(api::access::Listener::Unix).wrap(app);
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -176,12 +270,15 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
         }
     };
     let tcp_server = tokio::spawn(
-        axum::serve(tcp, app.clone())
-            .with_graceful_shutdown(shutdown)
-            .into_future(),
+        axum::serve(
+            tcp,
+            tcp_app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .into_future(),
     );
     let unix_server = tokio::spawn(
-        axum::serve(unix, app)
+        axum::serve(unix, unix_app)
             .with_graceful_shutdown(shutdown2)
             .into_future(),
     );
@@ -220,6 +317,12 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     if let Some(path) = compat {
         let _ = std::fs::remove_file(path);
     }
+    if let Some(b) = backups {
+        // A backup in progress finishes (it is a consistent copy or nothing).
+        let _ = b.await;
+    }
+    // Every answered mutating request has its audit entry on disk before the store closes.
+    audit.flush().await;
     host.store.close();
     eprintln!("ksi-host: stopped");
     Ok(())

@@ -266,7 +266,9 @@ impl PluginRuntime {
         services: Option<Arc<dyn HostServices>>,
     ) -> std::result::Result<StepResult, StepFailure> {
         let services = services.unwrap_or_else(|| self.services.clone());
-        tokio::task::spawn_blocking(move || plugin.run_step(&input, services))
+        // The step's log lines (and the Claude calls it starts) stay in the caller's span.
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| plugin.run_step(&input, services)))
             .await
             .map_err(|e| StepFailure::Host(format!("the step's thread failed: {e}")))?
     }

@@ -23,6 +23,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003_executor.sql",
         include_str!("../../../migrations/0003_executor.sql"),
     ),
+    (
+        "0004_audit.sql",
+        include_str!("../../../migrations/0004_audit.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

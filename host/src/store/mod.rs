@@ -63,6 +63,8 @@ pub enum StoreError {
     Panicked(String),
     #[error("the commit failed, nothing of this write was saved: {0}")]
     CommitFailed(String),
+    #[error("backup file {path}: {message}")]
+    Backup { path: PathBuf, message: String },
 }
 
 /// Result alias for store operations.

@@ -769,7 +769,17 @@ impl Engine {
             }
         };
         let t0 = Instant::now();
-        let result = self.execute(&d, &ev).await;
+        // Every log line of the step (and of the Claude calls it starts) carries its ids.
+        let span = tracing::info_span!(
+            "workflow_step",
+            workflow_id = %ev.workflow_id,
+            step = %ev.step,
+            event_id = d.event.id
+        );
+        let result = {
+            use tracing::Instrument;
+            self.execute(&d, &ev).instrument(span).await
+        };
         if result.is_ok() {
             let mut l = self.inner.latencies.lock().unwrap();
             if l.len() == LATENCY_WINDOW {
