@@ -47,6 +47,9 @@ pub fn file_digest(path: &Path) -> Vec<u8> {
 pub struct Daemon {
     pub child: std::process::Child,
     pub port: u16,
+    /// The API token of the data dir (its `api.token` when the daemon started), sent by
+    /// [`Daemon::get`] and [`Daemon::post`].
+    pub token: Option<String>,
 }
 
 impl Daemon {
@@ -70,7 +73,10 @@ impl Daemon {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start ksi-host serve");
-        let d = Daemon { child, port };
+        let token = std::fs::read_to_string(dir.join("api.token"))
+            .ok()
+            .map(|t| t.trim().to_string());
+        let d = Daemon { child, port, token };
         for _ in 0..300 {
             if let Ok((200, _)) = d.get("/health").await {
                 return d;
@@ -82,7 +88,7 @@ impl Daemon {
 
     /// GET, returning (status, JSON body or {"text": ...}).
     pub async fn get(&self, path: &str) -> Result<(u16, serde_json::Value), String> {
-        http(self.port, "GET", path, None).await
+        http_with(self.port, "GET", path, None, "application/json", self.token.as_deref()).await
     }
 
     /// POST a JSON body.
@@ -91,7 +97,15 @@ impl Daemon {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<(u16, serde_json::Value), String> {
-        http(self.port, "POST", path, Some(body.to_string().into_bytes())).await
+        http_with(
+            self.port,
+            "POST",
+            path,
+            Some(body.to_string().into_bytes()),
+            "application/json",
+            self.token.as_deref(),
+        )
+        .await
     }
 }
 
@@ -120,6 +134,18 @@ pub async fn http_raw(
     body: Option<Vec<u8>>,
     content_type: &str,
 ) -> Result<(u16, serde_json::Value), String> {
+    http_with(port, method, path, body, content_type, None).await
+}
+
+/// Like [`http_raw`], with `Authorization: Bearer <bearer>` when given.
+pub async fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    content_type: &str,
+    bearer: Option<&str>,
+) -> Result<(u16, serde_json::Value), String> {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -129,11 +155,15 @@ pub async fn http_raw(
             .await
             .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header("host", "localhost")
-        .header("content-type", content_type)
+        .header("content-type", content_type);
+    if let Some(t) = bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req
         .body(Full::new(hyper::body::Bytes::from(
             body.unwrap_or_default(),
         )))
