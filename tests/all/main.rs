@@ -7,5 +7,6 @@ mod api;
 mod claude;
 mod cli;
 mod crash;
+mod dashboard;
 mod executor;
 mod workflows;
