@@ -396,3 +396,28 @@ async fn the_dashboard_page_is_served_and_reads_the_live_stream() {
         .unwrap();
     assert_eq!(s, 201);
 }
+
+#[test]
+fn docs_api_md_is_the_rendering_of_the_openapi_document() {
+    let out = std::process::Command::new(crate::support::bin("ksi-host"))
+        .args(["openapi", "--markdown"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = crate::support::text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.md");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == stdout,
+        "docs/api.md is out of date with host/src/api/openapi.json; regenerate it with `{}` \
+         (from the repository root) and commit it",
+        ksi_host::api::reference::REGENERATE
+    );
+    // The plain form prints the document the daemon serves.
+    let plain = std::process::Command::new(crate::support::bin("ksi-host"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+}

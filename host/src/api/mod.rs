@@ -6,6 +6,7 @@
 
 pub mod claude;
 mod events;
+pub mod reference;
 mod workflows;
 
 use std::sync::Arc;

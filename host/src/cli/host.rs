@@ -56,9 +56,15 @@ pub enum HostCmd {
     /// Read and change dynamic settings (the config table)
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Measure the bus, plugins, executor or workflows
+    /// Measure the bus, plugins, executor, workflows or the HTTP API
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Print the HTTP API's OpenAPI document (or, with --markdown, the reference in docs/api.md)
+    Openapi {
+        /// Render it as Markdown: `ksi-host openapi --markdown > docs/api.md`
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Tools for developing and testing KSI itself
     #[command(subcommand, hide = true)]
     Dev(DevCmd),
@@ -175,6 +181,15 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 super::serve::serve(config, args, host).await
             }
             HostCmd::Plugin(cmd) => super::plugins::run(cmd),
+            HostCmd::Openapi { markdown } => {
+                if markdown {
+                    let doc: serde_json::Value = serde_json::from_str(crate::api::OPENAPI)?;
+                    print!("{}", crate::api::reference::markdown(&doc).map_err(anyhow::Error::msg)?);
+                } else {
+                    print!("{}", crate::api::OPENAPI);
+                }
+                Ok(())
+            }
             HostCmd::Backup { dest, json } => {
                 let r = store::backup::backup(&config.db_path(), &dest)?;
                 if json {
