@@ -421,3 +421,72 @@ fn docs_api_md_is_the_rendering_of_the_openapi_document() {
     let doc: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
     assert_eq!(doc["openapi"], "3.0.3");
 }
+
+#[test]
+fn bench_api_reports_every_endpoint_and_the_daemons_footprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = crate::support::ksi_host(
+        dir.path(),
+        &[
+            "bench",
+            "api",
+            "--json",
+            "--clients",
+            "4",
+            "--seconds",
+            "0.5",
+            "--rate",
+            "200",
+            "--idle-seconds",
+            "0.5",
+        ],
+    );
+    let (stdout, stderr) = crate::support::text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["clients"], 4);
+    let names: Vec<&str> = r["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["GET /health", "POST /events", "GET /workflows/{id}"]
+    );
+    for e in r["endpoints"].as_array().unwrap() {
+        for phase in ["ceiling", "paced"] {
+            let p = &e[phase];
+            assert!(p["requests"].as_u64().unwrap() > 0, "{e}");
+            assert_eq!(p["errors"], 0, "{e}");
+            let (p50, p99, max) = (
+                p["p50_ms"].as_f64().unwrap(),
+                p["p99_ms"].as_f64().unwrap(),
+                p["max_ms"].as_f64().unwrap(),
+            );
+            assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{e}");
+            assert!(p["req_per_s"].as_f64().unwrap() > 0.0, "{e}");
+        }
+    }
+    // The daemon's own footprint, read from /proc: a live process's numbers.
+    let idle = r["idle_rss_mb"].as_f64().unwrap();
+    assert!(idle > 1.0 && idle < 4096.0, "{r}");
+    assert!(r["after_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
+    assert!(r["idle_cpu_percent"].as_f64().unwrap() >= 0.0, "{r}");
+    for k in ["idle_rss", "idle_cpu", "paced_p99"] {
+        assert!(r["meets_targets"][k].is_boolean(), "{r}");
+    }
+    // Its temporary data dir is gone; the daemon was stopped.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bench-api-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    let bad = crate::support::ksi_host(dir.path(), &["bench", "api", "--clients", "0"]);
+    let (_, stderr) = crate::support::text(&bad);
+    assert!(!bad.status.success());
+    assert!(stderr.contains("--clients"), "{stderr}");
+}
