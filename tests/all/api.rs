@@ -474,6 +474,7 @@ fn bench_api_reports_every_endpoint_and_the_daemons_footprint() {
     assert!(idle > 1.0 && idle < 4096.0, "{r}");
     assert!(r["after_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
     assert!(r["idle_cpu_percent"].as_f64().unwrap() >= 0.0, "{r}");
+    assert!(r["idle_wakeups_per_s"].as_f64().unwrap() >= 0.0, "{r}");
     for k in ["idle_rss", "idle_cpu", "paced_p99"] {
         assert!(r["meets_targets"][k].is_boolean(), "{r}");
     }

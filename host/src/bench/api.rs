@@ -76,6 +76,8 @@ pub struct ApiBenchReport {
     /// The daemon's user+system CPU time over `idle_seconds`, as a percentage of one core.
     pub idle_cpu_percent: f64,
     pub idle_seconds: f64,
+    /// Context switches per second of all the idle daemon's threads (timers that wake it).
+    pub idle_wakeups_per_s: f64,
     /// Highest VmRSS of the daemon sampled during the load phases.
     pub load_rss_mb: f64,
     /// VmRSS after the load, once the daemon is idle again.
@@ -113,6 +115,29 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     // SAFETY: sysconf only reads a system constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(ticks as f64 / hz)
+}
+
+/// Context switches of all threads of process `pid` so far: how often it woke up.
+fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("list /proc/{pid}/task"))?
+        .flatten()
+    {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        n += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(n)
 }
 
 fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
@@ -365,10 +390,12 @@ pub async fn run(
         // Let start-up work (plugin compilation, first checkpoints) settle before "idle".
         tokio::time::sleep(Duration::from_secs(1)).await;
         let idle_rss_mb = rss_mb(pid)?;
-        let cpu0 = cpu_seconds(pid)?;
+        let (cpu0, switches0) = (cpu_seconds(pid)?, context_switches(pid)?);
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(opts.idle_seconds)).await;
-        let idle_cpu_percent = (cpu_seconds(pid)? - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+        let idle_s = t0.elapsed().as_secs_f64();
+        let idle_cpu_percent = (cpu_seconds(pid)? - cpu0) / idle_s * 100.0;
+        let idle_wakeups_per_s = context_switches(pid)?.saturating_sub(switches0) as f64 / idle_s;
 
         let peak = Arc::new(std::sync::Mutex::new(idle_rss_mb));
         let stop = Arc::new(AtomicBool::new(false));
@@ -443,6 +470,7 @@ pub async fn run(
             idle_rss_mb,
             idle_cpu_percent,
             idle_seconds: opts.idle_seconds,
+            idle_wakeups_per_s,
             load_rss_mb,
             after_rss_mb,
             targets: json!({

@@ -426,9 +426,10 @@ fn print_api_bench(r: &bench::api::ApiBenchReport) {
         r.after_rss_mb
     );
     println!(
-        "daemon idle CPU: {:.2}% of a core over {} s (target ≈ 0: {})",
+        "daemon idle CPU: {:.2}% of a core over {} s, {:.0} wakeups/s (target ≈ 0: {})",
         r.idle_cpu_percent,
         r.idle_seconds,
+        r.idle_wakeups_per_s,
         yes(&r.meets_targets["idle_cpu"])
     );
     println!(
