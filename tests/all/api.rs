@@ -529,3 +529,98 @@ async fn cost_sessions_schedules_messages_and_results_answer_and_refuse_bad_inpu
     assert_eq!(evs.len(), 2, "{b}");
     assert!(evs[0]["event"]["id"].as_i64() < evs[1]["event"]["id"].as_i64());
 }
+
+#[test]
+fn docs_api_md_is_the_rendering_of_the_openapi_document() {
+    let out = std::process::Command::new(crate::support::bin("ksi-host"))
+        .args(["openapi", "--markdown"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = crate::support::text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.md");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == stdout,
+        "docs/api.md is out of date with host/src/api/openapi.json; regenerate it with `{}` \
+         (from the repository root) and commit it",
+        ksi_host::api::reference::REGENERATE
+    );
+    // The plain form prints the document the daemon serves.
+    let plain = std::process::Command::new(crate::support::bin("ksi-host"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+}
+
+#[test]
+fn bench_api_reports_every_endpoint_and_the_daemons_footprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = crate::support::ksi_host(
+        dir.path(),
+        &[
+            "bench",
+            "api",
+            "--json",
+            "--clients",
+            "4",
+            "--seconds",
+            "0.5",
+            "--rate",
+            "200",
+            "--idle-seconds",
+            "0.5",
+        ],
+    );
+    let (stdout, stderr) = crate::support::text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["clients"], 4);
+    let names: Vec<&str> = r["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["GET /health", "POST /events", "GET /workflows/{id}"]
+    );
+    for e in r["endpoints"].as_array().unwrap() {
+        for phase in ["ceiling", "paced"] {
+            let p = &e[phase];
+            assert!(p["requests"].as_u64().unwrap() > 0, "{e}");
+            assert_eq!(p["errors"], 0, "{e}");
+            let (p50, p99, max) = (
+                p["p50_ms"].as_f64().unwrap(),
+                p["p99_ms"].as_f64().unwrap(),
+                p["max_ms"].as_f64().unwrap(),
+            );
+            assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{e}");
+            assert!(p["req_per_s"].as_f64().unwrap() > 0.0, "{e}");
+        }
+    }
+    // The daemon's own footprint, read from /proc: a live process's numbers.
+    let idle = r["idle_rss_mb"].as_f64().unwrap();
+    assert!(idle > 1.0 && idle < 4096.0, "{r}");
+    assert!(r["after_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
+    assert!(r["idle_cpu_percent"].as_f64().unwrap() >= 0.0, "{r}");
+    assert!(r["idle_wakeups_per_s"].as_f64().unwrap() >= 0.0, "{r}");
+    for k in ["idle_rss", "idle_cpu", "paced_p99"] {
+        assert!(r["meets_targets"][k].is_boolean(), "{r}");
+    }
+    // Its temporary data dir is gone; the daemon was stopped.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bench-api-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    let bad = crate::support::ksi_host(dir.path(), &["bench", "api", "--clients", "0"]);
+    let (_, stderr) = crate::support::text(&bad);
+    assert!(!bad.status.success());
+    assert!(stderr.contains("--clients"), "{stderr}");
+}

@@ -9,6 +9,7 @@ mod cli;
 mod client;
 mod compat;
 mod crash;
+mod dashboard;
 mod executor;
 mod ops;
 mod workflows;

@@ -13,6 +13,7 @@ pub mod claude;
 pub mod compat;
 mod events;
 pub mod token;
+pub mod reference;
 mod workflows;
 
 use std::sync::Arc;

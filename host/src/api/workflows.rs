@@ -122,7 +122,8 @@ async fn list(
         .into_iter()
         .map(|v| {
             json!({"id": v.id, "type": v.workflow_type, "status": v.status, "current_step": v.current_step,
-                   "cost_usd": v.cost_usd, "claude_calls": v.claude_calls, "created_at": v.created_at,
+                   "cost_usd": v.cost_usd, "tokens_in": v.tokens_in, "tokens_out": v.tokens_out,
+                   "claude_calls": v.claude_calls, "created_at": v.created_at,
                    "updated_at": v.updated_at, "error": v.error})
         })
         .collect();

@@ -80,13 +80,19 @@ pub enum HostCmd {
     /// Read and change dynamic settings (the config table)
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Measure the bus, plugins, executor or workflows
+    /// Measure the bus, plugins, executor, workflows or the HTTP API
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Print a shell completion script: `ksi-host completions bash > /etc/bash_completion.d/ksi-host`
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Print the HTTP API's OpenAPI document (or, with --markdown, the reference in docs/api.md)
+    Openapi {
+        /// Render it as Markdown: `ksi-host openapi --markdown > docs/api.md`
+        #[arg(long)]
+        markdown: bool,
     },
     /// Tools for developing and testing KSI itself
     #[command(subcommand, hide = true)]
@@ -124,6 +130,24 @@ pub enum ConfigCmd {
 /// `ksi-host bench ...`
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
+    /// HTTP API: req/s and p50/p99 of GET /health, POST /events, GET /workflows/ID with
+    /// keep-alive clients (as fast as possible, then at --rate); the daemon's RSS and idle CPU
+    Api {
+        /// Concurrent keep-alive connections
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds per phase (two phases per endpoint)
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Total requests/s of the paced phase
+        #[arg(long, default_value_t = 5_000)]
+        rate: u32,
+        /// Seconds over which the idle daemon's CPU use is measured
+        #[arg(long, default_value_t = 5.0)]
+        idle_seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Executor: per-call overhead and calls/s for 50 concurrent fake-claude calls, RSS
     Executor {
         /// Concurrent calls
@@ -223,6 +247,15 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
             HostCmd::Plugin(cmd) => super::plugins::run(cmd),
             HostCmd::Token(cmd) => token_cmd(&config, cmd),
             HostCmd::Audit { since, limit, json } => audit_cmd(open(config)?, since, limit, json),
+            HostCmd::Openapi { markdown } => {
+                if markdown {
+                    let doc: serde_json::Value = serde_json::from_str(crate::api::OPENAPI)?;
+                    print!("{}", crate::api::reference::markdown(&doc).map_err(anyhow::Error::msg)?);
+                } else {
+                    print!("{}", crate::api::OPENAPI);
+                }
+                Ok(())
+            }
             HostCmd::Backup { dest, json } => {
                 let r = store::backup::backup(&config.db_path(), &dest)?;
                 if json {
@@ -256,6 +289,26 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 } else {
                     super::print_json_table(&r);
+                }
+                Ok(())
+            }
+            HostCmd::Bench(BenchCmd::Api {
+                clients,
+                seconds,
+                rate,
+                idle_seconds,
+                json,
+            }) => {
+                if clients == 0 || rate == 0 || seconds <= 0.0 || idle_seconds <= 0.0 {
+                    anyhow::bail!("--clients, --rate, --seconds and --idle-seconds must be greater than 0");
+                }
+                let exe = std::env::current_exe()?;
+                let opts = bench::api::ApiBenchOptions { clients, seconds, rate, idle_seconds };
+                let r = bench::api::run(&exe, &exe.with_file_name("fake-claude"), &config.data_dir, &opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print_api_bench(&r);
                 }
                 Ok(())
             }
@@ -477,6 +530,49 @@ fn audit_cmd(o: super::Opened, since: Option<i64>, limit: usize, json: bool) -> 
     }
     o.store.close();
     Ok(())
+}
+
+/// The table of `ksi-host bench api`.
+fn print_api_bench(r: &bench::api::ApiBenchReport) {
+    let mut t = table(&[
+        "endpoint", "phase", "req/s", "p50 ms", "p99 ms", "max ms", "errors",
+    ]);
+    for e in &r.endpoints {
+        for (phase, p) in [
+            (format!("{} clients, flat out", r.clients), &e.ceiling),
+            (format!("paced at {}/s", r.rate_per_s), &e.paced),
+        ] {
+            t.add_row(vec![
+                e.endpoint.clone(),
+                phase,
+                format!("{:.0}", p.req_per_s),
+                format!("{:.2}", p.p50_ms),
+                format!("{:.2}", p.p99_ms),
+                format!("{:.1}", p.max_ms),
+                p.errors.to_string(),
+            ]);
+        }
+    }
+    println!("{t}");
+    let yes = |v: &serde_json::Value| if v == true { "met" } else { "MISSED" };
+    println!(
+        "daemon RSS: idle {:.1} MB (target < 40 MB: {}), under load {:.1} MB, after {:.1} MB",
+        r.idle_rss_mb,
+        yes(&r.meets_targets["idle_rss"]),
+        r.load_rss_mb,
+        r.after_rss_mb
+    );
+    println!(
+        "daemon idle CPU: {:.2}% of a core over {} s, {:.0} wakeups/s (target ≈ 0: {})",
+        r.idle_cpu_percent,
+        r.idle_seconds,
+        r.idle_wakeups_per_s,
+        yes(&r.meets_targets["idle_cpu"])
+    );
+    println!(
+        "p99 < 10 ms at 5,000 req/s on every endpoint: {}",
+        yes(&r.meets_targets["paced_p99"])
+    );
 }
 
 fn migrate(config: &crate::config::Config, status_only: bool, json: bool) -> anyhow::Result<()> {
