@@ -88,7 +88,15 @@ impl Daemon {
 
     /// GET, returning (status, JSON body or {"text": ...}).
     pub async fn get(&self, path: &str) -> Result<(u16, serde_json::Value), String> {
-        http_with(self.port, "GET", path, None, "application/json", self.token.as_deref()).await
+        http_with(
+            self.port,
+            "GET",
+            path,
+            None,
+            "application/json",
+            self.token.as_deref(),
+        )
+        .await
     }
 
     /// POST a JSON body.

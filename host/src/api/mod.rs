@@ -12,8 +12,8 @@ mod audit;
 pub mod claude;
 pub mod compat;
 mod events;
-pub mod token;
 pub mod reference;
+pub mod token;
 mod workflows;
 
 use std::sync::Arc;

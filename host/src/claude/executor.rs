@@ -805,6 +805,7 @@ impl Executor {
     }
 
     /// Runs a recorded call to its end (all attempts). Called on the call's own task.
+    #[allow(clippy::too_many_arguments)]
     async fn drive(
         self,
         id: String,
@@ -1285,10 +1286,9 @@ impl Executor {
                 false,
             )
             .await;
-        if out.is_ok() && moved {
-            let root = self.inner.refs.root().to_path_buf();
-            let stream = root.join(stream_rel);
-            tokio::task::spawn_blocking(move || std::fs::remove_file(stream));
+        if out.is_ok() {
+            // An unlink (no fsync) is quick enough for the runtime's thread.
+            self.drop_stream(stream_rel, moved);
         }
 
         out
@@ -1461,8 +1461,7 @@ impl Executor {
 
         let mut answer = wrote.map_err(internal)?;
         if was_archived {
-            let queued = inner.refs.root().join(format!("prompts/queue/{id}.txt"));
-            tokio::task::spawn_blocking(move || std::fs::remove_file(queued));
+            let _ = std::fs::remove_file(inner.refs.root().join(format!("prompts/queue/{id}.txt")));
         }
         answer.text = result.text.clone().unwrap_or_default();
         answer.session_id = result.session_id.clone().unwrap_or_default();
