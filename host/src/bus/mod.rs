@@ -667,16 +667,16 @@ impl Bus {
     pub fn next_due(&self, sub: &Subscription) -> Result<Option<i64>> {
         let id = sub.id;
         self.store.read(move |c| {
-            let pending: Option<i64> = c.query_row(
-                "SELECT MIN(next_attempt_at) FROM deliveries WHERE subscription_id = ?1 AND status = 'pending'",
-                [id],
-                |r| r.get(0),
-            )?;
-            let lease: Option<i64> = c.query_row(
-                "SELECT MIN(lease_until) FROM deliveries WHERE subscription_id = ?1 AND status = 'processing'",
-                [id],
-                |r| r.get(0),
-            )?;
+            let pending: Option<i64> = c
+                .prepare_cached(
+                    "SELECT MIN(next_attempt_at) FROM deliveries WHERE subscription_id = ?1 AND status = 'pending'",
+                )?
+                .query_row([id], |r| r.get(0))?;
+            let lease: Option<i64> = c
+                .prepare_cached(
+                    "SELECT MIN(lease_until) FROM deliveries WHERE subscription_id = ?1 AND status = 'processing'",
+                )?
+                .query_row([id], |r| r.get(0))?;
             Ok(match (pending, lease) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -695,11 +695,16 @@ impl Bus {
         safety: Duration,
     ) -> Result<Vec<Delivery>> {
         let mut published = self.store.published();
+        // A claim is a write (and an fsync); after a timer wake-up it is tried only when a
+        // read finds something due, so an idle subscriber costs one small read per `safety`.
+        let mut claim = true;
         loop {
             published.borrow_and_update();
-            let batch = self.claim(sub, consumer, max).await?;
-            if !batch.is_empty() {
-                return Ok(batch);
+            if claim {
+                let batch = self.claim(sub, consumer, max).await?;
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
             }
             let bus = self.clone();
             let s = sub.clone();
@@ -711,6 +716,7 @@ impl Bus {
                 None => safety,
             };
             if sleep.is_zero() {
+                claim = true;
                 continue;
             }
             tokio::select! {
@@ -718,8 +724,9 @@ impl Bus {
                     if changed.is_err() {
                         return Err(StoreError::Closed.into());
                     }
+                    claim = true;
                 }
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep(sleep) => claim = false,
             }
         }
     }
