@@ -133,6 +133,13 @@ fn spawn_backups(
 
 /// Runs the daemon until a signal, then drains.
 pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Result<()> {
+    // Opening the host compiled the plugins that had no cached machine code (Cranelift's
+    // working memory, freed by now, stays in the allocator): hand it back to the system, so a
+    // first start idles at the footprint of later ones (measured 48 MB -> see README).
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let token_file = config.data_dir.join("api.token");
     if !args.listen.ip().is_loopback() && !token_file.exists() {
         anyhow::bail!(
