@@ -191,6 +191,33 @@ async fn openapi_lists_every_route() {
     let (s, doc) = d.get("/openapi.json").await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(doc["openapi"], "3.0.3");
+    // It is a valid OpenAPI 3.0 document (the object model rejects unknown shapes)...
+    let parsed: openapiv3::OpenAPI = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("the OpenAPI document does not validate: {e}"));
+    assert!(!parsed.paths.paths.is_empty());
+    // ... and every reference in it resolves.
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("$ref", serde_json::Value::String(r)) => out.push(r.clone()),
+                        _ => refs(x, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    for r in &all {
+        let pointer = r
+            .strip_prefix('#')
+            .unwrap_or_else(|| panic!("{r} is not a local reference"));
+        assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+    }
     let paths = doc["paths"].as_object().unwrap();
     // Every documented path answers something other than the router's 404 fallback, and
     // every route the daemon serves is documented (the list below is the router's).

@@ -189,7 +189,7 @@ struct ReaderPool {
 
 /// How long a read waits for a pooled connection before opening an extra one (a read nested
 /// in another read must never wait for itself).
-const READER_WAIT: Duration = Duration::from_millis(50);
+const READER_WAIT: Duration = Duration::from_millis(2);
 
 /// How the store opens its connections (taken from [`Config`]).
 #[derive(Debug, Clone)]
