@@ -693,6 +693,14 @@ fn a_sigkilled_daemon_leaves_no_claude_process_and_no_running_row_and_its_calls_
     );
     child.kill()?; // SIGKILL
     child.wait()?;
+    // The guardian kills them at once, before any restart.
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < gone_by {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &pids {
+        assert!(!alive(*p), "fake-claude {p} outlived the SIGKILLed daemon");
+    }
 
     let out = Command::new(bin("ksi-host"))
         .arg("--data-dir")
