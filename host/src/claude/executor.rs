@@ -365,6 +365,17 @@ struct Inner {
     guardian: std::sync::OnceLock<Option<super::guardian::Guardian>>,
 }
 
+/// A relative path with a directory in it (`./bin/claude`) made absolute: the CLI runs in its
+/// agent's sandbox directory, where the relative path would name nothing. A bare name
+/// (`claude`) is looked up on `PATH` and stays as it is.
+fn absolute_binary(binary: PathBuf) -> PathBuf {
+    if binary.is_relative() && binary.components().count() > 1 {
+        std::path::absolute(&binary).unwrap_or(binary)
+    } else {
+        binary
+    }
+}
+
 /// What the spawn path already knows of a row it just inserted (read back otherwise).
 #[derive(Debug, Clone)]
 struct KnownRow {
@@ -427,7 +438,8 @@ struct StoredRequest {
 
 impl Executor {
     /// An executor over an open data dir.
-    pub fn new(store: Store, bus: Bus, refs: Refs, config: ExecutorConfig) -> Executor {
+    pub fn new(store: Store, bus: Bus, refs: Refs, mut config: ExecutorConfig) -> Executor {
+        config.binary = absolute_binary(config.binary);
         Executor {
             inner: Arc::new(Inner {
                 store,
@@ -2112,5 +2124,31 @@ impl ClaudeApi for Executor {
 
     fn cancel(&self, process_id: &str) -> bool {
         Executor::cancel(self, process_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_cli_path_is_made_absolute_and_a_bare_name_is_left_to_path() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute_binary(PathBuf::from("./bin/claude")),
+            cwd.join("bin/claude")
+        );
+        assert_eq!(
+            absolute_binary(PathBuf::from("bin/claude")),
+            cwd.join("bin/claude")
+        );
+        assert_eq!(
+            absolute_binary(PathBuf::from("claude")),
+            PathBuf::from("claude")
+        );
+        assert_eq!(
+            absolute_binary(PathBuf::from("/usr/bin/claude")),
+            PathBuf::from("/usr/bin/claude")
+        );
     }
 }
