@@ -365,6 +365,19 @@ struct Inner {
     guardian: std::sync::OnceLock<Option<super::guardian::Guardian>>,
 }
 
+/// Who pays for a call: its agent (with the profile's own budget) and its workflow.
+fn payer_of(
+    request: &SpawnRequest,
+    workflow_id: &Option<String>,
+    profile: &Option<AgentProfile>,
+) -> Payer {
+    Payer {
+        agent: request.agent.clone(),
+        workflow: workflow_id.clone(),
+        agent_budget: profile.as_ref().and_then(AgentProfile::budget),
+    }
+}
+
 /// A relative path with a directory in it (`./bin/claude`) made absolute: the CLI runs in its
 /// agent's sandbox directory, where the relative path would name nothing. A bare name
 /// (`claude`) is looked up on `PATH` and stays as it is.
@@ -593,11 +606,7 @@ impl Executor {
             let prompt_ref = prompt_ref.clone();
             let prompt_sha = prompt_sha.clone();
             let (admission, spend) = (inner.admission.clone(), eff.spend.clone());
-            let payer = Payer {
-                agent: request.agent.clone(),
-                workflow: workflow_id.clone(),
-                agent_budget: profile.as_ref().and_then(AgentProfile::budget),
-            };
+            let payer = payer_of(&request, &workflow_id, &profile);
             inner
                 .store
                 .write(move |tx| {
@@ -879,11 +888,7 @@ impl Executor {
                     .map_err(internal)?;
             }
         }
-        let payer = Payer {
-            agent: request.agent.clone(),
-            workflow: workflow_id.clone(),
-            agent_budget: profile.as_ref().and_then(AgentProfile::budget),
-        };
+        let payer = payer_of(&request, &workflow_id, &profile);
         let row = match known {
             Some(k) => k,
             None => inner
@@ -1473,7 +1478,7 @@ impl Executor {
 
         let mut answer = wrote.map_err(internal)?;
         if was_archived {
-            let _ = std::fs::remove_file(inner.refs.root().join(format!("prompts/queue/{id}.txt")));
+            self.drop_queued_prompt(id);
         }
         answer.text = result.text.clone().unwrap_or_default();
         answer.session_id = result.session_id.clone().unwrap_or_default();
