@@ -134,6 +134,29 @@ pub fn try_bench_plugins() -> anyhow::Result<Value> {
         reloads.push(start.elapsed());
     }
     let reload_cold = reloads[0];
+
+    // A runaway step (an endless loop) under a 200 ms CPU limit: how soon it is stopped.
+    let cpu_limit = Duration::from_millis(200);
+    let mut stops = Vec::new();
+    {
+        let dir = tempfile::tempdir()?;
+        let mut config = RuntimeConfig::for_data_dir(dir.path());
+        config.load.limits.defaults.cpu_time = cpu_limit;
+        let runtime =
+            PluginRuntime::new(config, host.clone(), Arc::new(RecordingEvents::default()))?;
+        let path = runtime.config().plugins_dir.join("echo.wasm");
+        std::fs::copy(bundled::ECHO_V1, &path)?;
+        let echo = runtime.load_file(&path)?;
+        let forever = StepInput::new("echo", json!({"loop_forever": true}));
+        for _ in 0..5 {
+            let start = Instant::now();
+            match echo.run_step(&forever, host.clone()) {
+                Err(crate::plugins::StepFailure::Timeout { .. }) => stops.push(start.elapsed()),
+                Err(e) => bail!("the endless loop ended with {e}, not the CPU limit"),
+                Ok(_) => bail!("the endless loop returned"),
+            }
+        }
+    }
     let mut warm_reloads = reloads[2..].to_vec();
 
     Ok(json!({
@@ -148,6 +171,8 @@ pub fn try_bench_plugins() -> anyhow::Result<Value> {
         "reload_ms": ms(percentile(&mut warm_reloads, 50)),
         "reload_cold_ms": ms(reload_cold),
         "reload_debounce_ms": config.debounce.as_millis() as u64,
+        "cpu_limit_ms": cpu_limit.as_millis() as u64,
+        "cpu_limit_stop_p50_ms": ms(percentile(&mut stops, 50)),
     }))
 }
 

@@ -216,9 +216,11 @@ fn infinite_loop_is_stopped_by_the_cpu_limit_as_a_timeout() -> anyhow::Result<()
         matches!(err, StepFailure::Timeout { limit } if limit == Duration::from_millis(200)),
         "{err}"
     );
+    // A guard against a limit applied in the wrong unit (which would still end the loop, much
+    // later), not a speed check: how fast the limit fires is measured by `bench plugin`.
     assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "stopped after {:?}",
+        start.elapsed() < Duration::from_secs(30),
+        "a 200 ms CPU limit stopped the loop only after {:?}",
         start.elapsed()
     );
     assert!(!err.is_retryable());
