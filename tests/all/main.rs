@@ -10,6 +10,7 @@ mod client;
 mod compat;
 mod crash;
 mod dashboard;
+mod disk;
 mod executor;
 mod ops;
 mod workflows;

@@ -209,11 +209,16 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
     // The chaos run: SIGKILL at random moments, restart, repeat.
     let chaos = tempfile::tempdir().unwrap();
     let results = chaos.path().join("fake-claude-results.jsonl");
+    let invocations = chaos.path().join("fake-claude-invocations.jsonl");
     let env = [
         delay[0],
         (
             "KSI_CLAUDE_ENV_FAKE_CLAUDE_RESULT_LOG",
             results.to_str().unwrap(),
+        ),
+        (
+            "KSI_CLAUDE_ENV_FAKE_CLAUDE_LOG",
+            invocations.to_str().unwrap(),
         ),
     ];
     let mut d = Daemon::start(chaos.path(), &env).await;
@@ -234,37 +239,59 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
     // Same transcripts as the undisturbed run.
     let (a, b) = (transcripts(calm.path()), transcripts(chaos.path()));
     assert_eq!(a.len(), DEBATES);
-    assert_eq!(
-        a, b,
-        "the chaos run's transcripts differ from the undisturbed run's"
-    );
-
-    // fake-claude's own log: every (instance, step, call) — a distinct prompt in its session —
-    // completed exactly once: no completed call ran (or was paid for) twice.
-    let log = std::fs::read_to_string(&results).unwrap();
-    let mut count: HashMap<(String, String), usize> = HashMap::new();
-    for line in log.lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
-        *count
-            .entry((
-                v["prompt_sha256"].as_str().unwrap().into(),
-                v["session_id"].as_str().unwrap().into(),
-            ))
-            .or_default() += 1;
+    if a != b {
+        let differing: Vec<_> = a
+            .iter()
+            .filter(|(topic, turns)| b.get(*topic) != Some(turns))
+            .map(|(topic, turns)| (topic, turns, b.get(topic)))
+            .collect();
+        panic!(
+            "the chaos run's transcripts differ from the undisturbed run's in {} debates; first: {:#?}",
+            differing.len(),
+            differing.first()
+        );
     }
-    let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+
+    // fake-claude's own logs, keyed by prompt: each (instance, step, call) has its own (a rerun
+    // of a new conversation gets a new random session id, so the session cannot be the key).
+    // A result is logged just after it is printed, so a kill can fall between the two: a call
+    // with no logged result must then have run once (the transcript holds its printed answer,
+    // which the restarted daemon took from disk). No call may have printed two results.
+    let per_call = |path: &Path| {
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for line in std::fs::read_to_string(path).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            *count
+                .entry(v["prompt_sha256"].as_str().unwrap().into())
+                .or_default() += 1;
+        }
+        count
+    };
+    let (ran, paid) = (per_call(&invocations), per_call(&results));
+    let twice: Vec<_> = paid.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
         twice.is_empty(),
         "calls completed more than once: {twice:?}"
     );
     assert_eq!(
-        count.len(),
+        ran.len(),
         DEBATES * 7,
         "7 calls per debate (2 opening, 2 rebuttal, 2 closing, 1 judge)"
     );
+    let unlogged: Vec<_> = ran.iter().filter(|(k, _)| !paid.contains_key(*k)).collect();
+    assert!(
+        unlogged.iter().all(|(_, runs)| **runs == 1),
+        "a call without a logged result ran more than once: {unlogged:?}"
+    );
+    assert!(
+        paid.keys().all(|k| ran.contains_key(k)),
+        "a result of a call that never started"
+    );
     eprintln!(
-        "chaos: {KILLS} kills, {} calls, each completed once",
-        count.len()
+        "chaos: {KILLS} kills, {} calls, each completed once ({} killed between printing and logging), {} runs in all",
+        ran.len(),
+        unlogged.len(),
+        ran.values().sum::<usize>()
     );
 }
 

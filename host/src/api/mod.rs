@@ -111,12 +111,31 @@ impl ApiError {
             field: None,
         }
     }
-    /// 500 (a fault of ours, never of the input).
+    /// 500 (a fault of ours, never of the input); a full disk behind it gives
+    /// [`ApiError::disk_full`] instead.
     pub fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        if crate::store::message_is_disk_full(&message) {
+            return ApiError::disk_full(message);
+        }
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal",
-            message: message.into(),
+            message,
+            field: None,
+        }
+    }
+    /// 507: the data directory's disk is full; nothing was saved, the same request succeeds
+    /// once space is freed.
+    pub fn disk_full(message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if !message.contains("Free space") {
+            message.push_str(". Nothing of this request was saved: free space on the disk of the data directory (`GET /health` shows how much is left) and send it again");
+        }
+        ApiError {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            code: "disk_full",
+            message,
             field: None,
         }
     }
@@ -142,6 +161,7 @@ impl From<crate::workflow::WorkflowError> for ApiError {
             W::UnknownStep { .. } => ApiError::field("step", e.to_string()),
             W::BadParams(_) => ApiError::field("params", e.to_string()),
             W::Bus(crate::bus::BusError::Topic(t)) => ApiError::field("topic", t.to_string()),
+            W::Bus(b) if b.is_disk_full() => ApiError::disk_full(e.to_string()),
             _ => ApiError::internal(e.to_string()),
         }
     }
@@ -151,6 +171,7 @@ impl From<crate::bus::BusError> for ApiError {
     fn from(e: crate::bus::BusError) -> Self {
         match e {
             crate::bus::BusError::Topic(t) => ApiError::field("topic", t.to_string()),
+            other if other.is_disk_full() => ApiError::disk_full(other.to_string()),
             other => ApiError::internal(other.to_string()),
         }
     }
@@ -281,7 +302,7 @@ async fn health(State(s): State<AppState>) -> Response {
             json!({"ok": false, "error": e.to_string()})
         }
     };
-    let free = disk_free_bytes(&s.data_dir);
+    let free = crate::store::fs_free_bytes(&s.data_dir);
     let disk_ok = free.is_none_or(|f| f > 100 * 1024 * 1024);
     healthy &= disk_ok;
     let depth = s.bus.counts(None).unwrap_or_default();
@@ -316,16 +337,6 @@ async fn health(State(s): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
-}
-
-/// Free bytes on the file system of `path` (statvfs).
-pub fn disk_free_bytes(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {

@@ -44,6 +44,13 @@ pub enum BusError {
     BadPayload(String),
 }
 
+impl BusError {
+    /// Whether this failure is a full disk (see [`StoreError::is_disk_full`]).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, BusError::Store(e) if e.is_disk_full())
+    }
+}
+
 impl From<rusqlite::Error> for BusError {
     fn from(e: rusqlite::Error) -> Self {
         BusError::Store(StoreError::Sqlite(e))

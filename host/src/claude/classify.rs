@@ -49,6 +49,9 @@ pub enum TransientKind {
     Crash,
     /// The process exited 0 without a result line.
     NoResult,
+    /// Not started: the data directory's disk has too little space left to keep the answer
+    /// (`claude.min_free_mb`); it would be paid for and lost.
+    DiskFull,
 }
 
 /// Failures that a retry cannot fix.
@@ -101,6 +104,7 @@ impl FailureClass {
                 TransientKind::NoOutputTimeout => "transient.no_output_timeout",
                 TransientKind::Crash => "transient.crash",
                 TransientKind::NoResult => "transient.no_result",
+                TransientKind::DiskFull => "transient.disk_full",
             },
             FailureClass::Permanent(kind) => match kind {
                 PermanentKind::Authentication => "permanent.authentication",

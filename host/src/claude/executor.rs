@@ -61,6 +61,9 @@ pub struct ExecutorConfig {
     pub archive_retention: Duration,
     /// Variables given to every CLI process on top of the clean environment.
     pub extra_env: Vec<(String, String)>,
+    /// A call is not started when the data directory's disk has less free space than this:
+    /// its answer could not be kept (`claude.min_free_mb`).
+    pub min_free_bytes: u64,
     /// Whether the CLI inherits the daemon's PATH, HOME, LANG, `ANTHROPIC_*`, ... (see
     /// [`ClaudeInvocation::env`]); false gives it only `extra_env`.
     pub inherit_env: bool,
@@ -77,6 +80,7 @@ impl Default for ExecutorConfig {
             archive_retention: Duration::from_secs(7 * 24 * 3600),
             extra_env: Vec::new(),
             inherit_env: true,
+            min_free_bytes: 64 << 20,
         }
     }
 }
@@ -85,7 +89,8 @@ impl ExecutorConfig {
     /// Applies the dynamic settings (all `claude.*` keys of the `config` table):
     /// `claude.model`, `claude.timeout.overall_secs`, `claude.timeout.no_output_secs`,
     /// `claude.timeout.kill_grace_ms`, `claude.retry.max_attempts`, `claude.retry.base_delay_ms`,
-    /// `claude.retry.max_delay_ms`, `claude.prompts.archive_retention_secs`, and the spend keys of
+    /// `claude.retry.max_delay_ms`, `claude.prompts.archive_retention_secs`, `claude.min_free_mb`,
+    /// and the spend keys of
     /// [`SpendLimits::apply_settings`] (`claude.max_concurrency`, `claude.model_concurrency`,
     /// `claude.spawn_rate_per_min`, `claude.budget.{global,agent,workflow}_{usd,tokens,calls}`,
     /// `claude.budget.window_secs`, `claude.budget.reserve_usd`, `claude.loop.max_repeats`,
@@ -127,6 +132,11 @@ impl ExecutorConfig {
                 "claude.retry.max_delay_ms" => {
                     if let Some(v) = ms(value) {
                         self.retry.max_delay = Duration::from_millis(v);
+                    }
+                }
+                "claude.min_free_mb" => {
+                    if let Some(v) = ms(value) {
+                        self.min_free_bytes = v << 20;
                     }
                 }
                 "claude.prompts.archive_retention_secs" => {
@@ -416,10 +426,16 @@ impl std::fmt::Debug for Executor {
 }
 
 fn internal(e: impl std::fmt::Display) -> ClaudeFailure {
+    let message = format!("KSI could not record the Claude call: {e}");
     ClaudeFailure {
         transient: true,
-        class: "internal".into(),
-        message: format!("KSI could not record the Claude call: {e}"),
+        class: if crate::store::message_is_disk_full(&message) {
+            "disk_full"
+        } else {
+            "internal"
+        }
+        .into(),
+        message,
     }
 }
 
@@ -973,6 +989,29 @@ impl Executor {
                 _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
             };
 
+            // A full disk would lose the answer (the CLI writes it to a file in the data dir):
+            // the call is not made. Transient: it can run once space is freed.
+            if let Some(free) = crate::store::fs_free_bytes(inner.refs.root())
+                && free < eff.min_free_bytes
+            {
+                let msg = format!(
+                    "the Claude call was not started: the disk of the data directory {} has {} MiB free, less than the {} MiB (claude.min_free_mb) needed to keep its answer. Free space on that disk and run it again",
+                    inner.refs.root().display(),
+                    free >> 20,
+                    eff.min_free_bytes >> 20
+                );
+                tracing::error!(free_bytes = free, "{msg}");
+                return self
+                    .finish_failed(
+                        &id,
+                        &request.agent,
+                        attempt,
+                        &FailureClass::Transient(TransientKind::DiskFull),
+                        &msg,
+                        None,
+                    )
+                    .await;
+            }
             attempt += 1;
             let mut inv = self.invocation(&eff, &request, &profile, &model, &prompt, &session);
             let stream_rel = responses::pending_path(&id, attempt);

@@ -61,9 +61,10 @@ pub fn kill_orphaned_group(pid: u32, start_ticks: Option<u64>) -> OrphanCheck {
         Some(now) if start_ticks.is_some_and(|recorded| recorded != now) => {
             return OrphanCheck::PidReused;
         }
-        Some(_) => {}
-        None if group_members(pid).is_empty() => return OrphanCheck::AlreadyGone,
-        None => {}
+        // A dead leader may still be a zombie (the daemon that would reap it is gone, and
+        // whoever inherited it may not reap at once): only live members count.
+        _ if group_members(pid).is_empty() => return OrphanCheck::AlreadyGone,
+        _ => {}
     }
     tracing::warn!(
         pid,
@@ -104,6 +105,28 @@ mod tests {
             kill_orphaned_group(u32::MAX - 1, Some(1)),
             OrphanCheck::AlreadyGone
         );
+    }
+
+    #[test]
+    fn a_group_whose_members_are_all_zombies_is_already_gone() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("true")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Not reaped yet: the leader is a zombie until `wait`.
+        for _ in 0..100 {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            if state.rsplit_once(") ").unwrap().1.starts_with('Z') {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let ticks = process_start_ticks(pid);
+        assert!(ticks.is_some(), "a zombie still has its /proc entry");
+        assert_eq!(kill_orphaned_group(pid, ticks), OrphanCheck::AlreadyGone);
+        child.wait().unwrap();
     }
 
     #[test]

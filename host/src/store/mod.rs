@@ -63,8 +63,74 @@ pub enum StoreError {
     Panicked(String),
     #[error("the commit failed, nothing of this write was saved: {0}")]
     CommitFailed(String),
+    #[error(
+        "the disk of the data directory is full ({0}); nothing of this write was saved. Free space on that disk (old backups, archived prompts, logs) and retry: the daemon goes on by itself"
+    )]
+    DiskFull(String),
     #[error("backup file {path}: {message}")]
     Backup { path: PathBuf, message: String },
+}
+
+impl StoreError {
+    /// Whether this failure is a full disk (or an exhausted quota): it clears when space is
+    /// freed, and is never the caller's fault.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::DiskFull(_) => true,
+            StoreError::Sqlite(e) => e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            StoreError::DataDir { source, .. } => io_is_disk_full(source),
+            _ => false,
+        }
+    }
+}
+
+/// Whether an error that was flattened to text (a commit failure handed over as a message, a
+/// Claude call's failure) came from a full disk: SQLite's and the OS's own wording.
+pub fn message_is_disk_full(message: &str) -> bool {
+    [
+        "database or disk is full",
+        "No space left on device",
+        "Disk quota exceeded",
+        "the disk of the data directory is full",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
+/// Free bytes for unprivileged writers on the file system holding `path` (statvfs).
+pub fn fs_free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the struct it is given; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Whether an I/O error is a full disk (`ENOSPC`) or an exhausted quota (`EDQUOT`).
+pub fn io_is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+}
+
+/// Why a batch did not become durable.
+#[derive(Debug, Clone)]
+struct CommitError {
+    message: String,
+    disk_full: bool,
+}
+
+impl CommitError {
+    fn into_store_error(self) -> StoreError {
+        if self.disk_full {
+            StoreError::DiskFull(self.message)
+        } else {
+            StoreError::CommitFailed(self.message)
+        }
+    }
 }
 
 /// Result alias for store operations.
@@ -116,7 +182,7 @@ trait Job: Send {
     /// Runs inside the job's savepoint. Returns true when the job succeeded (keep its changes).
     fn run(&mut self, tx: &Tx<'_>) -> bool;
     /// Delivers the outcome once the batch's commit is known.
-    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+    fn finish(self: Box<Self>, commit: std::result::Result<(), CommitError>);
 }
 
 struct WriteJob<T, E, F> {
@@ -154,12 +220,12 @@ where
         ok
     }
 
-    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
+    fn finish(self: Box<Self>, commit: std::result::Result<(), CommitError>) {
         let out = match (self.out, commit) {
             (Some(Ok(v)), Ok(())) => Ok(v),
-            (Some(Ok(_)), Err(e)) => Err(StoreError::CommitFailed(e).into()),
+            (Some(Ok(_)), Err(e)) => Err(e.into_store_error().into()),
             (Some(Err(e)), _) => Err(e),
-            (None, Err(e)) => Err(StoreError::CommitFailed(e).into()),
+            (None, Err(e)) => Err(e.into_store_error().into()),
             (None, Ok(())) => Err(StoreError::Closed.into()),
         };
         let _ = self.reply.send(out);
@@ -642,7 +708,8 @@ fn writer_loop(
         }
         begin_immediate(&conn);
         let mut newest = 0;
-        for job in batch.iter_mut() {
+        let mut rolled_back: Option<(usize, CommitError)> = None;
+        for (i, job) in batch.iter_mut().enumerate() {
             let tx = Tx {
                 conn: &conn,
                 last_event_id: Cell::new(0),
@@ -656,12 +723,47 @@ fn writer_loop(
             } else {
                 let _ = exec_cached(&conn, "ROLLBACK TO job");
                 let _ = exec_cached(&conn, "RELEASE job");
+                if conn.is_autocommit() {
+                    // SQLite rolled the whole transaction back (it may, after a full disk or
+                    // an I/O error): the jobs before this one went with it. They fail; the
+                    // rest of the batch goes on in a new transaction.
+                    let disk_full = conn
+                        .path()
+                        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
+                        .and_then(|dir| fs_free_bytes(&dir))
+                        .is_some_and(|free| free < 1 << 20);
+                    tracing::error!(
+                        jobs = i,
+                        disk_full,
+                        "SQLite rolled back the transaction after a statement failed"
+                    );
+                    rolled_back = Some((
+                        i,
+                        CommitError {
+                            message:
+                                "SQLite rolled the transaction back after a statement in it failed"
+                                    .into(),
+                            disk_full,
+                        },
+                    ));
+                    newest = 0;
+                    begin_immediate(&conn);
+                }
+            }
+        }
+        if let Some((lost, e)) = rolled_back.take() {
+            for job in batch.drain(..lost) {
+                job.finish(Err(e.clone()));
             }
         }
         let commit = exec_cached(&conn, "COMMIT").map_err(|e| {
-            tracing::error!(error = %e, jobs = batch.len(), "commit failed; the batch was rolled back");
+            let disk_full = e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull);
+            tracing::error!(error = %e, jobs = batch.len(), disk_full, "commit failed; the batch was rolled back");
             let _ = conn.execute_batch("ROLLBACK");
-            e.to_string()
+            CommitError {
+                message: e.to_string(),
+                disk_full,
+            }
         });
         let Some(syncer) = syncer.as_ref().filter(|_| commit.is_ok()) else {
             // synchronous=FULL on the connection (or a failed commit): done now.
@@ -734,7 +836,10 @@ impl Syncer {
                     let outcome = synced.map_err(|e| {
                         tracing::error!(error = %e, wal = %wal.display(), "fsync of the WAL failed");
                         file = None;
-                        format!("the commit could not be made durable (fsync of {}: {e})", wal.display())
+                        CommitError {
+                            message: format!("the commit could not be made durable (fsync of {}: {e})", wal.display()),
+                            disk_full: io_is_disk_full(&e),
+                        }
                     });
                     if outcome.is_ok() {
                         bump(&published, newest);
