@@ -53,7 +53,7 @@ impl BusError {
 
 impl From<rusqlite::Error> for BusError {
     fn from(e: rusqlite::Error) -> Self {
-        BusError::Store(StoreError::Sqlite(e))
+        BusError::Store(StoreError::from(e))
     }
 }
 

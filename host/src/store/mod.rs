@@ -56,7 +56,7 @@ pub enum StoreError {
     #[error("migrating {path} failed: {message}. The database was left at its previous version")]
     Migration { path: PathBuf, message: String },
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("the store is shut down")]
     Closed,
     #[error("a write job panicked: {0}")]
@@ -69,6 +69,18 @@ pub enum StoreError {
     DiskFull(String),
     #[error("backup file {path}: {message}")]
     Backup { path: PathBuf, message: String },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    /// SQLite's "database or disk is full" becomes [`StoreError::DiskFull`], which says what
+    /// to do about it.
+    fn from(e: rusqlite::Error) -> Self {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            StoreError::DiskFull(e.to_string())
+        } else {
+            StoreError::Sqlite(e)
+        }
+    }
 }
 
 impl StoreError {
@@ -721,17 +733,22 @@ fn writer_loop(
                 let _ = exec_cached(&conn, "RELEASE job");
                 newest = newest.max(tx.last_event_id.get());
             } else {
+                // The failing statement's code, before the rollback below replaces it.
+                // SAFETY: reads the error code of a connection this thread owns.
+                let failed_full = unsafe { rusqlite::ffi::sqlite3_errcode(conn.handle()) }
+                    == rusqlite::ffi::SQLITE_FULL;
                 let _ = exec_cached(&conn, "ROLLBACK TO job");
                 let _ = exec_cached(&conn, "RELEASE job");
                 if conn.is_autocommit() {
                     // SQLite rolled the whole transaction back (it may, after a full disk or
                     // an I/O error): the jobs before this one went with it. They fail; the
                     // rest of the batch goes on in a new transaction.
-                    let disk_full = conn
-                        .path()
-                        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
-                        .and_then(|dir| fs_free_bytes(&dir))
-                        .is_some_and(|free| free < 1 << 20);
+                    let disk_full = failed_full
+                        || conn
+                            .path()
+                            .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
+                            .and_then(|dir| fs_free_bytes(&dir))
+                            .is_some_and(|free| free < 1 << 20);
                     tracing::error!(
                         jobs = i,
                         disk_full,
@@ -1038,6 +1055,81 @@ mod tests {
             })
             .unwrap();
         assert_eq!(keys, vec!["a".to_string()]);
+    }
+
+    /// A database that cannot grow (`max_page_count`: what a full disk looks like to SQLite):
+    /// the failures say "disk full", every write answered Ok is stored, every one answered Err
+    /// left nothing, and writes succeed again once there is room.
+    #[tokio::test]
+    async fn a_full_database_refuses_writes_as_disk_full_and_answers_each_truthfully()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_path(&dir.path().join("ksi.db"), &StoreOptions::default())?;
+        let pages: i64 = store
+            .read(|c| Ok::<_, StoreError>(c.query_row("PRAGMA page_count", [], |r| r.get(0))?))?;
+        store
+            .write(move |tx| {
+                tx.query_row(
+                    &format!("PRAGMA max_page_count = {}", pages + 8),
+                    [],
+                    |_| Ok(()),
+                )?;
+                Ok::<_, StoreError>(())
+            })
+            .await?;
+        let big = "x".repeat(3000);
+        let mut waits = Vec::new();
+        for i in 0..200 {
+            let (s, v) = (store.clone(), big.clone());
+            waits.push(tokio::spawn(async move {
+                let r = s
+                    .write(move |tx| {
+                        tx.execute(
+                            "INSERT INTO config(key, value, updated_at) VALUES (?1, ?2, 0)",
+                            rusqlite::params![format!("k{i}"), v],
+                        )?;
+                        Ok::<_, StoreError>(())
+                    })
+                    .await;
+                (format!("k{i}"), r)
+            }));
+        }
+        let (mut ok, mut full) = (Vec::new(), 0);
+        for w in waits {
+            match w.await? {
+                (k, Ok(())) => ok.push(k),
+                (_, Err(e)) => {
+                    assert!(e.is_disk_full(), "a full database is a full disk: {e}");
+                    assert!(e.to_string().contains("Free space"), "{e}");
+                    full += 1;
+                }
+            }
+        }
+        assert!(
+            full > 0 && !ok.is_empty(),
+            "{} stored, {full} refused",
+            ok.len()
+        );
+        let mut stored: Vec<String> = store.read(|c| {
+            let mut st = c.prepare("SELECT key FROM config WHERE key LIKE 'k%'")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            Ok::<_, StoreError>(rows.collect::<Result<_, _>>()?)
+        })?;
+        stored.sort();
+        ok.sort();
+        assert_eq!(stored, ok, "exactly the writes answered Ok are stored");
+        // Room again (the setting lives on the writer's connection).
+        store
+            .write(|tx| {
+                tx.query_row("PRAGMA max_page_count = 1073741823", [], |_| Ok(()))?;
+                tx.execute(
+                    "INSERT INTO config(key, value, updated_at) VALUES ('after', '1', 0)",
+                    [],
+                )?;
+                Ok::<_, StoreError>(())
+            })
+            .await?;
+        Ok(())
     }
 
     #[tokio::test]
