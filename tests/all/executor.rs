@@ -734,9 +734,11 @@ fn a_sigkilled_daemon_leaves_no_claude_process_and_no_running_row_and_its_calls_
         5,
         "{report}"
     );
+    // The guardian killed them when the daemon died: nothing was left alive for the start-up
+    // reconciliation to kill (unreaped zombies do not count).
     assert_eq!(
         report["killed_pids"].as_array().map(Vec::len),
-        Some(5),
+        Some(0),
         "{report}"
     );
 
@@ -1013,8 +1015,22 @@ fn a_result_printed_before_the_daemon_died_is_completed_from_the_log_not_paid_tw
         2,
         "both results reached the pending logs"
     );
+    let pids: Vec<u32> = invocations(&log)
+        .iter()
+        .map(|v| v["pid"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert!(pids.iter().all(|p| alive(*p)), "the CLIs linger");
     child.kill()?;
     child.wait()?;
+    // The guardian kills the lingering CLIs at once, before any restart.
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < gone_by {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &pids {
+        assert!(!alive(*p), "fake-claude {p} outlived the SIGKILLed daemon");
+    }
 
     let out = Command::new(bin("ksi-host"))
         .arg("--data-dir")
@@ -1035,8 +1051,8 @@ fn a_result_printed_before_the_daemon_died_is_completed_from_the_log_not_paid_tw
     );
     assert_eq!(
         report["killed_pids"].as_array().map(Vec::len),
-        Some(2),
-        "{report}"
+        Some(0),
+        "nothing left alive to kill: {report}"
     );
     let (store, bus, refs) = open(data)?;
     assert_eq!(
