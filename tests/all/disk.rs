@@ -74,11 +74,7 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
 }
 
 fn free_bytes(dir: &Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-    st.f_bavail as u64 * st.f_frsize as u64
+    ksi_host::store::fs_free_bytes(dir).expect("statvfs of the tmpfs")
 }
 
 fn assert_disk_full(what: &str, (status, body): &(u16, Value)) {

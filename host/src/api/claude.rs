@@ -85,7 +85,7 @@ impl ApiPart for ExecutorPart {
                     max_turns: b.max_turns,
                 };
                 let id = exec.spawn(req).await.map_err(|f| match f.class.as_str() {
-                    "disk_full" | "transient.disk_full" => ApiError::disk_full(f.message),
+                    "transient.disk_full" => ApiError::disk_full(f.message),
                     "internal" => ApiError::internal(f.message),
                     _ => ApiError::bad_request("refused", f.message),
                 })?;

@@ -430,7 +430,7 @@ fn internal(e: impl std::fmt::Display) -> ClaudeFailure {
     ClaudeFailure {
         transient: true,
         class: if crate::store::message_is_disk_full(&message) {
-            "disk_full"
+            FailureClass::Transient(TransientKind::DiskFull).as_str()
         } else {
             "internal"
         }
