@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ksi_host::claude::orphan::group_members;
+
+use crate::support::group_leftovers;
 use ksi_host::claude::stream::StreamEvent;
 use ksi_host::claude::{
     AttemptOutcome, CancelToken, ClaudeInvocation, FailureClass, Limits, PermanentKind, Progress,
@@ -275,6 +276,25 @@ async fn a_slow_cli_past_the_overall_timeout_is_killed() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_child_the_cli_leaves_running_is_dead_when_the_call_returns() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pidfile = dir.path().join("grandchild.pid");
+    let mut inv = fake("hi");
+    inv.extra_env.push((
+        "FAKE_CLAUDE_GRANDCHILD_PIDFILE".into(),
+        pidfile.display().to_string(),
+    ));
+    let outcome = run(&inv, &quick_limits()).await?;
+    assert!(outcome.succeeded(), "{:?}", outcome.failure);
+    let grandchild: u32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
+    // Checked at once, not after a wait: the call is not over while its group lives.
+    assert!(!is_alive(grandchild), "the CLI's child outlived the call");
+    let left = group_leftovers(outcome.pid);
+    assert!(left.is_empty(), "left in the group: {left:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_hang_is_killed_by_the_no_output_timeout_with_its_whole_process_group() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pidfile = dir.path().join("grandchild.pid");
@@ -301,7 +321,8 @@ async fn a_hang_is_killed_by_the_no_output_timeout_with_its_whole_process_group(
         gone(grandchild).await,
         "its child in the same group is gone too"
     );
-    assert!(group_members(outcome.pid).is_empty());
+    let left = group_leftovers(outcome.pid);
+    assert!(left.is_empty(), "left in the group: {left:?}");
     Ok(())
 }
 
@@ -547,7 +568,12 @@ mod real_cli {
         };
         let retried =
             run_with_retries(&inv, &limits, &policy, &CancelToken::new(), |_, _| {}).await;
-        assert_eq!(retried.attempts.len(), 1, "no retry storm");
+        let failures: Vec<String> = retried
+            .attempts
+            .iter()
+            .map(|a| format!("{:?} (stderr {:?})", a.failure, a.stderr_tail))
+            .collect();
+        assert_eq!(retried.attempts.len(), 1, "no retry storm: {failures:?}");
         let outcome = retried.last().unwrap();
         let failure = outcome.failure.as_ref().context("must fail")?;
         eprintln!(
@@ -563,8 +589,9 @@ mod real_cli {
             "{}",
             failure.message
         );
-        assert!(gone(outcome.pid).await);
-        assert!(group_members(outcome.pid).is_empty());
+        assert!(gone(outcome.pid).await, "the CLI is gone");
+        let left = group_leftovers(outcome.pid);
+        assert!(left.is_empty(), "left in the CLI's group: {left:?}");
         Ok(())
     }
 
@@ -608,10 +635,8 @@ mod real_cli {
         assert!(failure.class.is_retryable());
         assert!(started.elapsed() < Duration::from_secs(20));
         assert!(gone(outcome.pid).await, "the CLI is gone");
-        assert!(
-            group_members(outcome.pid).is_empty(),
-            "nothing left in its group"
-        );
+        let left = group_leftovers(outcome.pid);
+        assert!(left.is_empty(), "left in the CLI's group: {left:?}");
         Ok(())
     }
 }

@@ -874,10 +874,8 @@ mod real_cli {
             "{r:?}"
         );
         let pid = r.pid.unwrap() as u32;
-        assert!(
-            ksi_host::claude::orphan::group_members(pid).is_empty(),
-            "group killed"
-        );
+        let left = crate::support::group_leftovers(pid);
+        assert!(left.is_empty(), "the group is killed, but left: {left:?}");
         Ok(())
     }
 }
@@ -922,7 +920,8 @@ async fn cancel_kills_the_process_group_and_ends_the_call_failed() -> Result<()>
     let r = row(&f, &id);
     assert_eq!((r.status.as_str(), r.attempts), ("FAILED", 1));
     assert!(!alive(pid));
-    assert!(ksi_host::claude::orphan::group_members(pid).is_empty());
+    let left = crate::support::group_leftovers(pid);
+    assert!(left.is_empty(), "left in the group: {left:?}");
     Ok(())
 }
 

@@ -25,6 +25,20 @@ pub fn ksi_host(data_dir: &Path, args: &[&str]) -> Output {
 }
 
 /// Stdout and stderr as text, for assertion messages.
+/// The live processes of group `pgid`, each as "pid: command line", for an assertion that none
+/// is left and a message that says which one was.
+pub fn group_leftovers(pgid: u32) -> Vec<String> {
+    ksi_host::claude::orphan::group_members(pgid)
+        .into_iter()
+        .map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default();
+            format!("{pid}: {}", cmdline.trim_end())
+        })
+        .collect()
+}
+
 pub fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),

@@ -17,8 +17,9 @@
 //! - `FAKE_CLAUDE_LOG=<file>`: append one JSON line per invocation (pid, args, prompt sha256,
 //!   session, fault, time).
 //! - `FAKE_CLAUDE_RESULT_LOG=<file>`: append one JSON line per call whose result was printed.
-//! - `FAKE_CLAUDE_GRANDCHILD_PIDFILE=<file>`: with `hang`, start a `sleep` child (same process
-//!   group) and write its pid there, to test that a kill reaches the whole group.
+//! - `FAKE_CLAUDE_GRANDCHILD_PIDFILE=<file>`: start a `sleep` child (same process group) and
+//!   write its pid there, as the real CLI leaves `rg` or `ps` children running, to test that
+//!   the whole group dies with the request.
 //! - `FAKE_CLAUDE_IGNORE_TERM=1`: ignore SIGTERM, to test the escalation to SIGKILL.
 
 use std::io::{Read, Write};
@@ -120,6 +121,11 @@ fn main() {
         started,
     };
 
+    if let Some(pidfile) = std::env::var_os("FAKE_CLAUDE_GRANDCHILD_PIDFILE")
+        && let Ok(child) = std::process::Command::new("sleep").arg("3600").spawn()
+    {
+        let _ = std::fs::write(pidfile, child.id().to_string());
+    }
     let code = match fault.as_deref() {
         None | Some("slow") | Some("garbage") => {
             let code = run.succeed(&mut out);
@@ -740,11 +746,6 @@ impl Run {
 
     fn hang(&self, out: &mut Output) -> i32 {
         out.emit(self.init());
-        if let Some(pidfile) = std::env::var_os("FAKE_CLAUDE_GRANDCHILD_PIDFILE")
-            && let Ok(child) = std::process::Command::new("sleep").arg("3600").spawn()
-        {
-            let _ = std::fs::write(pidfile, child.id().to_string());
-        }
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }

@@ -405,8 +405,8 @@ pub async fn run_attempt_guarded(
         exit_status = terminate_group(pid as i32, &mut child, limits.kill_grace).await;
         exited_after = t0.elapsed();
     }
-    // Whatever is left in the group (a tool's background process) dies with the request.
-    signal_group(pid as i32, libc::SIGKILL);
+    // Whatever is left in the group (the CLI's `git`, `rg`, `ps` children) dies with the request.
+    kill_rest_of_group(pid as i32, limits.kill_grace).await;
     guard.armed = false;
     // A tailed stdout file: read what the CLI wrote up to its end.
     let _ = exited_tx.send(true);
@@ -527,6 +527,33 @@ async fn tail_lines(
             _ = tokio::time::sleep(idle) => {}
         }
         idle = (idle * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// SIGKILL what is left of group `pgid` after its leader was reaped, and wait up to `grace`
+/// until none of it runs: a killed process takes a moment to die on a busy machine (the real
+/// CLI leaves `rg` and `ps` children running when it exits early), and the request is not over
+/// while one lives. One syscall when the group is already empty, the usual case.
+async fn kill_rest_of_group(pgid: i32, grace: Duration) {
+    if pgid <= 1 {
+        return;
+    }
+    signal_group(pgid, libc::SIGKILL);
+    let deadline = Instant::now() + grace;
+    let mut pause = Duration::from_millis(1);
+    // SAFETY: kill(2) with signal 0 only checks; ESRCH means not even a zombie is left.
+    while unsafe { libc::kill(-pgid, 0) } == 0 {
+        // Zombies only: they are dead, and their new parent (init) reaps them.
+        let alive = super::orphan::group_members(pgid as u32);
+        if alive.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(pgid, pids = ?alive, "processes of a Claude CLI's group are still alive after SIGKILL");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
