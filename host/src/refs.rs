@@ -80,12 +80,43 @@ pub struct Refs {
     root: PathBuf,
     /// Line counts of JSONL files we append to, so an append knows its line number without a scan.
     jsonl: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<JsonlState>>>>>,
+    /// Per directory, the renames into it and how many of them an fsync has covered.
+    dir_syncs: Arc<Mutex<HashMap<PathBuf, Arc<DirSync>>>>,
+}
+
+/// Group commit for renames: one fsync of a directory makes durable every rename into it that
+/// finished before the fsync started, so writers that rename into one directory at once (50
+/// Claude calls queueing their prompts) share one fsync instead of paying one each.
+#[derive(Debug, Default)]
+struct DirSync {
+    /// Renames into the directory, counted once each has finished.
+    renamed: std::sync::atomic::AtomicU64,
+    /// How many of them are durable; held while an fsync runs, so the others wait for it.
+    synced: Mutex<u64>,
 }
 
 #[derive(Debug)]
 struct JsonlState {
     lines: u64,
     len: u64,
+}
+
+impl DirSync {
+    /// Called after a rename into the directory has finished: runs `fsync` (of the directory)
+    /// unless an fsync that started after that rename has already succeeded.
+    fn after_rename(&self, fsync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        let mine = self.renamed.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut synced = self.synced.lock().unwrap();
+        if *synced >= mine {
+            return Ok(());
+        }
+        // Every rename counted so far has finished, so this fsync covers all of them.
+        let upto = self.renamed.load(Ordering::SeqCst);
+        fsync()?;
+        *synced = upto;
+        Ok(())
+    }
 }
 
 impl Refs {
@@ -108,7 +139,24 @@ impl Refs {
         Ok(Refs {
             root,
             jsonl: Arc::default(),
+            dir_syncs: Arc::default(),
         })
+    }
+
+    /// Makes a rename or link into `dir` (finished before this call) durable: fsyncs the
+    /// directory unless an fsync that started after it already did (see [`DirSync`]).
+    ///
+    /// # Errors
+    /// The directory cannot be opened or fsynced.
+    pub fn sync_dir_entry(&self, dir: &Path) -> std::io::Result<()> {
+        let ds = self
+            .dir_syncs
+            .lock()
+            .unwrap()
+            .entry(dir.to_path_buf())
+            .or_default()
+            .clone();
+        ds.after_rename(|| File::open(dir)?.sync_all())
     }
 
     /// The data dir (canonical).
@@ -178,7 +226,7 @@ impl Refs {
             f.write_all(bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &full)?;
-            File::open(dir)?.sync_all()
+            self.sync_dir_entry(dir)
         })();
         if let Err(e) = result {
             let _ = std::fs::remove_file(&tmp);
@@ -436,5 +484,71 @@ mod tests {
         assert!(r.read(&f).is_err());
         assert!(r.write("state/shared/link/new", b"x").is_err());
         assert!(!outside.path().join("new").exists());
+    }
+
+    #[test]
+    fn renames_that_finish_while_a_directory_fsync_runs_share_the_next_one() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Barrier, mpsc};
+        let ds = Arc::new(DirSync::default());
+        let fsyncs = Arc::new(AtomicUsize::new(0));
+        let (inside_tx, inside_rx) = mpsc::channel();
+        let release = Arc::new(Barrier::new(2));
+        // A slow fsync in progress: the renames below finish after it started.
+        let first = {
+            let (ds, fsyncs, release) = (ds.clone(), fsyncs.clone(), release.clone());
+            std::thread::spawn(move || {
+                ds.after_rename(|| {
+                    fsyncs.fetch_add(1, Ordering::SeqCst);
+                    inside_tx.send(()).unwrap();
+                    release.wait();
+                    Ok(())
+                })
+            })
+        };
+        inside_rx.recv().unwrap();
+        let waiting: Vec<_> = (0..5)
+            .map(|_| {
+                let (ds, fsyncs) = (ds.clone(), fsyncs.clone());
+                std::thread::spawn(move || {
+                    ds.after_rename(|| {
+                        fsyncs.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        // All five have counted their rename before the first fsync ends.
+        while ds.renamed.load(Ordering::SeqCst) < 6 {
+            std::thread::yield_now();
+        }
+        release.wait();
+        first.join().unwrap().unwrap();
+        for w in waiting {
+            w.join().unwrap().unwrap();
+        }
+        assert_eq!(
+            fsyncs.load(Ordering::SeqCst),
+            2,
+            "one fsync, then one for the five"
+        );
+        assert_eq!(*ds.synced.lock().unwrap(), 6);
+    }
+
+    #[test]
+    fn a_failed_directory_fsync_covers_nothing() {
+        let ds = DirSync::default();
+        let err = ds
+            .after_rename(|| Err(std::io::Error::other("EIO")))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "EIO");
+        let mut again = 0;
+        ds.after_rename(|| {
+            again += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(again, 1, "the next rename syncs again");
+        assert_eq!(*ds.synced.lock().unwrap(), 2);
     }
 }

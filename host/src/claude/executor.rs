@@ -33,10 +33,10 @@ use super::agents::{self, AgentProfile};
 use super::classify::{FailureClass, PermanentKind, TransientKind};
 use super::command::{ClaudeInvocation, SessionMode, default_binary};
 use super::orphan::{OrphanCheck, kill_orphaned_group};
-use super::responses::{self, FoundResult, StreamLog};
+use super::responses::{self, FoundResult};
 use super::retry::RetryPolicy;
 use super::spend::{Admission, Payer, Refusal, SpendLimits};
-use super::stream::{ResultSummary, StreamEvent};
+use super::stream::ResultSummary;
 use super::supervise::{AttemptOutcome, CancelToken, Limits, Progress, run_attempt_guarded};
 use crate::bus::{self, Bus, BusError, Delivery, NewEvent};
 use crate::refs::{FileRef, Refs, sha256_hex};
@@ -1015,14 +1015,10 @@ impl Executor {
             attempt += 1;
             let mut inv = self.invocation(&eff, &request, &profile, &model, &prompt, &session);
             let stream_rel = responses::pending_path(&id, attempt);
-            let stream = StreamLog::create(&inner.refs, &stream_rel).ok();
             // The CLI writes its stdout straight into the pending log: an answer it printed is
-            // on disk even if the daemon dies before reading it, so it is never paid twice.
-            if stream.is_some() {
-                inv.stdout_file = inner.refs.resolve(&stream_rel).ok();
-            }
+            // in a file even if the daemon dies before reading it, so it is never paid twice.
+            inv.stdout_file = responses::create_pending(&inner.refs, &stream_rel).ok();
             let mut running_write: Option<tokio::task::JoinHandle<()>> = None;
-            let mut result_sync: Option<tokio::task::JoinHandle<()>> = None;
 
             let t_spawn = Instant::now();
             let guardian = inner
@@ -1047,25 +1043,12 @@ impl Executor {
                         ticket.clone(),
                     )));
                 }
-                Progress::Line(_) => {}
-                Progress::Event(StreamEvent::Result(_)) => {
-                    // fsync off the supervisor's task (it must keep watching the child); the
-                    // result is acted on only after this has finished.
-                    if let Some(s) = &stream {
-                        result_sync = s.sync_in_background();
-                    }
-                }
-                Progress::Event(_) => {}
+                Progress::Line(_) | Progress::Event(_) => {}
             })
             .await;
             // The slot is held until the attempt's outcome is recorded, so a RUNNING row never
             // outnumbers the limit.
-
-            drop(stream);
             if let Some(h) = running_write {
-                let _ = h.await;
-            }
-            if let Some(h) = result_sync {
                 let _ = h.await;
             }
             let outcome = match result {
@@ -1201,10 +1184,13 @@ impl Executor {
         agent: Option<String>,
         ticket: Arc<super::spend::Ticket>,
     ) {
+        // Relaxed: a pid means something only while the machine that ran it is up. A crash of
+        // the daemon keeps the commit (it is in the WAL); after a power loss the row is still
+        // PENDING, which start-up reconciliation retries like a RUNNING row whose CLI is gone.
         let r = self
             .inner
             .store
-            .write(move |tx| {
+            .write_relaxed(move |tx| {
                 let now = now_ms();
                 tx.exec(
                     "UPDATE processes SET status = 'RUNNING', pid = ?2, pid_start_ticks = ?3, attempts = ?4,
@@ -1307,8 +1293,8 @@ impl Executor {
             "api_retries": o.run.api_retries.len(),
             "stop_reason": result.stop_reason,
         });
-        // SUCCESS: the result is known and its line is fsynced in the pending log. Meanwhile,
-        // off the runtime's threads, the response goes to the session log and the prompt to the
+        // SUCCESS: the result is known and its line is in the pending log. Meanwhile, off the
+        // runtime's threads, the response goes to the session log and the prompt to the
         // archive (both fsynced before the COMPLETED row that references them).
 
         let files = {
@@ -1788,6 +1774,8 @@ impl Executor {
         let archived = root.join(&rel);
         if !archived.exists() {
             std::fs::hard_link(&queued, &archived).ok()?;
+            // The COMPLETED row will name the link, and the queued name goes after it commits.
+            self.inner.refs.sync_dir_entry(archived.parent()?).ok()?;
         }
         let bytes = std::fs::read(&archived).ok()?;
         Some(FileRef {

@@ -23,7 +23,7 @@
 //!   daemon tails, which survives the daemon; not done yet.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use serde_json::Value;
@@ -52,53 +52,27 @@ pub fn safe_session_id(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// Appends raw stdout lines of a running attempt; fsyncs when the result line goes by.
-#[derive(Debug)]
-pub struct StreamLog {
-    file: Option<File>,
-}
-
-impl StreamLog {
-    /// Creates (truncating) the pending log at `rel` under `refs`.
-    pub fn create(refs: &Refs, rel: &str) -> std::io::Result<StreamLog> {
-        let full = refs
-            .resolve(rel)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        if let Some(dir) = full.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(full)?;
-        Ok(StreamLog { file: Some(file) })
+/// Creates (or empties) the pending log at `rel` under `refs`, which the CLI writes its stdout
+/// into, and returns its path.
+///
+/// It is not fsynced when the result line arrives: it keeps an answer across a crash of the
+/// daemon, and the page cache survives that. Across a crash of the machine the answer is kept
+/// by its copy in the session log, fsynced before the COMPLETED row that references it; a
+/// power loss in the millisecond between the two costs the call once more, as one during the
+/// seconds the CLI waits for the API does anyway.
+pub fn create_pending(refs: &Refs, rel: &str) -> std::io::Result<std::path::PathBuf> {
+    let full = refs
+        .resolve(rel)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if let Some(dir) = full.parent() {
+        std::fs::create_dir_all(dir)?;
     }
-
-    /// Appends one line. A write error stops the streaming log (the lines are still kept in
-    /// memory and written to the session log at the end).
-    pub fn line(&mut self, line: &str) {
-        if let Some(f) = &mut self.file {
-            let mut buf = Vec::with_capacity(line.len() + 1);
-            buf.extend_from_slice(line.replace('\n', " ").as_bytes());
-            buf.push(b'\n');
-            if let Err(e) = f.write_all(&buf) {
-                tracing::warn!(error = %e, "cannot stream a Claude response line to its pending log");
-                self.file = None;
-            }
-        }
-    }
-
-    /// The result line was written: start making it durable on a blocking thread. Await the
-    /// handle before acting on the result.
-    pub fn sync_in_background(&self) -> Option<tokio::task::JoinHandle<()>> {
-        let f = self.file.as_ref()?.try_clone().ok()?;
-        Some(tokio::task::spawn_blocking(move || {
-            if let Err(e) = f.sync_data() {
-                tracing::warn!(error = %e, "cannot fsync a pending Claude response log");
-            }
-        }))
-    }
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&full)?;
+    Ok(full)
 }
 
 /// A result found in a log file: the parsed run and the reference of the result line.
