@@ -251,6 +251,40 @@ const FAULTS: &[(&str, &str, u32, &str, &str)] = &[
 ];
 
 #[tokio::test]
+async fn the_clis_run_below_the_daemons_cpu_priority_as_claude_nice_says() -> Result<()> {
+    // SAFETY: getpriority has no preconditions.
+    let daemon = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let f = fixture(&[])?;
+    f.exec
+        .complete("nice-default".into(), None, req("at the default priority"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    settings::set(&f.store, "claude.nice", json!(3), None).await?;
+    f.exec
+        .complete("nice-3".into(), None, req("three steps below"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    settings::set(&f.store, "claude.nice", json!(0), None).await?;
+    f.exec
+        .complete("nice-0".into(), None, req("level with the daemon"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let seen: Vec<i64> = invocations(&f.log)
+        .iter()
+        .map(|i| i["nice"].as_i64().unwrap())
+        .collect();
+    let below = |n: i32| i64::from((daemon + n).min(19));
+    assert_eq!(seen, vec![below(10), below(3), below(0)]);
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
+        daemon,
+        "the daemon's own priority is unchanged"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn every_fault_ends_in_the_right_status_attempts_and_class() -> Result<()> {
     let mut tasks = Vec::new();
     for &(fault, status, attempts, class, msg) in FAULTS {

@@ -15,7 +15,7 @@
 //!   created), so a retry succeeds.
 //! - `FAKE_CLAUDE_DELAY_MS`: pause between lines (default 200 for `slow`, 0 otherwise).
 //! - `FAKE_CLAUDE_LOG=<file>`: append one JSON line per invocation (pid, args, prompt sha256,
-//!   session, fault, time).
+//!   session, fault, time, nice value).
 //! - `FAKE_CLAUDE_RESULT_LOG=<file>`: append one JSON line per call whose result was printed.
 //! - `FAKE_CLAUDE_GRANDCHILD_PIDFILE=<file>`: start a `sleep` child (same process group) and
 //!   write its pid there, as the real CLI leaves `rg` or `ps` children running, to test that
@@ -257,6 +257,8 @@ fn log_invocation(argv: &[String], prompt: &str, session: &str, fault: Option<&s
         "session_id": session,
         "fault": fault,
         "time_unix_ms": unix_ms(),
+        // SAFETY: getpriority has no preconditions.
+        "nice": unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
     });
     let line = format!("{entry}\n");
     // O_APPEND and a single write: concurrent invocations never interleave their lines.

@@ -84,6 +84,10 @@ pub struct ClaudeInvocation {
     /// writes straight into the file (appending) and the supervisor tails it, so an answer the
     /// CLI printed is on disk even if KSI dies before reading it.
     pub stdout_file: Option<PathBuf>,
+    /// How many steps below the daemon's CPU priority the CLI runs (`nice -n`; 0 for the
+    /// same). See [`super::spawner`].
+    #[serde(default)]
+    pub nice: i32,
 }
 
 impl ClaudeInvocation {
@@ -107,6 +111,7 @@ impl ClaudeInvocation {
             extra_env: Vec::new(),
             inherit_env: true,
             stdout_file: None,
+            nice: 0,
         }
     }
 
@@ -224,10 +229,15 @@ impl ClaudeInvocation {
             return cmd;
         }
         let parent = std::process::id() as libc::pid_t;
+        let nice = self.nice;
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // This path forks anyway, so the child lowers its own priority (see spawner.rs).
+                if nice > 0 {
+                    libc::nice(nice);
                 }
                 if libc::getppid() != parent {
                     // The parent died before the prctl took effect.

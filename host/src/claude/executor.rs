@@ -67,6 +67,9 @@ pub struct ExecutorConfig {
     /// Whether the CLI inherits the daemon's PATH, HOME, LANG, `ANTHROPIC_*`, ... (see
     /// [`ClaudeInvocation::env`]); false gives it only `extra_env`.
     pub inherit_env: bool,
+    /// How many steps below the daemon's CPU priority the CLIs run (`claude.nice`, 0-19): the
+    /// daemon stays responsive while many CLIs start (see [`super::spawner`]).
+    pub nice: i32,
 }
 
 impl Default for ExecutorConfig {
@@ -81,6 +84,7 @@ impl Default for ExecutorConfig {
             extra_env: Vec::new(),
             inherit_env: true,
             min_free_bytes: 64 << 20,
+            nice: 10,
         }
     }
 }
@@ -90,7 +94,7 @@ impl ExecutorConfig {
     /// `claude.model`, `claude.timeout.overall_secs`, `claude.timeout.no_output_secs`,
     /// `claude.timeout.kill_grace_ms`, `claude.retry.max_attempts`, `claude.retry.base_delay_ms`,
     /// `claude.retry.max_delay_ms`, `claude.prompts.archive_retention_secs`, `claude.min_free_mb`,
-    /// and the spend keys of
+    /// `claude.nice`, and the spend keys of
     /// [`SpendLimits::apply_settings`] (`claude.max_concurrency`, `claude.model_concurrency`,
     /// `claude.spawn_rate_per_min`, `claude.budget.{global,agent,workflow}_{usd,tokens,calls}`,
     /// `claude.budget.window_secs`, `claude.budget.reserve_usd`, `claude.loop.max_repeats`,
@@ -137,6 +141,11 @@ impl ExecutorConfig {
                 "claude.min_free_mb" => {
                     if let Some(v) = ms(value) {
                         self.min_free_bytes = v << 20;
+                    }
+                }
+                "claude.nice" => {
+                    if let Some(v) = value.as_i64().filter(|v| (0..=19).contains(v)) {
+                        self.nice = v as i32;
                     }
                 }
                 "claude.prompts.archive_retention_secs" => {
@@ -1152,6 +1161,7 @@ impl Executor {
         inv.binary = eff.binary.clone();
         inv.extra_env = eff.extra_env.clone();
         inv.inherit_env = eff.inherit_env;
+        inv.nice = eff.nice;
         if let Some(s) = session {
             inv.session = SessionMode::Resume(s.clone());
         }

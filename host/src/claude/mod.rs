@@ -2,7 +2,7 @@
 //!
 //! One call flows through the files of this module in order: [`command`] builds the command line
 //! and clean environment, [`supervise`] spawns the process in its own group and watches it
-//! (timeouts, cancellation, kill, reap), [`stream`] parses its stream-json stdout line by line,
+//! (timeouts, cancellation, kill, reap) at a lower CPU priority ([`spawner`]), [`stream`] parses its stream-json stdout line by line,
 //! [`classify`] turns a failed attempt into a transient or permanent [`FailureClass`] with the
 //! CLI's own message, and [`retry`] decides whether and when to try again. [`orphan`] cleans up
 //! after a daemon that died.
@@ -25,6 +25,7 @@ pub mod import;
 pub mod orphan;
 pub mod responses;
 pub mod retry;
+pub mod spawner;
 pub mod spend;
 pub mod stream;
 pub mod supervise;

@@ -265,7 +265,13 @@ pub async fn run_attempt_guarded(
             })?;
         cmd.stdout(std::process::Stdio::from(file));
     }
-    let mut child = cmd.spawn().map_err(|source| SpawnError {
+    // Without the guardian the command forks and lowers its priority itself (PDEATHSIG follows
+    // the spawning thread, so it must be this one).
+    let spawned = match guardian {
+        Some(_) => super::spawner::spawn_niced(cmd, inv.nice).await,
+        None => cmd.spawn(),
+    };
+    let mut child = spawned.map_err(|source| SpawnError {
         binary: inv.binary.clone(),
         source,
     })?;
