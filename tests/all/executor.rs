@@ -716,6 +716,12 @@ fn a_sigkilled_daemon_leaves_no_claude_process_and_no_running_row_and_its_calls_
         }
     }
     assert_eq!(running.len(), 5, "5 calls running");
+    // A RUNNING row names a spawned CLI; the CLI logs its invocation a moment later (it runs
+    // below the daemon's priority).
+    let logged_by = Instant::now() + Duration::from_secs(10);
+    while invocations(&log).len() < 5 && Instant::now() < logged_by {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pids: Vec<u32> = invocations(&log)
         .iter()
         .map(|v| v["pid"].as_u64().unwrap() as u32)
@@ -1270,5 +1276,36 @@ async fn shutdown_kills_running_clis_and_leaves_their_rows_for_reconcile() -> Re
     let report = f.exec.reconcile().await?;
     assert_eq!(report.retry, vec![id.clone()]);
     assert_eq!(row(&f, &id).status, "RETRY");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_call_whose_daemon_died_before_its_prompt_was_saved_ends_dead_and_says_to_ask_again()
+-> Result<()> {
+    let f = fixture(&[])?;
+    // What a daemon killed between the PENDING commit and the prompt's leaves behind.
+    f.store
+        .write(|tx| {
+            tx.execute(
+                "INSERT INTO processes(id, status, model, attempts, max_attempts, prompt_sha256, created_at, updated_at)
+                 VALUES ('unsaved-1', 'PENDING', 'sonnet', 0, 3, 'abc', 1, 1)",
+                [],
+            )?;
+            Ok::<_, ksi_host::store::StoreError>(())
+        })
+        .await?;
+    let report = f.exec.reconcile().await?;
+    assert_eq!(report.dead, vec!["unsaved-1".to_string()]);
+    let r = row(&f, "unsaved-1");
+    assert_eq!(r.status, "DEAD");
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("ask for it again"),
+        "{r:?}"
+    );
+    assert!(f.exec.resume_retries().await?.is_empty());
+    assert_eq!(invocations(&f.log).len(), 0, "nothing was run");
     Ok(())
 }

@@ -146,6 +146,8 @@ pub async fn bench_executor(
     let mut overheads = Vec::new();
     let mut child_ms = Vec::new();
     let mut spawn_ms = Vec::new();
+    let mut before_spawn_ms = Vec::new();
+    let mut after_exit_ms = Vec::new();
     for t in tasks {
         let (id, wall, out) = t.await?;
         out.map_err(|f| {
@@ -154,6 +156,9 @@ pub async fn bench_executor(
         let child = child_ms_of(&store, &id)?;
         child_ms.push(child);
         spawn_ms.push(metric_ms_of(&store, &id, "spawn_us")?);
+        let before = metric_ms_of(&store, &id, "before_spawn_us")?;
+        before_spawn_ms.push(before);
+        after_exit_ms.push(wall.as_secs_f64() * 1000.0 - child - before);
         overheads.push(wall.as_secs_f64() * 1000.0 - child);
     }
     let elapsed = t0.elapsed();
@@ -163,6 +168,8 @@ pub async fn bench_executor(
     overheads.sort_by(f64::total_cmp);
     child_ms.sort_by(f64::total_cmp);
     spawn_ms.sort_by(f64::total_cmp);
+    before_spawn_ms.sort_by(f64::total_cmp);
+    after_exit_ms.sort_by(f64::total_cmp);
     let rss = *peak.lock().unwrap();
     store.close();
     Ok(json!({
@@ -172,6 +179,8 @@ pub async fn bench_executor(
         "sequential_overhead_p50_ms": percentile(&sequential, 0.5),
         "overhead_p90_ms": percentile(&overheads, 0.9),
         "overhead_max_ms": overheads.last().copied().unwrap_or(0.0),
+        "before_spawn_p50_ms": percentile(&before_spawn_ms, 0.5),
+        "after_exit_p50_ms": percentile(&after_exit_ms, 0.5),
         "child_p50_ms": percentile(&child_ms, 0.5),
         "spawn_p50_ms": percentile(&spawn_ms, 0.5),
         "spawn_p90_ms": percentile(&spawn_ms, 0.9),
@@ -180,6 +189,6 @@ pub async fn bench_executor(
         "calls_per_s": calls as f64 / elapsed.as_secs_f64(),
         "elapsed_ms": elapsed.as_secs_f64() * 1000.0,
         "rss_mb": rss,
-        "note": "overhead = wall time of ClaudeApi::complete minus the child's spawn-to-exit time; with 50 concurrent calls on a small machine it includes waiting for CPU",
+        "note": "overhead = wall time of ClaudeApi::complete minus the child's spawn-to-exit time (before_spawn: from the call to the spawn; after_exit: from the exit to the answer); with 50 concurrent calls on a small machine it includes waiting for CPU and for the disk",
     }))
 }

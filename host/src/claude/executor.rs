@@ -1,8 +1,9 @@
 //! The executor: runs Claude calls as supervised processes with durable records.
 //!
 //! One call, in order (each step is one transaction that also publishes its event):
-//! 1. [`Executor::spawn_with`]: the prompt is written to `prompts/queue/<id>.txt`, then the
-//!    PENDING row commits with `claude.spawn.request`.
+//! 1. [`Executor::spawn_with`]: the PENDING row commits (with the repeated-prompt check);
+//!    beside the call, the prompt goes to `prompts/queue/<id>.txt`, then its reference commits
+//!    with `claude.spawn.request`. Nothing later is recorded before that commit.
 //! 2. A task per call: for an agent, it takes the agent's turn lock (one call per agent at a time:
 //!    two resumes of one session would fork it), reads the session to resume and the unread inbox.
 //! 3. Each attempt passes spend control ([`super::spend`]): loop detector, budgets, spawn rate,
@@ -369,7 +370,14 @@ struct InFlight {
     cancel: CancelToken,
     /// The task driving the call, for [`Executor::shutdown`].
     task: Option<tokio::task::AbortHandle>,
+    /// A fresh call's prompt being saved while its CLI starts (see [`Executor::spawn_with`]);
+    /// `None` when it was saved before the call started.
+    prompt_saved: Option<PromptSaved>,
 }
+
+/// Whether a fresh call's prompt file, its reference in the row and `claude.spawn.request` are
+/// durable: `None` while they are being written.
+type PromptSaved = watch::Receiver<Option<Result<(), ClaudeFailure>>>;
 
 struct Inner {
     store: Store,
@@ -418,6 +426,11 @@ struct KnownRow {
     /// The repeated-prompt check ran in the inserting transaction (with this outcome).
     loop_checked: bool,
     loop_refusal: Option<Refusal>,
+    /// When the call was asked for, for the `before_spawn_us` metric.
+    asked_at: Option<Instant>,
+    /// The settings read when the call was asked for, for its first attempt when nothing
+    /// stands between the two (a call of an agent may first wait for the agent's turn).
+    config: Option<ExecutorConfig>,
 }
 
 /// Runs Claude calls; cheap to clone (all clones share limits, budgets and calls in flight).
@@ -517,9 +530,20 @@ impl Executor {
         self.spawn_with(new_process_id(), None, request).await
     }
 
-    /// Records the call (prompt file, then the PENDING row and `claude.spawn.request`) and starts
-    /// it in the background. Returns once the row is durable; [`Executor::wait`] gives the answer.
-    /// A process id that already exists is not started again (its outcome is what `wait` gives).
+    /// Records the call as a PENDING row and starts it in the background; [`Executor::wait`]
+    /// gives the answer. A process id that already exists is not started again (its outcome is
+    /// what `wait` gives).
+    ///
+    /// The CLI does not wait for the disk: the prompt goes to it on stdin while the prompt file
+    /// (fsynced) and then its reference in the row with `claude.spawn.request` (one durable
+    /// commit) are written beside it, so a burst of calls does not queue behind one fsync per
+    /// prompt. Nothing of the call is reported before that commit (`claude.spawn.started` and
+    /// every outcome wait for it), and a daemon that dies before it leaves at most a PENDING
+    /// row without a prompt, which start-up reconciliation settles (its CLI is killed by the
+    /// guardian within milliseconds, long before it could have been paid for).
+    ///
+    /// `durable`: return only once the prompt and the row are durable (for a caller that hands
+    /// the id on, as `POST /spawn` does); otherwise at once.
     ///
     /// # Errors
     /// An invalid process or agent id, an unreadable agent profile, or a store failure.
@@ -528,6 +552,17 @@ impl Executor {
         process_id: String,
         workflow_id: Option<String>,
         request: SpawnRequest,
+    ) -> Result<String, ClaudeFailure> {
+        self.start_call(process_id, workflow_id, request, true)
+            .await
+    }
+
+    async fn start_call(
+        &self,
+        process_id: String,
+        workflow_id: Option<String>,
+        request: SpawnRequest,
+        durable: bool,
     ) -> Result<String, ClaudeFailure> {
         let inner = &self.inner;
         if !valid_process_id(&process_id) {
@@ -539,8 +574,10 @@ impl Executor {
                 false,
             ));
         }
+        let asked_at = Instant::now();
         // Claim the id in memory first, so two concurrent spawns of one id cannot both run it.
         let (done_tx, done_rx) = watch::channel(None);
+        let (saved_tx, saved_rx) = watch::channel(None);
         let cancel = CancelToken::new();
         {
             let mut calls = inner.calls.lock().unwrap();
@@ -553,6 +590,7 @@ impl Executor {
                     done: done_rx,
                     cancel: cancel.clone(),
                     task: None,
+                    prompt_saved: Some(saved_rx),
                 },
             );
         }
@@ -583,41 +621,9 @@ impl Executor {
             max_turns: request.max_turns,
             session: request.session.clone(),
         };
-        let prompt_rel = format!("prompts/queue/{process_id}.txt");
-        // Off the runtime's threads: a row that already exists, then the prompt file (fsynced
-        // before the row that references it commits).
-        let queued = {
-            let (store, refs, id, rel, prompt) = (
-                inner.store.clone(),
-                inner.refs.clone(),
-                process_id.clone(),
-                prompt_rel.clone(),
-                request.prompt.clone(),
-            );
-            tokio::task::spawn_blocking(move || match get_process(&store, &id) {
-                Ok(None) => refs
-                    .write(&rel, prompt.as_bytes())
-                    .map(Some)
-                    .map_err(internal),
-                Ok(Some(_)) => Ok(None),
-                Err(e) => Err(internal(e)),
-            })
-            .await
-            .unwrap_or_else(|e| Err(internal(e)))
-        };
-        let prompt_ref = match queued {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                release(&process_id);
-                return Ok(process_id);
-            }
-            Err(e) => {
-                release(&process_id);
-                return Err(e);
-            }
-        };
-
-        let prompt_sha = prompt_ref.sha256.clone();
+        let prompt_sha = sha256_hex(request.prompt.as_bytes());
+        // Relaxed: the call's first durable commit is its prompt's (below); a row lost with
+        // the machine before it is a call that never ran (its CLI died with the machine).
         let insert = {
             let (id, wf, agent) = (
                 process_id.clone(),
@@ -627,48 +633,50 @@ impl Executor {
             let max_attempts = eff.retry.max_attempts;
             let model = model.clone();
             let req_json = serde_json::to_string(&stored).unwrap_or_default();
-            let pref = serde_json::to_string(&prompt_ref).unwrap_or_default();
-            let prompt_ref = prompt_ref.clone();
             let prompt_sha = prompt_sha.clone();
             let (admission, spend) = (inner.admission.clone(), eff.spend.clone());
             let payer = payer_of(&request, &workflow_id, &profile);
             inner
                 .store
-                .write(move |tx| {
+                .write_relaxed(move |tx| {
                     let now = now_ms();
-                    tx.exec(
+                    let inserted = tx.exec(
                         "INSERT INTO processes(id, workflow_id, agent_id, status, model, attempts, max_attempts,
-                            prompt_file, prompt_sha256, request, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, 'PENDING', ?4, 0, ?5, ?6, ?7, ?8, ?9, ?9)",
-                        params![id, wf, agent, model, max_attempts, pref, prompt_sha, req_json, now],
+                            prompt_sha256, request, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, 'PENDING', ?4, 0, ?5, ?6, ?7, ?8, ?8)
+                         ON CONFLICT(id) DO NOTHING",
+                        params![id, wf, agent, model, max_attempts, prompt_sha, req_json, now],
                     )?;
+                    if inserted == 0 {
+                        return Ok(None);
+                    }
                     let rowid = tx.last_insert_rowid();
                     // In the same transaction: calls of the same prompt committed before this
                     // one, concurrent ones included, are all seen.
                     let looping = admission.check_loop(tx, &spend, &payer, &prompt_sha, rowid)?;
-                    bus::publish_in(
-                        tx,
-                        &NewEvent::new(
-                            "claude.spawn.request",
-                            json!({
-                                "process_id": id, "workflow_id": wf, "agent_id": agent,
-                                "model": model, "prompt": prompt_ref,
-                            }),
-                        )
-                        .correlated(id.clone()),
-                    )?;
-                    Ok::<_, BusError>((rowid, looping))
+                    Ok::<_, BusError>(Some((rowid, looping)))
                 })
                 .await
         };
         let (rowid, loop_refusal) = match insert {
-            Ok(inserted) => inserted,
+            Ok(Some(inserted)) => inserted,
+            Ok(None) => {
+                release(&process_id);
+                return Ok(process_id);
+            }
             Err(e) => {
                 release(&process_id);
-                let _ = std::fs::remove_file(inner.refs.root().join(&prompt_rel));
                 return Err(internal(e));
             }
         };
+        tokio::spawn(self.clone().save_prompt(
+            process_id.clone(),
+            workflow_id.clone(),
+            request.agent.clone(),
+            model.clone(),
+            request.prompt.clone(),
+            saved_tx,
+        ));
 
         let known = KnownRow {
             rowid,
@@ -677,6 +685,8 @@ impl Executor {
             max_attempts: eff.retry.max_attempts,
             loop_checked: true,
             loop_refusal,
+            asked_at: Some(asked_at),
+            config: request.agent.is_none().then_some(eff),
         };
         let this = self.clone();
         let id = process_id.clone();
@@ -697,7 +707,83 @@ impl Executor {
             this.inner.calls.lock().unwrap().remove(&id);
         };
         self.start(&process_id, task);
+        if durable {
+            self.prompt_recorded(&process_id).await?;
+        }
         Ok(process_id)
+    }
+
+    /// Writes a fresh call's prompt to `prompts/queue/<id>.txt` (fsynced), then its reference
+    /// and `claude.spawn.request` in one durable commit, and says how that went on `saved`.
+    #[allow(clippy::too_many_arguments)]
+    async fn save_prompt(
+        self,
+        id: String,
+        workflow_id: Option<String>,
+        agent: Option<String>,
+        model: String,
+        prompt: String,
+        saved: watch::Sender<Option<Result<(), ClaudeFailure>>>,
+    ) {
+        let refs = self.inner.refs.clone();
+        let rel = format!("prompts/queue/{id}.txt");
+        let written = tokio::task::spawn_blocking(move || refs.write(&rel, prompt.as_bytes()))
+            .await
+            .map_err(internal)
+            .and_then(|w| w.map_err(internal));
+        let recorded = match written {
+            Ok(prompt_ref) => self
+                .inner
+                .store
+                .write(move |tx| {
+                    tx.exec(
+                        "UPDATE processes SET prompt_file = ?2, updated_at = ?3 WHERE id = ?1",
+                        params![
+                            id,
+                            serde_json::to_string(&prompt_ref).unwrap_or_default(),
+                            now_ms()
+                        ],
+                    )?;
+                    bus::publish_in(
+                        tx,
+                        &NewEvent::new(
+                            "claude.spawn.request",
+                            json!({
+                                "process_id": id, "workflow_id": workflow_id, "agent_id": agent,
+                                "model": model, "prompt": prompt_ref,
+                            }),
+                        )
+                        .correlated(id.clone()),
+                    )?;
+                    Ok::<_, BusError>(())
+                })
+                .await
+                .map_err(internal),
+            Err(e) => Err(e),
+        };
+        let _ = saved.send(Some(recorded));
+    }
+
+    /// Waits until a fresh call's prompt is recorded (see [`Executor::spawn_with`]); at once
+    /// for a call whose prompt was recorded before it started. The error says why it could not
+    /// be.
+    async fn prompt_recorded(&self, id: &str) -> Result<(), ClaudeFailure> {
+        let rx = self
+            .inner
+            .calls
+            .lock()
+            .unwrap()
+            .get(id)
+            .and_then(|c| c.prompt_saved.clone());
+        let Some(mut rx) = rx else {
+            return Ok(());
+        };
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().expect("checked by wait_for"),
+            Err(_) => Err(internal(
+                "the task saving the prompt ended without an answer",
+            )),
+        }
     }
 
     /// Spawns the task that drives call `id`, in a tracing span carrying the process id.
@@ -889,6 +975,10 @@ impl Executor {
                 Err(e) => tracing::warn!(agent, error = %e, "cannot read the agent's inbox"),
             }
             if let Some(text) = agents::render_inbox(&inbox) {
+                // The queued prompt is replaced below: after it has been written.
+                if let Err(f) = self.prompt_recorded(&id).await {
+                    return self.unrecorded(&id, &request.agent, 0, f).await;
+                }
                 prompt = format!("{text}{prompt}");
                 // The prompt as sent replaces the queued one; the inbox is acked with it.
                 let pref = inner
@@ -932,6 +1022,8 @@ impl Executor {
                                     max_attempts: r.get(3)?,
                                     loop_checked: false,
                                     loop_refusal: None,
+                                    asked_at: None,
+                                    config: None,
                                 })
                             },
                         )?)
@@ -947,10 +1039,14 @@ impl Executor {
             max_attempts,
             loop_checked,
             mut loop_refusal,
+            asked_at,
+            config: mut first_config,
         } = row;
 
         loop {
-            let eff = self.effective_config();
+            let eff = first_config
+                .take()
+                .unwrap_or_else(|| self.effective_config());
             let retry = RetryPolicy {
                 max_attempts,
                 ..eff.retry
@@ -1030,6 +1126,7 @@ impl Executor {
             let mut running_write: Option<tokio::task::JoinHandle<()>> = None;
 
             let t_spawn = Instant::now();
+            let before_spawn = asked_at.map(|a| t_spawn - a);
             let guardian = inner
                 .guardian
                 .get_or_init(|| match super::guardian::Guardian::start() {
@@ -1060,6 +1157,16 @@ impl Executor {
             if let Some(h) = running_write {
                 let _ = h.await;
             }
+            // A prompt that could not be saved stopped the attempt (see `record_running`);
+            // an answer that came anyway is kept, it was paid for.
+            if let Err(f) = self.prompt_recorded(&id).await
+                && !result
+                    .as_ref()
+                    .is_ok_and(|o| o.failure.is_none() && o.result().is_some())
+            {
+                let _ = std::fs::remove_file(inner.refs.root().join(&stream_rel));
+                return self.unrecorded(&id, &request.agent, attempt, f).await;
+            }
             let outcome = match result {
                 Ok(o) => o,
                 Err(spawn_err) => {
@@ -1085,6 +1192,7 @@ impl Executor {
                             &outcome,
                             &stream_rel,
                             wall,
+                            before_spawn,
                         )
                         .await;
                     drop(ticket);
@@ -1194,6 +1302,13 @@ impl Executor {
         agent: Option<String>,
         ticket: Arc<super::spend::Ticket>,
     ) {
+        // `claude.spawn.started` after `claude.spawn.request`. A prompt that cannot be saved
+        // stops the call: it could not be retried or audited.
+        if let Err(f) = self.prompt_recorded(&id).await {
+            tracing::error!(error = %f, "cannot save the prompt of a running Claude call; stopping it");
+            self.cancel(&id);
+            return;
+        }
         // Relaxed: a pid means something only while the machine that ran it is up. A crash of
         // the daemon keeps the commit (it is in the WAL); after a power loss the row is still
         // PENDING, which start-up reconciliation retries like a RUNNING row whose CLI is gone.
@@ -1292,9 +1407,11 @@ impl Executor {
         o: &AttemptOutcome,
         stream_rel: &str,
         wall: Duration,
+        before_spawn: Option<Duration>,
     ) -> Outcome {
         let result = o.result().cloned().expect("checked by the caller");
         let metrics = json!({
+            "before_spawn_us": before_spawn.map(|d| d.as_micros() as u64),
             "exit_code": o.exit_code,
             "spawn_to_exit_us": o.timings.spawn_to_exit.as_micros() as u64,
             "spawn_us": o.timings.spawn.as_micros() as u64,
@@ -1307,6 +1424,10 @@ impl Executor {
         // runtime's threads, the response goes to the session log and the prompt to the
         // archive (both fsynced before the COMPLETED row that references them).
 
+        // The prompt file is archived below.
+        if let Err(f) = self.prompt_recorded(id).await {
+            tracing::warn!(error = %f, "a Claude call completes without its prompt file");
+        }
         let files = {
             let (this, idc, req, o, rel) = (
                 self.clone(),
@@ -1315,14 +1436,20 @@ impl Executor {
                 o.clone(),
                 stream_rel.to_string(),
             );
-            tokio::task::spawn_blocking(move || {
-                let logged = this.log_attempt(&idc, &req, attempt, &o, &rel, None, None);
-                (logged.and_then(|(r, _)| r), this.archive_prompt(&idc))
-            })
+            // Two threads: the session log's fsync and the archive directory's overlap.
+            let archive = {
+                let (this, idc) = (this.clone(), idc.clone());
+                tokio::task::spawn_blocking(move || this.archive_prompt(&idc))
+            };
+            let log = tokio::task::spawn_blocking(move || {
+                this.log_attempt(&idc, &req, attempt, &o, &rel, None, None)
+                    .and_then(|(r, _)| r)
+            });
+            async move { (log.await.ok().flatten(), archive.await.ok().flatten()) }
         };
         self.record_success(id, &result, &metrics).await;
 
-        let (response, archived) = files.await.unwrap_or((None, None));
+        let (response, archived) = files.await;
         let moved = response.is_some();
 
         let out = self
@@ -1605,6 +1732,8 @@ impl Executor {
         next_attempt_at: Option<i64>,
         transient: bool,
     ) -> Result<(), BusError> {
+        // After `claude.spawn.request`, and with the prompt file to archive or retry from.
+        let _ = self.prompt_recorded(id).await;
         let terminal = st != status::RETRY;
         let archived = if terminal {
             self.archive_prompt(id)
@@ -1712,6 +1841,7 @@ impl Executor {
         let message = refusal.message();
         let class = refusal.class();
         tracing::warn!(process_id = id, %message, "refused a Claude call");
+        let _ = self.prompt_recorded(id).await;
         let archived = self.archive_prompt(id);
         let (idc, agent, wf, r2, msg) = (
             id.to_string(),
@@ -1767,6 +1897,40 @@ impl Executor {
         w.map_err(internal)?;
         self.drop_queued_prompt(id);
         Err(failure_of(class, message, false))
+    }
+
+    /// Ends a call whose prompt could not be saved, with that failure (DEAD when it is worth
+    /// running again, a full disk for one; FAILED otherwise).
+    async fn unrecorded(
+        &self,
+        id: &str,
+        agent: &Option<String>,
+        attempt: u32,
+        f: ClaudeFailure,
+    ) -> Outcome {
+        let st = if f.transient {
+            status::DEAD
+        } else {
+            status::FAILED
+        };
+        if let Err(e) = self
+            .settle_failure(
+                id,
+                agent,
+                st,
+                attempt,
+                &f.class,
+                &f.message,
+                None,
+                None,
+                None,
+                f.transient,
+            )
+            .await
+        {
+            tracing::error!(error = %e, "cannot record a Claude call whose prompt was not saved");
+        }
+        Err(f)
     }
 
     async fn cancelled(&self, id: &str, agent: &Option<String>, attempt: u32) -> Outcome {
@@ -2005,6 +2169,7 @@ impl Executor {
                 done: done_rx,
                 cancel: cancel.clone(),
                 task: None,
+                prompt_saved: None,
             },
         );
         let delay = row
@@ -2092,7 +2257,12 @@ impl Executor {
                 continue;
             }
             let class = FailureClass::Transient(TransientKind::Crash);
-            let (st, msg) = if row.attempts >= row.max_attempts {
+            let (st, msg) = if row.prompt_file.is_none() {
+                (
+                    status::DEAD,
+                    "the daemon stopped before this call's prompt was saved, so it cannot be run again; ask for it again",
+                )
+            } else if row.attempts >= row.max_attempts {
                 (
                     status::DEAD,
                     "the daemon stopped while this call ran, and no attempts are left",
@@ -2154,7 +2324,11 @@ impl ClaudeApi for Executor {
     ) -> BoxFuture<'static, Result<ClaudeAnswer, ClaudeFailure>> {
         let this = self.clone();
         Box::pin(async move {
-            let id = this.spawn_with(process_id, workflow_id, request).await?;
+            // The answer comes after its durable COMPLETED commit: no need to wait for the
+            // PENDING row to be durable first.
+            let id = this
+                .start_call(process_id, workflow_id, request, false)
+                .await?;
             this.wait(&id).await
         })
     }
