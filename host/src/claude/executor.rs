@@ -535,9 +535,8 @@ impl Executor {
     /// what `wait` gives).
     ///
     /// The CLI does not wait for the disk: the prompt goes to it on stdin while the prompt file
-    /// (fsynced) and then its reference in the row with `claude.spawn.request` (one durable
-    /// commit) are written beside it, so a burst of calls does not queue behind one fsync per
-    /// prompt. Nothing of the call is reported before that commit (`claude.spawn.started` and
+    /// (fsynced) and then its reference in the row with `claude.spawn.request` (one commit)
+    /// are written beside it, so a burst of calls does not queue behind one fsync per prompt. Nothing of the call is reported before that commit (`claude.spawn.started` and
     /// every outcome wait for it), and a daemon that dies before it leaves at most a PENDING
     /// row without a prompt, which start-up reconciliation settles (its CLI is killed by the
     /// guardian within milliseconds, long before it could have been paid for).
@@ -675,6 +674,7 @@ impl Executor {
             request.agent.clone(),
             model.clone(),
             request.prompt.clone(),
+            durable,
             saved_tx,
         ));
 
@@ -714,7 +714,11 @@ impl Executor {
     }
 
     /// Writes a fresh call's prompt to `prompts/queue/<id>.txt` (fsynced), then its reference
-    /// and `claude.spawn.request` in one durable commit, and says how that went on `saved`.
+    /// and `claude.spawn.request` in one commit, and says how that went on `saved`.
+    ///
+    /// `durable`: the commit waits for the disk. Otherwise it is relaxed: the caller waits for
+    /// the answer, whose durable COMPLETED commit comes later in the same WAL and so makes
+    /// this one durable too.
     #[allow(clippy::too_many_arguments)]
     async fn save_prompt(
         self,
@@ -723,6 +727,7 @@ impl Executor {
         agent: Option<String>,
         model: String,
         prompt: String,
+        durable: bool,
         saved: watch::Sender<Option<Result<(), ClaudeFailure>>>,
     ) {
         let refs = self.inner.refs.clone();
@@ -732,10 +737,8 @@ impl Executor {
             .map_err(internal)
             .and_then(|w| w.map_err(internal));
         let recorded = match written {
-            Ok(prompt_ref) => self
-                .inner
-                .store
-                .write(move |tx| {
+            Ok(prompt_ref) => {
+                let record = move |tx: &crate::store::Tx<'_>| {
                     tx.exec(
                         "UPDATE processes SET prompt_file = ?2, updated_at = ?3 WHERE id = ?1",
                         params![
@@ -756,9 +759,15 @@ impl Executor {
                         .correlated(id.clone()),
                     )?;
                     Ok::<_, BusError>(())
-                })
-                .await
-                .map_err(internal),
+                };
+                let store = &self.inner.store;
+                if durable {
+                    store.write(record).await
+                } else {
+                    store.write_relaxed(record).await
+                }
+                .map_err(internal)
+            }
             Err(e) => Err(e),
         };
         let _ = saved.send(Some(recorded));
