@@ -376,7 +376,7 @@ struct InFlight {
 }
 
 /// Whether a fresh call's prompt file, its reference in the row and `claude.spawn.request` are
-/// durable: `None` while they are being written.
+/// recorded (see [`Executor::save_prompt`]): `None` while they are being written.
 type PromptSaved = watch::Receiver<Option<Result<(), ClaudeFailure>>>;
 
 struct Inner {
@@ -536,9 +536,10 @@ impl Executor {
     ///
     /// The CLI does not wait for the disk: the prompt goes to it on stdin while the prompt file
     /// (fsynced) and then its reference in the row with `claude.spawn.request` (one commit)
-    /// are written beside it, so a burst of calls does not queue behind one fsync per prompt. Nothing of the call is reported before that commit (`claude.spawn.started` and
-    /// every outcome wait for it), and a daemon that dies before it leaves at most a PENDING
-    /// row without a prompt, which start-up reconciliation settles (its CLI is killed by the
+    /// are written beside it, so a burst of calls does not queue behind one fsync per prompt.
+    /// Nothing of the call is reported before that commit (`claude.spawn.started` and every
+    /// outcome wait for it), and a daemon that dies before it leaves at most a PENDING row
+    /// without a prompt, which start-up reconciliation ends DEAD (its CLI is killed by the
     /// guardian within milliseconds, long before it could have been paid for).
     ///
     /// `durable`: return only once the prompt and the row are durable (for a caller that hands
@@ -621,8 +622,9 @@ impl Executor {
             session: request.session.clone(),
         };
         let prompt_sha = sha256_hex(request.prompt.as_bytes());
-        // Relaxed: the call's first durable commit is its prompt's (below); a row lost with
-        // the machine before it is a call that never ran (its CLI died with the machine).
+        // Relaxed: a durable commit of the call comes later in the same WAL (its prompt's for
+        // `durable`, else its outcome's); a row lost with the machine before that is a call
+        // whose CLI died with the machine.
         let insert = {
             let (id, wf, agent) = (
                 process_id.clone(),
