@@ -554,6 +554,37 @@ async fn the_same_prompt_repeated_too_often_is_refused_as_a_loop() -> Result<()>
 }
 
 #[tokio::test]
+async fn identical_calls_asked_at_once_are_counted_before_any_of_them_is_recorded() -> Result<()> {
+    let f = fixture_with(&[("FAKE_CLAUDE_DELAY_MS", "200")], |c| {
+        c.spend.max_concurrency = 16
+    })?;
+    settings::set(&f.store, "claude.loop.max_repeats", json!(3), None).await?;
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            f.exec
+                .complete(format!("burst-{i}"), None, req("the same prompt at once"))
+        })
+        .collect();
+    let outcomes = futures_util::future::join_all(calls).await;
+    let refused = outcomes
+        .iter()
+        .filter(|o| o.as_ref().is_err_and(|e| e.class == "loop_detected"))
+        .count();
+    let answered = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!((answered, refused), (3, 5), "{outcomes:?}");
+    assert_eq!(invocations(&f.log).len(), 3, "refused calls start no CLI");
+    assert_eq!(
+        count(
+            &f.store,
+            "SELECT COUNT(*) FROM processes WHERE error_class = 'loop_detected' AND status = 'FAILED'"
+        ),
+        5,
+        "every refused call is recorded"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn never_more_than_the_concurrency_limit_run_at_once() -> Result<()> {
     let f = fixture_with(&[("FAKE_CLAUDE_DELAY_MS", "120")], |c| {
         c.spend.max_concurrency = 2
