@@ -20,14 +20,20 @@ pub enum OrphanCheck {
     PidReused,
 }
 
-/// Start time of a process, in clock ticks since boot (`/proc/<pid>/stat` field 22).
+/// Field `n` (1-based, as `man 5 proc` counts them; 3 or more) of `/proc/<pid>/stat`, parsed.
 /// `None` if the process does not exist (or this is not Linux).
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
+pub fn stat_field<T: std::str::FromStr>(pid: u32, n: usize) -> Option<T> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: split after the last `)`.
     let rest = stat.rsplit_once(") ")?.1;
-    // `rest` starts at field 3 (state); field 22 is the 20th from there.
-    rest.split(' ').nth(19)?.parse().ok()
+    // `rest` starts at field 3 (state).
+    rest.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// Start time of a process, in clock ticks since boot (`/proc/<pid>/stat` field 22).
+/// `None` if the process does not exist (or this is not Linux).
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    stat_field(pid, 22)
 }
 
 /// Pids of the live (non-zombie) processes in process group `pgid`.

@@ -86,10 +86,9 @@ fn pool(nice: i32) -> io::Result<mpsc::Sender<Job>> {
     Ok(tx)
 }
 
-/// The nice value of process (or thread) `pid`, from `/proc/<pid>/stat` (field 19).
+/// The nice value of process (or thread) `pid` (`/proc/<pid>/stat` field 19).
 pub fn nice_of(pid: u32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(") ")?.1.split(' ').nth(16)?.parse().ok()
+    super::orphan::stat_field(pid, 19)
 }
 
 #[cfg(test)]
