@@ -1,14 +1,14 @@
 //! Response logs: the CLI's raw stdout, kept so no paid answer is ever lost.
 //!
-//! While an attempt runs, every stdout line is appended AS IT ARRIVES to
-//! `claude_logs/pending/<process_id>.<attempt>.jsonl` (so it survives a daemon crash in the page
-//! cache), and an fsync starts the moment the `result` line is seen (on a blocking thread, so the
-//! supervisor keeps watching the child); the daemon acts on the result only after it finished. When the attempt ends, its lines plus one
-//! KSI envelope line (process id, agent, attempt, timings, exit, class) are appended to
+//! While an attempt runs, the CLI writes its stdout straight into
+//! `claude_logs/pending/<process_id>.<attempt>.jsonl` (see [`create_pending`]), which the
+//! supervisor tails: a line the CLI printed is in that file even if the daemon dies at once
+//! (the page cache survives a daemon crash). When the attempt ends, its lines plus one KSI
+//! envelope line (process id, agent, attempt, timings, exit, class) are appended to
 //! `claude_logs/<session>.jsonl` with one write and one fsync; `claude_logs/latest.jsonl` is
 //! re-pointed at that file; the row commits with a reference to the result line; then the
 //! pending file is removed. An attempt that never learned its session id keeps its pending file
-//! as its log (with the envelope appended).
+//! as its log (with the envelope appended and fsynced).
 //!
 //! Crash windows, and what we chose:
 //! - The daemon dies after the result line reached the pending file: `recover`/reconciliation
@@ -16,11 +16,9 @@
 //! - The daemon dies after the session log append but before the row commit: the pending file is
 //!   still there, so the call is completed from it; the session log then holds the response
 //!   twice (the second copy is the referenced one). Harmless, and rare.
-//! - The CLI printed its result but the daemon was SIGKILLed before reading it from the pipe:
-//!   the pipe dies with the daemon and the line is lost; reconciliation kills the orphaned group
-//!   and the call is retried (paid twice). The window is the pipe's latency (microseconds, we
-//!   read continuously). Closing it would need the CLI's stdout redirected to a file that the
-//!   daemon tails, which survives the daemon; not done yet.
+//! - The machine loses power between the result line and the session log's fsync (about a
+//!   millisecond): the call is run again, as it is after a power loss while the CLI waits for
+//!   the API (seconds). The pending file is not fsynced for that window.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
