@@ -144,7 +144,8 @@ impl Refs {
     }
 
     /// Makes a rename or link into `dir` (finished before this call) durable: fsyncs the
-    /// directory unless an fsync that started after it already did (see [`DirSync`]).
+    /// directory unless an fsync that started after it already did (concurrent renames into one
+    /// directory share one fsync).
     ///
     /// # Errors
     /// The directory cannot be opened or fsynced.
