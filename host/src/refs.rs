@@ -82,7 +82,14 @@ pub struct Refs {
     jsonl: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<JsonlState>>>>>,
     /// Per directory, the renames into it and how many of them an fsync has covered.
     dir_syncs: Arc<Mutex<HashMap<PathBuf, Arc<DirSync>>>>,
+    /// Directories already found to be inside the data dir (no symlink out on their way), so
+    /// resolving a path in one of them needs one `lstat`, not a `readlink` per component.
+    inside_dirs: Arc<Mutex<std::collections::HashSet<PathBuf>>>,
 }
+
+/// Bound of the per-path caches (line counts, verified directories): past it, entries not in
+/// use are dropped, so a daemon that writes millions of session logs keeps a small map.
+const CACHE_BOUND: usize = 1024;
 
 /// Group commit for renames: one fsync of a directory makes durable every rename into it that
 /// finished before the fsync started, so writers that rename into one directory at once (50
@@ -140,6 +147,7 @@ impl Refs {
             root,
             jsonl: Arc::default(),
             dir_syncs: Arc::default(),
+            inside_dirs: Arc::default(),
         })
     }
 
@@ -189,6 +197,15 @@ impl Refs {
             }
         }
         let full = self.root.join(p);
+        let parent = full.parent().expect("a joined relative path has a parent");
+        if self.inside_dirs.lock().unwrap().contains(parent) {
+            // Only the last component can still lead out: one lstat tells.
+            match std::fs::symlink_metadata(&full) {
+                Ok(m) if !m.file_type().is_symlink() => return Ok(full),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(full),
+                _ => {}
+            }
+        }
         // Follow symlinks of whatever exists (the file, or its nearest existing ancestor).
         let mut probe = full.as_path();
         loop {
@@ -204,6 +221,16 @@ impl Refs {
                     None => break,
                 },
             }
+        }
+        if parent
+            .canonicalize()
+            .is_ok_and(|real| real.starts_with(&self.root))
+        {
+            let mut known = self.inside_dirs.lock().unwrap();
+            if known.len() >= CACHE_BOUND {
+                known.clear();
+            }
+            known.insert(parent.to_path_buf());
         }
         Ok(full)
     }
@@ -263,17 +290,7 @@ impl Refs {
                 "a JSONL entry must not contain a newline",
             )));
         }
-        let state = {
-            let mut map = self.jsonl.lock().unwrap();
-            map.entry(full.clone())
-                .or_insert_with(|| {
-                    Arc::new(Mutex::new(JsonlState {
-                        lines: u64::MAX,
-                        len: 0,
-                    }))
-                })
-                .clone()
-        };
+        let state = self.jsonl_state(&full);
         let mut st = state.lock().unwrap();
         if let Some(dir) = full.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -313,6 +330,24 @@ impl Refs {
         st.lines += lines.len() as u64;
         st.len += buf.len() as u64;
         Ok(out)
+    }
+
+    /// The line count kept for the JSONL file at `full` (unknown until first counted).
+    fn jsonl_state(&self, full: &Path) -> Arc<Mutex<JsonlState>> {
+        let mut map = self.jsonl.lock().unwrap();
+        if map.len() >= CACHE_BOUND && !map.contains_key(full) {
+            // Forget the files nobody is appending to right now; they are counted again if
+            // appended to later.
+            map.retain(|_, st| Arc::strong_count(st) > 1);
+        }
+        map.entry(full.to_path_buf())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(JsonlState {
+                    lines: u64::MAX,
+                    len: 0,
+                }))
+            })
+            .clone()
     }
 
     /// Reads what a reference points at and verifies its hash.
@@ -485,6 +520,41 @@ mod tests {
         assert!(r.read(&f).is_err());
         assert!(r.write("state/shared/link/new", b"x").is_err());
         assert!(!outside.path().join("new").exists());
+    }
+
+    #[test]
+    fn a_symlink_out_is_refused_in_a_directory_already_resolved() {
+        let (d, r) = refs();
+        // The first resolve walks the path and remembers state/shared as inside.
+        r.write("state/shared/plain", b"p").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret"),
+            d.path().join("state/shared/leak"),
+        )
+        .unwrap();
+        let err = r.resolve("state/shared/leak").unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        // A symlink that stays inside is followed as before.
+        std::os::unix::fs::symlink("plain", d.path().join("state/shared/alias")).unwrap();
+        assert!(r.resolve("state/shared/alias").is_ok());
+        assert!(r.resolve("state/shared/not-yet").is_ok());
+    }
+
+    #[test]
+    fn line_counts_of_many_logs_stay_bounded_and_right() {
+        let (_d, r) = refs();
+        let n = CACHE_BOUND + 100;
+        for i in 0..n {
+            r.append_line(&format!("claude_logs/s{i}.jsonl"), b"{}")
+                .unwrap();
+        }
+        assert!(r.jsonl.lock().unwrap().len() <= CACHE_BOUND);
+        // A log whose count was dropped is counted again: the next line is still line 2.
+        let again = r.append_line("claude_logs/s0.jsonl", b"{\"x\":1}").unwrap();
+        assert_eq!(again.line, Some(2));
+        assert_eq!(r.read(&again).unwrap(), b"{\"x\":1}");
     }
 
     #[test]

@@ -182,11 +182,17 @@ async fn a_successful_call_walks_pending_running_completed_with_files_and_events
     let last: Value = serde_json::from_str(log.lines().last().unwrap())?;
     assert_eq!(last["type"], "ksi_envelope");
     assert_eq!(last["process_id"], "ok-1");
-    let latest = std::fs::read_link(f.dir.path().join("claude_logs/latest.jsonl"))?;
-    assert_eq!(
-        latest,
-        PathBuf::from(format!("{}.jsonl", answer.session_id))
-    );
+    // latest.jsonl is re-pointed just after the call, off its path.
+    let want = PathBuf::from(format!("{}.jsonl", answer.session_id));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let latest = loop {
+        let now = std::fs::read_link(f.dir.path().join("claude_logs/latest.jsonl")).ok();
+        if now.as_ref() == Some(&want) || std::time::Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(latest, Some(want));
     assert!(
         std::fs::read_dir(f.dir.path().join("claude_logs/pending"))?
             .next()

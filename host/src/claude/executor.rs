@@ -383,6 +383,8 @@ struct Inner {
     store: Store,
     bus: Bus,
     refs: Refs,
+    /// Keeps `claude_logs/latest.jsonl` pointing at the log written last.
+    latest: responses::LatestLink,
     config: ExecutorConfig,
     admission: Admission,
     calls: Mutex<HashMap<String, InFlight>>,
@@ -495,6 +497,7 @@ impl Executor {
             inner: Arc::new(Inner {
                 store,
                 bus,
+                latest: responses::LatestLink::start(&refs),
                 refs,
                 config,
                 admission: Admission::default(),
@@ -1389,7 +1392,7 @@ impl Executor {
             "prompt_file": format!("prompts/archive/{id}.txt"),
         });
         let refs = &self.inner.refs;
-        match o.run.session_id().filter(|s| responses::safe_session_id(s)) {
+        let logged = match o.run.session_id().filter(|s| responses::safe_session_id(s)) {
             Some(session) => {
                 match responses::append_to_session(refs, session, &o.raw_stdout, &envelope) {
                     // The pending log stays until the row that references the session log
@@ -1404,7 +1407,13 @@ impl Executor {
             None => responses::close_pending(refs, stream_rel, &envelope)
                 .map(|r| (None, r))
                 .ok(),
+        };
+        if let Some((_, envelope_ref)) = &logged {
+            self.inner
+                .latest
+                .point(envelope_ref.path.trim_start_matches("claude_logs/"));
         }
+        logged
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2018,7 +2027,10 @@ impl Executor {
         let response = match &session {
             Some(s) => responses::append_to_session(&self.inner.refs, s, &found.lines, &envelope)
                 .ok()
-                .and_then(|(r, _)| r),
+                .and_then(|(r, _)| {
+                    self.inner.latest.point(&format!("{s}.jsonl"));
+                    r
+                }),
             None => None,
         };
         let metrics = json!({ "recovered": true });

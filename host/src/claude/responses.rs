@@ -6,8 +6,8 @@
 //! (the page cache survives a daemon crash). When the attempt ends, its lines plus one KSI
 //! envelope line (process id, agent, attempt, timings, exit, class) are appended to
 //! `claude_logs/<session>.jsonl` with one write and one fsync; `claude_logs/latest.jsonl` is
-//! re-pointed at that file; the row commits with a reference to the result line; then the
-//! pending file is removed. An attempt that never learned its session id keeps its pending file
+//! re-pointed at that file (by [`LatestLink`], just after); the row commits with a reference to
+//! the result line; then the pending file is removed. An attempt that never learned its session id keeps its pending file
 //! as its log (with the envelope appended and fsynced).
 //!
 //! Crash windows, and what we chose:
@@ -109,9 +109,8 @@ pub fn successful_result_in(path: &Path) -> Option<FoundResult> {
     None
 }
 
-/// Writes an attempt's lines and its envelope to the session log (one write, one fsync) and
-/// re-points `latest.jsonl`. Returns the reference of the result line (if any) and of the
-/// envelope.
+/// Writes an attempt's lines and its envelope to the session log (one write, one fsync).
+/// Returns the reference of the result line (if any) and of the envelope.
 ///
 /// # Errors
 /// The log cannot be written.
@@ -129,7 +128,6 @@ pub fn append_to_session(
     let mut refs_out = refs.append_lines(&rel, &all)?;
     let envelope_ref = refs_out.pop().expect("the envelope line");
     let result_ref = last_result_line(&cleaned).map(|i| refs_out[i].clone());
-    point_latest(refs, &format!("{session}.jsonl"));
     Ok((result_ref, envelope_ref))
 }
 
@@ -138,9 +136,7 @@ pub fn append_to_session(
 /// # Errors
 /// The log cannot be written.
 pub fn close_pending(refs: &Refs, rel: &str, envelope: &Value) -> crate::refs::Result<FileRef> {
-    let r = refs.append_line(rel, envelope.to_string().as_bytes())?;
-    point_latest(refs, rel.trim_start_matches("claude_logs/"));
-    Ok(r)
+    refs.append_line(rel, envelope.to_string().as_bytes())
 }
 
 /// Index of the last `result` line among raw lines.
@@ -152,10 +148,64 @@ pub fn last_result_line(lines: &[String]) -> Option<usize> {
     })
 }
 
-/// Makes `claude_logs/latest.jsonl` a relative symlink to `target` (relative to `claude_logs/`),
-/// replacing it atomically.
-fn point_latest(refs: &Refs, target: &str) {
-    let dir = refs.root().join("claude_logs");
+/// Keeps `claude_logs/latest.jsonl`, a relative symlink, pointing at the log written last, off
+/// the calls' path: a thread of its own re-points it a moment (at most [`LatestLink::SETTLE`])
+/// after a log is written, once for a burst of calls that end together.
+#[derive(Debug, Clone)]
+pub struct LatestLink {
+    /// To the thread; `None` if it could not start (then each call re-points it itself).
+    tx: Option<std::sync::mpsc::Sender<String>>,
+    dir: std::path::PathBuf,
+}
+
+impl LatestLink {
+    /// How long the thread waits for more logs before it re-points the link.
+    pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(10);
+
+    /// Starts the thread for the `claude_logs` directory of `refs`; it ends when the last clone
+    /// of this is dropped.
+    pub fn start(refs: &Refs) -> LatestLink {
+        let dir = refs.root().join("claude_logs");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let thread_dir = dir.clone();
+        let started = std::thread::Builder::new()
+            .name("ksi-latest-log".into())
+            .spawn(move || {
+                let mut current: Option<String> = None;
+                while let Ok(mut target) = rx.recv() {
+                    std::thread::sleep(Self::SETTLE);
+                    while let Ok(later) = rx.try_recv() {
+                        target = later;
+                    }
+                    if current.as_deref() != Some(target.as_str()) {
+                        relink_latest(&thread_dir, &target);
+                        current = Some(target);
+                    }
+                }
+            });
+        if let Err(e) = &started {
+            tracing::warn!(error = %e, "cannot start the thread that keeps claude_logs/latest.jsonl; calls update it themselves");
+        }
+        LatestLink {
+            tx: started.ok().map(|_| tx),
+            dir,
+        }
+    }
+
+    /// Re-points the link at `target` (a file name in `claude_logs/`) soon.
+    pub fn point(&self, target: &str) {
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(target.to_string()).is_ok());
+        if !sent {
+            relink_latest(&self.dir, target);
+        }
+    }
+}
+
+/// Makes `dir/latest.jsonl` a relative symlink to `target`, replacing it atomically.
+fn relink_latest(dir: &Path, target: &str) {
     let tmp = dir.join(format!(".latest.{}.tmp", rand::random::<u64>()));
     let ok = std::os::unix::fs::symlink(target, &tmp)
         .and_then(|()| std::fs::rename(&tmp, dir.join("latest.jsonl")));
@@ -175,6 +225,31 @@ pub fn read_result(refs: &Refs, r: &FileRef) -> Option<ResultSummary> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latest_points_at_the_last_of_a_burst_of_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let refs = Refs::open(dir.path()).unwrap();
+        let latest = LatestLink::start(&refs);
+        for s in ["a.jsonl", "b.jsonl", "c.jsonl"] {
+            latest.point(s);
+        }
+        let link = dir.path().join("claude_logs/latest.jsonl");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_link(&link).ok() != Some("c.jsonl".into())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(LatestLink::SETTLE);
+        }
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("c.jsonl"));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("claude_logs"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 
     #[test]
     fn only_a_successful_result_line_in_a_pending_log_counts() {
