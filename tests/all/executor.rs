@@ -968,9 +968,18 @@ async fn the_executor_benchmark_reports_overhead_throughput_and_memory() -> Resu
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let r = ksi_host::bench::bench_executor(dir.path(), Path::new(FAKE), calls).await?;
+    let r = ksi_host::bench::bench_executor(dir.path(), Path::new(FAKE), calls, 2).await?;
     eprintln!("bench executor: {r}");
     assert_eq!(r["calls"], json!(calls));
+    assert_eq!(r["rounds"], json!(2));
+    let rounds = r["round_overhead_p50_ms"]
+        .as_array()
+        .context("per-round p50s")?;
+    assert_eq!(rounds.len(), 2, "{r}");
+    assert!(
+        rounds.iter().all(|v| v.as_f64().is_some_and(|v| v > 0.0)),
+        "{r}"
+    );
     for key in ["overhead_p50_ms", "calls_per_s", "rss_mb"] {
         assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {r}");
     }

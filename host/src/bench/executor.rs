@@ -3,6 +3,13 @@
 //!
 //! `overhead_p50_ms` is, per call, the wall time of `ClaudeApi::complete` minus the child's own
 //! run time measured by the supervisor from spawn to exit: what KSI adds around the CLI.
+//!
+//! One burst of 50 calls lasts about 60 ms, and its p50 moves by ±30 % from one burst to the
+//! next on a small shared machine. So one run makes `rounds` bursts (one after the other, each
+//! of `calls` concurrent calls) and reports the percentiles over all their calls, with each
+//! round's p50 beside them. It first waits [`SETTLE`] doing nothing: a program started with it
+//! (the `jq` or `python3` of a pipeline) would otherwise start up on the same CPUs while it
+//! measures.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -65,8 +72,11 @@ fn child_ms_of(store: &Store, id: &str) -> anyhow::Result<f64> {
     metric_ms_of(store, id, "spawn_to_exit_us")
 }
 
+/// How long the benchmark waits before it measures.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
 /// Runs the benchmark in a fresh `data_dir` (created; existing data is not touched but shares
-/// the database) with `calls` concurrent calls of `fake_claude_bin`.
+/// the database): `rounds` bursts of `calls` concurrent calls of `fake_claude_bin`.
 ///
 /// # Errors
 /// The data dir cannot be opened, or a call failed.
@@ -74,7 +84,9 @@ pub async fn bench_executor(
     data_dir: &Path,
     fake_claude_bin: &Path,
     calls: usize,
+    rounds: usize,
 ) -> anyhow::Result<Value> {
+    let rounds = rounds.max(1);
     crate::store::prepare_data_dir(data_dir)?;
     let store = Store::open_path(&data_dir.join("ksi.db"), &StoreOptions::default())?;
     let refs = Refs::open(data_dir)?;
@@ -102,6 +114,8 @@ pub async fn bench_executor(
             }
         })
     };
+    // Whatever was started with the benchmark starts up now, not while it measures.
+    tokio::time::sleep(SETTLE).await;
     let run = format!("{:x}", rand::random::<u32>());
     // One at a time first: KSI's own cost per call, without 50 children competing for the CPU.
     let mut sequential = Vec::new();
@@ -122,48 +136,62 @@ pub async fn bench_executor(
         sequential.push(wall - child_ms_of(&store, &id)?);
     }
     sequential.sort_by(f64::total_cmp);
-    let (self_cpu0, child_cpu0) = (cpu_ms(libc::RUSAGE_SELF), cpu_ms(libc::RUSAGE_CHILDREN));
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..calls {
-        let exec = exec.clone();
-        let id = format!("bench-{run}-{i}");
-        tasks.push(tokio::spawn(async move {
-            let start = Instant::now();
-            let out = exec
-                .complete(
-                    id.clone(),
-                    None,
-                    ClaudeRequest {
-                        prompt: format!("benchmark call {i}"),
-                        ..ClaudeRequest::default()
-                    },
-                )
-                .await;
-            (id, start.elapsed(), out)
-        }));
-    }
     let mut overheads = Vec::new();
     let mut child_ms = Vec::new();
     let mut spawn_ms = Vec::new();
     let mut before_spawn_ms = Vec::new();
     let mut after_exit_ms = Vec::new();
-    for t in tasks {
-        let (id, wall, out) = t.await?;
-        out.map_err(|f| {
-            anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message)
-        })?;
-        let child = child_ms_of(&store, &id)?;
-        child_ms.push(child);
-        spawn_ms.push(metric_ms_of(&store, &id, "spawn_us")?);
-        let before = metric_ms_of(&store, &id, "before_spawn_us")?;
-        before_spawn_ms.push(before);
-        after_exit_ms.push(wall.as_secs_f64() * 1000.0 - child - before);
-        overheads.push(wall.as_secs_f64() * 1000.0 - child);
+    let mut round_p50 = Vec::new();
+    let mut elapsed = Duration::ZERO;
+    let (self_cpu0, child_cpu0) = (cpu_ms(libc::RUSAGE_SELF), cpu_ms(libc::RUSAGE_CHILDREN));
+    for round in 0..rounds {
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..calls {
+            let exec = exec.clone();
+            let id = format!("bench-{run}-r{round}-{i}");
+            tasks.push(tokio::spawn(async move {
+                let start = Instant::now();
+                let out = exec
+                    .complete(
+                        id.clone(),
+                        None,
+                        ClaudeRequest {
+                            prompt: format!("benchmark round {round} call {i}"),
+                            ..ClaudeRequest::default()
+                        },
+                    )
+                    .await;
+                (id, start.elapsed(), out)
+            }));
+        }
+        let mut walls = Vec::new();
+        for t in tasks {
+            let (id, wall, out) = t.await?;
+            out.map_err(|f| {
+                anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message)
+            })?;
+            walls.push((id, wall));
+        }
+        elapsed += t0.elapsed();
+        let mut this_round = Vec::new();
+        for (id, wall) in walls {
+            let wall = wall.as_secs_f64() * 1000.0;
+            let child = child_ms_of(&store, &id)?;
+            let before = metric_ms_of(&store, &id, "before_spawn_us")?;
+            child_ms.push(child);
+            spawn_ms.push(metric_ms_of(&store, &id, "spawn_us")?);
+            before_spawn_ms.push(before);
+            after_exit_ms.push(wall - child - before);
+            overheads.push(wall - child);
+            this_round.push(wall - child);
+        }
+        this_round.sort_by(f64::total_cmp);
+        round_p50.push(percentile(&this_round, 0.5));
     }
-    let elapsed = t0.elapsed();
-    let ksi_cpu = (cpu_ms(libc::RUSAGE_SELF) - self_cpu0) / calls.max(1) as f64;
-    let child_cpu = (cpu_ms(libc::RUSAGE_CHILDREN) - child_cpu0) / calls.max(1) as f64;
+    let total_calls = (calls * rounds).max(1);
+    let ksi_cpu = (cpu_ms(libc::RUSAGE_SELF) - self_cpu0) / total_calls as f64;
+    let child_cpu = (cpu_ms(libc::RUSAGE_CHILDREN) - child_cpu0) / total_calls as f64;
     sampler.abort();
     overheads.sort_by(f64::total_cmp);
     child_ms.sort_by(f64::total_cmp);
@@ -175,6 +203,8 @@ pub async fn bench_executor(
     Ok(json!({
         "calls": calls,
         "concurrency": calls,
+        "rounds": rounds,
+        "round_overhead_p50_ms": round_p50,
         "overhead_p50_ms": percentile(&overheads, 0.5),
         "sequential_overhead_p50_ms": percentile(&sequential, 0.5),
         "overhead_p90_ms": percentile(&overheads, 0.9),
@@ -186,9 +216,9 @@ pub async fn bench_executor(
         "spawn_p90_ms": percentile(&spawn_ms, 0.9),
         "ksi_cpu_ms_per_call": ksi_cpu,
         "child_cpu_ms_per_call": child_cpu,
-        "calls_per_s": calls as f64 / elapsed.as_secs_f64(),
+        "calls_per_s": total_calls as f64 / elapsed.as_secs_f64(),
         "elapsed_ms": elapsed.as_secs_f64() * 1000.0,
         "rss_mb": rss,
-        "note": "overhead = wall time of ClaudeApi::complete minus the child's spawn-to-exit time (before_spawn: from the call to the spawn; after_exit: from the exit to the answer); with 50 concurrent calls on a small machine it includes waiting for CPU and for the disk",
+        "note": "overhead = wall time of ClaudeApi::complete minus the child's spawn-to-exit time (before_spawn: from the call to the spawn; after_exit: from the exit to the answer), percentiles over all calls of all rounds (each round: `calls` at once); with 50 concurrent calls on a small machine it includes waiting for CPU and for the disk",
     }))
 }

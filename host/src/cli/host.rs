@@ -153,6 +153,10 @@ pub enum BenchCmd {
         /// Concurrent calls
         #[arg(long, default_value_t = 50)]
         calls: usize,
+        /// Bursts of `calls` concurrent calls, one after the other; percentiles are over all
+        /// their calls
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
         #[arg(long)]
         json: bool,
     },
@@ -276,7 +280,11 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            HostCmd::Bench(BenchCmd::Executor { calls, json }) => {
+            HostCmd::Bench(BenchCmd::Executor {
+                calls,
+                rounds,
+                json,
+            }) => {
                 store::prepare_data_dir(&config.data_dir)?;
                 let (fake, _) = super::run::choose_claude_bin(Some(
                     std::env::current_exe()?.with_file_name("fake-claude"),
@@ -284,7 +292,7 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 let dir = std::env::var_os("KSI_BENCH_DIR")
                     .map(std::path::PathBuf::from)
                     .unwrap_or_else(|| config.data_dir.join("bench-executor"));
-                let r = bench::bench_executor(&dir, &fake, calls).await?;
+                let r = bench::bench_executor(&dir, &fake, calls, rounds).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 } else {
