@@ -2,7 +2,8 @@
 //!
 //! `fake-claude` is found through `CARGO_BIN_EXE_fake-claude`, which Cargo sets for integration
 //! tests only and which guarantees the binary is built and current. The real CLI is found through
-//! `KSI_REAL_CLAUDE_BIN`; without it the contract tests print a notice and pass.
+//! `KSI_REAL_CLAUDE_BIN`; without it the contract tests print a notice and pass, except on CI
+//! (`CI=true`), where they fail.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -527,8 +528,15 @@ mod real_cli {
         }
     }
 
+    /// Skips a contract test without the real CLI; on CI (`CI=true`, set by `.ci/run`, which
+    /// installs the CLI) its absence is a failure, so the contract cannot go untested unseen.
     fn skip_notice(test: &str) {
-        eprintln!("SKIPPED {test}: set KSI_REAL_CLAUDE_BIN to a real `claude` binary to run it");
+        let msg = format!("{test}: set KSI_REAL_CLAUDE_BIN to a real `claude` binary to run it");
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "{msg} (.ci/run installs it from npm on a CI machine)"
+        );
+        eprintln!("SKIPPED {msg}");
     }
 
     /// The real CLI with nothing from our environment: an empty HOME, no credentials.

@@ -373,6 +373,8 @@ struct InFlight {
     /// A fresh call's prompt being saved while its CLI starts (see [`Executor::spawn_with`]);
     /// `None` when it was saved before the call started.
     prompt_saved: Option<PromptSaved>,
+    /// Lets the prompt of a fresh call be saved (see [`Executor::start_prompt_save`]).
+    save_prompt_now: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Whether a fresh call's prompt file, its reference in the row and `claude.spawn.request` are
@@ -540,6 +542,9 @@ impl Executor {
     /// The CLI does not wait for the disk: the prompt goes to it on stdin while the prompt file
     /// (fsynced) and then its reference in the row with `claude.spawn.request` (one commit)
     /// are written beside it, so a burst of calls does not queue behind one fsync per prompt.
+    /// The prompt write starts once the CLI has started (or once the call has to wait for its
+    /// turn, or a caller needs it recorded), so the writes of the first calls of a burst do not
+    /// take the CPU from the spawns of the others.
     /// Nothing of the call is reported before that commit (`claude.spawn.started` and every
     /// outcome wait for it), and a daemon that dies before it leaves at most a PENDING row
     /// without a prompt, which start-up reconciliation ends DEAD (its CLI is killed by the
@@ -581,6 +586,7 @@ impl Executor {
         // Claim the id in memory first, so two concurrent spawns of one id cannot both run it.
         let (done_tx, done_rx) = watch::channel(None);
         let (saved_tx, saved_rx) = watch::channel(None);
+        let go = Arc::new(tokio::sync::Notify::new());
         let cancel = CancelToken::new();
         {
             let mut calls = inner.calls.lock().unwrap();
@@ -594,6 +600,7 @@ impl Executor {
                     cancel: cancel.clone(),
                     task: None,
                     prompt_saved: Some(saved_rx),
+                    save_prompt_now: Some(go.clone()),
                 },
             );
         }
@@ -681,6 +688,7 @@ impl Executor {
             request.prompt.clone(),
             durable,
             saved_tx,
+            go.clone(),
         ));
 
         let known = KnownRow {
@@ -708,6 +716,8 @@ impl Executor {
                     Some(known),
                 )
                 .await;
+            // However the call ended, its prompt is saved.
+            go.notify_one();
             let _ = done_tx.send(Some(out));
             this.inner.calls.lock().unwrap().remove(&id);
         };
@@ -734,7 +744,9 @@ impl Executor {
         prompt: String,
         durable: bool,
         saved: watch::Sender<Option<Result<(), ClaudeFailure>>>,
+        go: Arc<tokio::sync::Notify>,
     ) {
+        go.notified().await;
         let refs = self.inner.refs.clone();
         let rel = format!("prompts/queue/{id}.txt");
         let written = tokio::task::spawn_blocking(move || refs.write(&rel, prompt.as_bytes()))
@@ -778,10 +790,44 @@ impl Executor {
         let _ = saved.send(Some(recorded));
     }
 
+    /// Lets a fresh call's prompt be saved now. It is saved once the CLI has started, or
+    /// once the call has to wait (its turn, a slot), or when something needs it recorded:
+    /// in a burst of calls, the prompt writes of the first ones do not hold up the spawns of
+    /// the others.
+    fn start_prompt_save(&self, id: &str) {
+        let go = (self.inner.calls.lock().unwrap())
+            .get(id)
+            .and_then(|c| c.save_prompt_now.clone());
+        if let Some(go) = go {
+            go.notify_one();
+        }
+    }
+
+    /// Awaits `fut`; if it cannot complete at once (the call waits for its turn), first lets
+    /// the call's prompt be saved, so a call that waits is recorded whole while it does.
+    async fn saving_prompt_if_waiting<F: std::future::Future>(
+        &self,
+        id: &str,
+        fut: F,
+    ) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let mut waited = false;
+        std::future::poll_fn(|cx| {
+            let r = fut.as_mut().poll(cx);
+            if r.is_pending() && !waited {
+                waited = true;
+                self.start_prompt_save(id);
+            }
+            r
+        })
+        .await
+    }
+
     /// Waits until a fresh call's prompt is recorded (see [`Executor::spawn_with`]); at once
     /// for a call whose prompt was recorded before it started. The error says why it could not
     /// be.
     async fn prompt_recorded(&self, id: &str) -> Result<(), ClaudeFailure> {
+        self.start_prompt_save(id);
         let rx = self
             .inner
             .calls
@@ -965,7 +1011,7 @@ impl Executor {
         let inner = &self.inner;
         let turn = request.agent.as_deref().map(|a| self.agent_turn(a));
         let _turn = match &turn {
-            Some(t) => Some(t.lock().await),
+            Some(t) => Some(self.saving_prompt_if_waiting(&id, t.lock()).await),
             None => None,
         };
         // The session to continue: an explicit one, else the agent's current one.
@@ -1100,11 +1146,11 @@ impl Executor {
                 Err(refusal) => return self.refuse(&id, &request, &workflow_id, refusal).await,
             };
             tokio::select! {
-                _ = inner.admission.rate_limit(eff.spend.spawn_rate_per_min) => {}
+                _ = self.saving_prompt_if_waiting(&id, inner.admission.rate_limit(eff.spend.spawn_rate_per_min)) => {}
                 _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
             }
             let slot = tokio::select! {
-                s = inner.admission.slot(&eff.spend, &model) => s,
+                s = self.saving_prompt_if_waiting(&id, inner.admission.slot(&eff.spend, &model)) => s,
                 _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
             };
 
@@ -1153,6 +1199,7 @@ impl Executor {
                 .as_ref();
             let result = run_attempt_guarded(&inv, &eff.limits, &cancel, guardian, |p| match p {
                 Progress::Spawned { pid, start_ticks } => {
+                    self.start_prompt_save(&id);
                     running_write = Some(tokio::spawn(self.clone().record_running(
                         id.clone(),
                         attempt,
@@ -2193,6 +2240,7 @@ impl Executor {
                 cancel: cancel.clone(),
                 task: None,
                 prompt_saved: None,
+                save_prompt_now: None,
             },
         );
         let delay = row
