@@ -110,6 +110,10 @@ fn row(f: &Fixture, id: &str) -> ProcessRow {
     get_process(&f.store, id).unwrap().expect("the process row")
 }
 
+fn row_opt(f: &Fixture, id: &str) -> Option<ProcessRow> {
+    get_process(&f.store, id).unwrap()
+}
+
 fn count(store: &Store, sql: &str) -> i64 {
     store
         .read(|c| {
@@ -587,6 +591,45 @@ async fn identical_calls_asked_at_once_are_counted_before_any_of_them_is_recorde
         5,
         "every refused call is recorded"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_call_waiting_for_a_slot_has_its_prompt_recorded_while_it_waits() -> Result<()> {
+    // The prompt of a call that starts at once is written beside its CLI; one that waits for
+    // its turn is recorded whole while it waits, so a daemon that dies meanwhile resumes it.
+    let f = fixture_with(&[("FAKE_CLAUDE_DELAY_MS", "500")], |c| {
+        c.spend.max_concurrency = 1
+    })?;
+    // `complete` (a workflow's call) does not wait for its prompt to be recorded, as `spawn` does.
+    let call = |id: &'static str, prompt: &'static str| {
+        let exec = f.exec.clone();
+        tokio::spawn(async move { exec.complete(id.into(), None, req(prompt)).await })
+    };
+    let (first, waiting) = ("slot-first", "slot-waiting");
+    let first_call = call(first, "the one that runs");
+    while row_opt(&f, first).and_then(|r| r.pid).is_none() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let waiting_call = call(waiting, "the one that waits");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = row_opt(&f, waiting);
+        if r.as_ref().is_some_and(|r| r.prompt_file.is_some()) || Instant::now() > deadline {
+            break r.context("the waiting call has a row")?;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(r.status, "PENDING", "still waiting for the slot: {r:?}");
+    assert_eq!(r.pid, None);
+    let prompt = r
+        .prompt_file
+        .context("the waiting call's prompt is recorded")?;
+    assert_eq!(f.refs.read(&prompt)?, b"the one that waits");
+    assert_eq!(row(&f, first).status, "RUNNING");
+    for c in [first_call, waiting_call] {
+        c.await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
     Ok(())
 }
 
