@@ -2,8 +2,9 @@
 //!
 //! One call, in order (each step is one transaction that also publishes its event):
 //! 1. [`Executor::spawn_with`]: the PENDING row commits (with the repeated-prompt check);
-//!    beside the call, the prompt goes to `prompts/queue/<id>.txt`, then its reference commits
-//!    with `claude.spawn.request`. Nothing later is recorded before that commit.
+//!    beside the call (once its CLI has started, or once it has to wait for its turn), the
+//!    prompt goes to `prompts/queue/<id>.txt`, then its reference commits with
+//!    `claude.spawn.request`. Nothing later is recorded before that commit.
 //! 2. A task per call: for an agent, it takes the agent's turn lock (one call per agent at a time:
 //!    two resumes of one session would fork it), reads the session to resume and the unread inbox.
 //! 3. Each attempt passes spend control ([`super::spend`]): loop detector, budgets, spawn rate,
@@ -586,7 +587,7 @@ impl Executor {
         // Claim the id in memory first, so two concurrent spawns of one id cannot both run it.
         let (done_tx, done_rx) = watch::channel(None);
         let (saved_tx, saved_rx) = watch::channel(None);
-        let go = Arc::new(tokio::sync::Notify::new());
+        let save_now = Arc::new(tokio::sync::Notify::new());
         let cancel = CancelToken::new();
         {
             let mut calls = inner.calls.lock().unwrap();
@@ -600,7 +601,7 @@ impl Executor {
                     cancel: cancel.clone(),
                     task: None,
                     prompt_saved: Some(saved_rx),
-                    save_prompt_now: Some(go.clone()),
+                    save_prompt_now: Some(save_now.clone()),
                 },
             );
         }
@@ -688,7 +689,7 @@ impl Executor {
             request.prompt.clone(),
             durable,
             saved_tx,
-            go.clone(),
+            save_now.clone(),
         ));
 
         let known = KnownRow {
@@ -717,7 +718,7 @@ impl Executor {
                 )
                 .await;
             // However the call ended, its prompt is saved.
-            go.notify_one();
+            save_now.notify_one();
             let _ = done_tx.send(Some(out));
             this.inner.calls.lock().unwrap().remove(&id);
         };
@@ -744,9 +745,9 @@ impl Executor {
         prompt: String,
         durable: bool,
         saved: watch::Sender<Option<Result<(), ClaudeFailure>>>,
-        go: Arc<tokio::sync::Notify>,
+        save_now: Arc<tokio::sync::Notify>,
     ) {
-        go.notified().await;
+        save_now.notified().await;
         let refs = self.inner.refs.clone();
         let rel = format!("prompts/queue/{id}.txt");
         let written = tokio::task::spawn_blocking(move || refs.write(&rel, prompt.as_bytes()))
@@ -795,11 +796,11 @@ impl Executor {
     /// in a burst of calls, the prompt writes of the first ones do not hold up the spawns of
     /// the others.
     fn start_prompt_save(&self, id: &str) {
-        let go = (self.inner.calls.lock().unwrap())
+        let save_now = (self.inner.calls.lock().unwrap())
             .get(id)
             .and_then(|c| c.save_prompt_now.clone());
-        if let Some(go) = go {
-            go.notify_one();
+        if let Some(save_now) = save_now {
+            save_now.notify_one();
         }
     }
 
