@@ -55,21 +55,28 @@ fn cpu_ms(who: i32) -> f64 {
     ms(ru.ru_utime) + ms(ru.ru_stime)
 }
 
-/// A duration in the metrics of process `id` (`spawn_to_exit_us`, `spawn_us`), in ms.
-fn metric_ms_of(store: &Store, id: &str, key: &str) -> anyhow::Result<f64> {
-    let row = get_process(store, id)?.ok_or_else(|| anyhow::anyhow!("no row for {id}"))?;
-    let us = row
-        .metrics
-        .as_ref()
-        .and_then(|m| m.get(key))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    Ok(us as f64 / 1000.0)
+/// The durations the executor measured for process `id`, in ms: the child's spawn to exit
+/// (`spawn_to_exit_us`), its spawn (`spawn_us`) and the time before it (`before_spawn_us`).
+struct CallTimes {
+    child: f64,
+    spawn: f64,
+    before_spawn: f64,
 }
 
-/// The child's spawn-to-exit time of process `id`, in ms.
-fn child_ms_of(store: &Store, id: &str) -> anyhow::Result<f64> {
-    metric_ms_of(store, id, "spawn_to_exit_us")
+fn call_times(store: &Store, id: &str) -> anyhow::Result<CallTimes> {
+    let row = get_process(store, id)?.ok_or_else(|| anyhow::anyhow!("no row for {id}"))?;
+    let ms = |key: &str| {
+        let us = (row.metrics.as_ref())
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        us as f64 / 1000.0
+    };
+    Ok(CallTimes {
+        child: ms("spawn_to_exit_us"),
+        spawn: ms("spawn_us"),
+        before_spawn: ms("before_spawn_us"),
+    })
 }
 
 /// How long the benchmark waits before it measures.
@@ -133,7 +140,7 @@ pub async fn bench_executor(
         .await
         .map_err(|f| anyhow::anyhow!("benchmark call {id} failed ({}): {}", f.class, f.message))?;
         let wall = start.elapsed().as_secs_f64() * 1000.0;
-        sequential.push(wall - child_ms_of(&store, &id)?);
+        sequential.push(wall - call_times(&store, &id)?.child);
     }
     sequential.sort_by(f64::total_cmp);
     let mut overheads = Vec::new();
@@ -143,8 +150,10 @@ pub async fn bench_executor(
     let mut after_exit_ms = Vec::new();
     let mut round_p50 = Vec::new();
     let mut elapsed = Duration::ZERO;
-    let (self_cpu0, child_cpu0) = (cpu_ms(libc::RUSAGE_SELF), cpu_ms(libc::RUSAGE_CHILDREN));
+    // CPU during the bursts only (not the reading of their rows in between).
+    let (mut ksi_cpu, mut child_cpu) = (0.0, 0.0);
     for round in 0..rounds {
+        let (self_cpu0, child_cpu0) = (cpu_ms(libc::RUSAGE_SELF), cpu_ms(libc::RUSAGE_CHILDREN));
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for i in 0..calls {
@@ -174,24 +183,24 @@ pub async fn bench_executor(
             walls.push((id, wall));
         }
         elapsed += t0.elapsed();
+        ksi_cpu += cpu_ms(libc::RUSAGE_SELF) - self_cpu0;
+        child_cpu += cpu_ms(libc::RUSAGE_CHILDREN) - child_cpu0;
         let mut this_round = Vec::new();
         for (id, wall) in walls {
             let wall = wall.as_secs_f64() * 1000.0;
-            let child = child_ms_of(&store, &id)?;
-            let before = metric_ms_of(&store, &id, "before_spawn_us")?;
-            child_ms.push(child);
-            spawn_ms.push(metric_ms_of(&store, &id, "spawn_us")?);
-            before_spawn_ms.push(before);
-            after_exit_ms.push(wall - child - before);
-            overheads.push(wall - child);
-            this_round.push(wall - child);
+            let t = call_times(&store, &id)?;
+            child_ms.push(t.child);
+            spawn_ms.push(t.spawn);
+            before_spawn_ms.push(t.before_spawn);
+            after_exit_ms.push(wall - t.child - t.before_spawn);
+            overheads.push(wall - t.child);
+            this_round.push(wall - t.child);
         }
         this_round.sort_by(f64::total_cmp);
         round_p50.push(percentile(&this_round, 0.5));
     }
     let total_calls = (calls * rounds).max(1);
-    let ksi_cpu = (cpu_ms(libc::RUSAGE_SELF) - self_cpu0) / total_calls as f64;
-    let child_cpu = (cpu_ms(libc::RUSAGE_CHILDREN) - child_cpu0) / total_calls as f64;
+    let (ksi_cpu, child_cpu) = (ksi_cpu / total_calls as f64, child_cpu / total_calls as f64);
     sampler.abort();
     overheads.sort_by(f64::total_cmp);
     child_ms.sort_by(f64::total_cmp);
