@@ -292,15 +292,23 @@ impl Refs {
         }
         let state = self.jsonl_state(&full);
         let mut st = state.lock().unwrap();
-        if let Some(dir) = full.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&full)
-            .map_err(io)?;
+        let dir = full.parent().expect("resolved paths have a parent");
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // A file this call creates needs its directory entry made durable as well, or the
+        // references to its lines could outlive the file itself after a power loss.
+        let (mut f, created) = match OpenOptions::new().append(true).read(true).open(&full) {
+            Ok(f) => (f, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .read(true)
+                    .open(&full)
+                    .map_err(io)?;
+                (f, true)
+            }
+            Err(e) => return Err(io(e)),
+        };
         let len = f.metadata().map_err(io)?.len();
         if st.lines == u64::MAX || st.len != len {
             // First use, or someone else wrote the file: count its lines once.
@@ -327,6 +335,9 @@ impl Refs {
         }
         f.write_all(&buf).map_err(io)?;
         f.sync_data().map_err(io)?;
+        if created {
+            self.sync_dir_entry(dir).map_err(io)?;
+        }
         st.lines += lines.len() as u64;
         st.len += buf.len() as u64;
         Ok(out)

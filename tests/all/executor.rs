@@ -1407,3 +1407,142 @@ async fn a_call_whose_daemon_died_before_its_prompt_was_saved_ends_dead_and_says
     assert_eq!(invocations(&f.log).len(), 0, "nothing was run");
     Ok(())
 }
+
+/// The lines of a JSONL file.
+fn jsonl_lines(path: &Path) -> Result<Vec<String>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+/// What a power loss just after the answer can leave of a completed call: its relaxed COMPLETED
+/// commit undone (the row RUNNING again, as its durable RUNNING commit left it) while the
+/// answer's lines are durable in the session log and its pending log is gone.
+async fn undo_completed(f: &Fixture, id: &str) -> Result<()> {
+    let (id, pending, queued) = (
+        id.to_string(),
+        format!("claude_logs/pending/{id}.1.jsonl"),
+        format!(
+            "{{\"path\":\"prompts/queue/{id}.txt\",\"sha256\":\"{}\",\"bytes\":0}}",
+            "0".repeat(64)
+        ),
+    );
+    f.store
+        .write(move |tx| {
+            tx.execute(
+                "UPDATE processes SET status = 'RUNNING', session_id = NULL, response_file = NULL,
+                    response_line = NULL, response_sha256 = NULL, cost_usd = NULL, tokens_in = NULL,
+                    tokens_out = NULL, tokens_cache_read = NULL, tokens_cache_write = NULL,
+                    num_turns = NULL, metrics = NULL, completed_at = NULL, stream_file = ?2,
+                    prompt_file = ?3 WHERE id = ?1",
+                rusqlite::params![id, pending, queued],
+            )?;
+            Ok::<_, ksi_host::store::StoreError>(())
+        })
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_answer_whose_completed_commit_a_power_loss_undid_is_found_in_its_session_log()
+-> Result<()> {
+    // A CLI that takes a few hundred ms (as a real one takes seconds): its RUNNING commit is on
+    // disk before it answers.
+    let f = fixture(&[("FAKE_CLAUDE_DELAY_MS", "100")])?;
+    let first = f
+        .exec
+        .complete(
+            "pl-1".into(),
+            None,
+            req("answered just before the power went"),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The RUNNING commit was durable long before the CLI answered, so COMPLETED did not hold
+    // the answer back for the disk.
+    let metrics = row(&f, "pl-1").metrics.context("metrics")?;
+    assert_eq!(metrics["completed_commit"], "durable_after_answer");
+    let resp = first.response_ref.clone().context("response ref")?;
+    let log = f.dir.path().join(&resp.path);
+    let lines_before = jsonl_lines(&log)?;
+    assert!(
+        !f.dir
+            .path()
+            .join("claude_logs/pending/pl-1.1.jsonl")
+            .exists()
+    );
+
+    undo_completed(&f, "pl-1").await?;
+    // The daemon starts again: reconciliation completes the call from the session log.
+    let (store, bus, refs) = open(f.dir.path())?;
+    let exec = Executor::new(store.clone(), bus, refs, base_config(&f.log, &[]));
+    let report = exec.reconcile().await?;
+    assert_eq!(report.completed, vec!["pl-1".to_string()], "{report:?}");
+    assert!(
+        report.retry.is_empty() && report.dead.is_empty(),
+        "{report:?}"
+    );
+    let r = get_process(&store, "pl-1")?.context("row")?;
+    assert_eq!(r.status, "COMPLETED");
+    assert_eq!(r.session_id.as_deref(), Some(first.session_id.as_str()));
+    assert_eq!(r.response_file.as_deref(), Some(resp.path.as_str()));
+    assert_eq!(r.response_line, resp.line.map(|l| l as i64));
+    assert_eq!(r.response_sha256.as_deref(), Some(resp.sha256.as_str()));
+    assert!((r.cost_usd.unwrap_or(0.0) - first.cost_usd).abs() < 1e-12);
+    // Not run again, and the log holds the answer once.
+    assert_eq!(invocations(&f.log).len(), 1);
+    assert_eq!(jsonl_lines(&log)?, lines_before);
+    let answer = exec.recover("pl-1".into()).await.context("answer")?;
+    assert_eq!(answer.text, first.text);
+    // The prompt is where the row now says.
+    let prompt = r.prompt_file.context("prompt ref")?;
+    assert_eq!(prompt.path, "prompts/archive/pl-1.txt");
+    assert_eq!(
+        f.refs.read(&prompt)?,
+        b"answered just before the power went"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_daemon_that_died_after_logging_an_answer_does_not_log_it_twice() -> Result<()> {
+    let f = fixture(&[])?;
+    let first = f
+        .exec
+        .complete("twice-1".into(), None, req("logged once"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let resp = first.response_ref.clone().context("response ref")?;
+    let log = f.dir.path().join(&resp.path);
+    let lines_before = jsonl_lines(&log)?;
+    // The daemon died after the session log's append, before its commit and before the pending
+    // log went: the pending log still holds the CLI's lines.
+    let raw: Vec<String> = lines_before
+        .iter()
+        .filter(|l| !l.contains("\"ksi_envelope\""))
+        .cloned()
+        .collect();
+    undo_completed(&f, "twice-1").await?;
+    let pending = f.dir.path().join("claude_logs/pending/twice-1.1.jsonl");
+    std::fs::write(&pending, raw.join("\n") + "\n")?;
+
+    let (store, bus, refs) = open(f.dir.path())?;
+    let exec = Executor::new(store.clone(), bus, refs, base_config(&f.log, &[]));
+    let report = exec.reconcile().await?;
+    assert_eq!(report.completed, vec!["twice-1".to_string()], "{report:?}");
+    let r = get_process(&store, "twice-1")?.context("row")?;
+    assert_eq!(r.status, "COMPLETED");
+    assert_eq!(r.response_line, resp.line.map(|l| l as i64));
+    assert_eq!(
+        jsonl_lines(&log)?,
+        lines_before,
+        "the answer is in the log once"
+    );
+    assert!(
+        !pending.exists(),
+        "the pending log goes once the row references the session log"
+    );
+    assert_eq!(invocations(&f.log).len(), 1);
+    Ok(())
+}

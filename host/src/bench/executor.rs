@@ -22,17 +22,15 @@ use crate::refs::Refs;
 use crate::store::{Store, StoreOptions};
 use crate::workflow::{ClaudeApi, ClaudeRequest};
 
-/// VmRSS of this process in MiB.
-fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+/// The peak RSS of this process so far (`ru_maxrss`), in MiB: exact, and nothing has to
+/// sample it while the benchmark measures (a sampling task would compete with the calls).
+fn peak_rss_mb() -> f64 {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    ru.ru_maxrss as f64 / 1024.0
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -105,22 +103,6 @@ pub async fn bench_executor(
     config.spend.spawn_rate_per_min = 0.0;
     let exec = Executor::new(store.clone(), Bus::new(store.clone()), refs, config);
 
-    let peak = std::sync::Arc::new(std::sync::Mutex::new(rss_mb()));
-    let sampler = {
-        let peak = peak.clone();
-        tokio::spawn(async move {
-            loop {
-                let now = rss_mb();
-                {
-                    let mut p = peak.lock().unwrap();
-                    if now > *p {
-                        *p = now;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
     // Whatever was started with the benchmark starts up now, not while it measures.
     tokio::time::sleep(SETTLE).await;
     let run = format!("{:x}", rand::random::<u32>());
@@ -201,13 +183,12 @@ pub async fn bench_executor(
     }
     let total_calls = (calls * rounds).max(1);
     let (ksi_cpu, child_cpu) = (ksi_cpu / total_calls as f64, child_cpu / total_calls as f64);
-    sampler.abort();
     overheads.sort_by(f64::total_cmp);
     child_ms.sort_by(f64::total_cmp);
     spawn_ms.sort_by(f64::total_cmp);
     before_spawn_ms.sort_by(f64::total_cmp);
     after_exit_ms.sort_by(f64::total_cmp);
-    let rss = *peak.lock().unwrap();
+    let rss = peak_rss_mb();
     store.close();
     Ok(json!({
         "calls": calls,

@@ -14,7 +14,9 @@
 //!    stdout streams to a pending log ([`super::responses`]).
 //! 5. Success: SUCCESS with the metrics, the response goes to `claude_logs/<session>.jsonl`, then
 //!    COMPLETED with the response reference, the agent's new session, the archived prompt and
-//!    `claude.spawn.complete`. Failure: transient → RETRY (backoff + jitter) and again from 3, or
+//!    `claude.spawn.complete`. The session log is fsynced before COMPLETED commits; that commit
+//!    waits for the disk only if the RUNNING row has not reached it yet (else a power loss
+//!    leaves a RUNNING row whose answer start-up finds in the session log). Failure: transient → RETRY (backoff + jitter) and again from 3, or
 //!    DEAD when attempts are used up; permanent → FAILED at once with the CLI's message;
 //!    each with `claude.spawn.failed`.
 //!
@@ -204,6 +206,25 @@ pub mod status {
 
 /// A call as [`Executor::spawn`] takes it.
 pub type SpawnRequest = ClaudeRequest;
+
+/// When a COMPLETED commit reaches the disk, relative to the answer going back to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Before: the caller is answered once the commit is durable.
+    BeforeAnswer,
+    /// With the WAL's next sync, just after the answer (see [`Executor::complete`]).
+    AfterAnswer,
+}
+
+impl Durability {
+    /// As recorded in the row's metrics (`completed_commit`).
+    fn as_str(self) -> &'static str {
+        match self {
+            Durability::BeforeAnswer => "durable_before_answer",
+            Durability::AfterAnswer => "durable_after_answer",
+        }
+    }
+}
 
 /// One row of the `processes` table.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -1184,7 +1205,7 @@ impl Executor {
             // The CLI writes its stdout straight into the pending log: an answer it printed is
             // in a file even if the daemon dies before reading it, so it is never paid twice.
             inv.stdout_file = responses::create_pending(&inner.refs, &stream_rel).ok();
-            let mut running_write: Option<tokio::task::JoinHandle<()>> = None;
+            let mut running_write: Option<tokio::task::JoinHandle<Option<i64>>> = None;
 
             let t_spawn = Instant::now();
             let before_spawn = asked_at.map(|a| t_spawn - a);
@@ -1216,9 +1237,10 @@ impl Executor {
             .await;
             // The slot is held until the attempt's outcome is recorded, so a RUNNING row never
             // outnumbers the limit.
-            if let Some(h) = running_write {
-                let _ = h.await;
-            }
+            let running_event = match running_write {
+                Some(h) => h.await.ok().flatten(),
+                None => None,
+            };
             // A prompt that could not be saved stopped the attempt (see `record_running`);
             // an answer that came anyway is kept, it was paid for.
             if let Err(f) = self.prompt_recorded(&id).await
@@ -1255,6 +1277,7 @@ impl Executor {
                             &stream_rel,
                             wall,
                             before_spawn,
+                            running_event,
                         )
                         .await;
                     drop(ticket);
@@ -1363,13 +1386,13 @@ impl Executor {
         stream_rel: String,
         agent: Option<String>,
         ticket: Arc<super::spend::Ticket>,
-    ) {
+    ) -> Option<i64> {
         // `claude.spawn.started` after `claude.spawn.request`. A prompt that cannot be saved
         // stops the call: it could not be retried or audited.
         if let Err(f) = self.prompt_recorded(&id).await {
             tracing::error!(error = %f, "cannot save the prompt of a running Claude call; stopping it");
             self.cancel(&id);
-            return;
+            return None;
         }
         // Relaxed: a pid means something only while the machine that ran it is up. A crash of
         // the daemon keeps the commit (it is in the WAL); after a power loss the row is still
@@ -1398,13 +1421,18 @@ impl Executor {
                         json!({ "process_id": id, "attempt": attempt, "pid": pid, "agent_id": agent }),
                     )
                     .correlated(id.clone()),
-                )?;
-                Ok::<_, BusError>(())
+                )
             })
             .await;
         match r {
-            Ok(()) => ticket.call_recorded(),
-            Err(e) => tracing::error!(error = %e, "cannot record a running Claude process"),
+            Ok(event) => {
+                ticket.call_recorded();
+                Some(event)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a running Claude process");
+                None
+            }
         }
     }
 
@@ -1476,6 +1504,7 @@ impl Executor {
         stream_rel: &str,
         wall: Duration,
         before_spawn: Option<Duration>,
+        running_event: Option<i64>,
     ) -> Outcome {
         let result = o.result().cloned().expect("checked by the caller");
         let metrics = json!({
@@ -1519,6 +1548,22 @@ impl Executor {
 
         let (response, archived) = files.await;
         let moved = response.is_some();
+        // The answer is durable in its session log now. Its COMPLETED commit need not wait for
+        // the disk when the RUNNING row (its prompt, its pending log) already reached it: after
+        // a power loss that undid COMPLETED, start-up finds that row and completes it from the
+        // session log (`result_on_disk`), so it is neither lost nor paid twice. The commit is
+        // durable a WAL sync later (it publishes an event, which the store syncs at once), and
+        // at the latest with the caller's own next durable commit, which follows it in the WAL.
+        let durability = match (&response, running_event) {
+            (Some(_), Some(event)) if self.inner.store.published_id() >= event => {
+                Durability::AfterAnswer
+            }
+            _ => Durability::BeforeAnswer,
+        };
+        let mut metrics = metrics;
+        if let Some(m) = metrics.as_object_mut() {
+            m.insert("completed_commit".into(), json!(durability.as_str()));
+        }
 
         let out = self
             .commit_completed(
@@ -1531,6 +1576,7 @@ impl Executor {
                 archived,
                 metrics,
                 false,
+                durability,
             )
             .await;
         if out.is_ok() {
@@ -1599,6 +1645,7 @@ impl Executor {
         archived: Option<FileRef>,
         mut metrics: Value,
         recovered: bool,
+        durability: Durability,
     ) -> Outcome {
         let inner = &self.inner;
         if let (Some(r), Some(m)) = (&response, metrics.as_object_mut()) {
@@ -1613,12 +1660,10 @@ impl Executor {
             model.to_string(),
         );
         let metrics_s = metrics.to_string();
-        let wrote = inner
-            .store
-            .write(move |tx| {
-                let now = now_ms();
-                if recovered {
-                    tx.exec(
+        let job = move |tx: &crate::store::Tx<'_>| {
+            let now = now_ms();
+            if recovered {
+                tx.exec(
                         "UPDATE processes SET session_id = COALESCE(?2, session_id),
                             cost_usd = COALESCE(cost_usd, 0) + ?3, tokens_in = COALESCE(tokens_in, 0) + ?4,
                             tokens_out = COALESCE(tokens_out, 0) + ?5,
@@ -1638,27 +1683,29 @@ impl Executor {
                             r.duration_api_ms.map(|v| v as i64),
                         ],
                     )?;
-                }
-                tx.exec(
-                    "UPDATE processes SET status = 'COMPLETED', error = NULL, error_class = NULL,
+            }
+            tx.exec(
+                "UPDATE processes SET status = 'COMPLETED', error = NULL, error_class = NULL,
                         session_id = COALESCE(?2, session_id),
                         response_file = ?3, response_line = ?4, response_sha256 = ?5, metrics = ?6,
                         prompt_file = COALESCE(?7, prompt_file), completed_at = ?8, updated_at = ?8
                      WHERE id = ?1",
-                    params![
-                        idc,
-                        r.session_id,
-                        resp.as_ref().map(|f| f.path.clone()),
-                        resp.as_ref().and_then(|f| f.line).map(|l| l as i64),
-                        resp.as_ref().map(|f| f.sha256.clone()),
-                        metrics_s,
-                        archived.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
-                        now
-                    ],
-                )?;
-                if let Some(a) = &agent {
-                    let tokens = r.usage.input + r.usage.output;
-                    tx.exec(
+                params![
+                    idc,
+                    r.session_id,
+                    resp.as_ref().map(|f| f.path.clone()),
+                    resp.as_ref().and_then(|f| f.line).map(|l| l as i64),
+                    resp.as_ref().map(|f| f.sha256.clone()),
+                    metrics_s,
+                    archived
+                        .as_ref()
+                        .map(|a| serde_json::to_string(a).unwrap_or_default()),
+                    now
+                ],
+            )?;
+            if let Some(a) = &agent {
+                let tokens = r.usage.input + r.usage.output;
+                tx.exec(
                         "UPDATE agents SET status = 'active', current_session_id = COALESCE(?2, current_session_id),
                             current_process_id = ?3, last_active_at = ?4,
                             metrics = json_set(metrics,
@@ -1668,43 +1715,46 @@ impl Executor {
                          WHERE id = ?1",
                         params![a, r.session_id, idc, now, r.total_cost_usd.unwrap_or(0.0), tokens as i64],
                     )?;
-                }
-                bus::publish_in(
-                    tx,
-                    &NewEvent::new(
-                        "claude.spawn.complete",
-                        json!({
-                            "process_id": idc, "workflow_id": workflow_id, "agent_id": agent,
-                            "session_id": r.session_id, "response": resp, "model": model,
-                            "cost_usd": r.total_cost_usd, "tokens_in": r.usage.input,
-                            "tokens_out": r.usage.output, "num_turns": r.num_turns,
-                            "duration_ms": r.duration_ms, "recovered": recovered,
-                        }),
-                    )
-                    .correlated(idc.clone()),
-                )?;
-                // The call's totals over all its attempts, as the answer reports them.
-                let totals = tx
-                    .prepare_cached(
-                        "SELECT model, tokens_in, tokens_out, tokens_cache_read, tokens_cache_write,
+            }
+            bus::publish_in(
+                tx,
+                &NewEvent::new(
+                    "claude.spawn.complete",
+                    json!({
+                        "process_id": idc, "workflow_id": workflow_id, "agent_id": agent,
+                        "session_id": r.session_id, "response": resp, "model": model,
+                        "cost_usd": r.total_cost_usd, "tokens_in": r.usage.input,
+                        "tokens_out": r.usage.output, "num_turns": r.num_turns,
+                        "duration_ms": r.duration_ms, "recovered": recovered,
+                    }),
+                )
+                .correlated(idc.clone()),
+            )?;
+            // The call's totals over all its attempts, as the answer reports them.
+            let totals = tx
+                .prepare_cached(
+                    "SELECT model, tokens_in, tokens_out, tokens_cache_read, tokens_cache_write,
                             cost_usd, duration_ms FROM processes WHERE id = ?1",
-                    )?
-                    .query_row([&idc], |r| {
-                        Ok(ClaudeAnswer {
-                            model: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                            tokens_in: r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64,
-                            tokens_out: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
-                            tokens_cache_read: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
-                            tokens_cache_write: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
-                            cost_usd: r.get::<_, Option<f64>>(5)?.unwrap_or(0.0),
-                            duration_ms: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
-                            process_id: idc.clone(),
-                            ..ClaudeAnswer::default()
-                        })
-                    })?;
-                Ok::<_, BusError>(totals)
-            })
-            .await;
+                )?
+                .query_row([&idc], |r| {
+                    Ok(ClaudeAnswer {
+                        model: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                        tokens_in: r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64,
+                        tokens_out: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
+                        tokens_cache_read: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                        tokens_cache_write: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
+                        cost_usd: r.get::<_, Option<f64>>(5)?.unwrap_or(0.0),
+                        duration_ms: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
+                        process_id: idc.clone(),
+                        ..ClaudeAnswer::default()
+                    })
+                })?;
+            Ok::<_, BusError>(totals)
+        };
+        let wrote = match durability {
+            Durability::BeforeAnswer => inner.store.write(job).await,
+            Durability::AfterAnswer => inner.store.write_relaxed(job).await,
+        };
 
         let mut answer = wrote.map_err(internal)?;
         if was_archived {
@@ -2072,14 +2122,17 @@ impl Executor {
             "ended_at": now_ms(), "recovered": true,
             "note": "completed from the pending log after the daemon stopped",
         });
-        let response = match &session {
-            Some(s) => responses::append_to_session(&self.inner.refs, s, &found.lines, &envelope)
-                .ok()
-                .and_then(|(r, _)| {
-                    self.inner.latest.point(&format!("{s}.jsonl"));
-                    r
-                }),
-            None => None,
+        let response = match (&found.logged, &session) {
+            (Some(logged), _) => Some(logged.clone()),
+            (None, Some(s)) => {
+                responses::append_to_session(&self.inner.refs, s, &found.lines, &envelope)
+                    .ok()
+                    .and_then(|(r, _)| {
+                        self.inner.latest.point(&format!("{s}.jsonl"));
+                        r
+                    })
+            }
+            (None, None) => None,
         };
         let metrics = json!({ "recovered": true });
         let out = self
@@ -2093,6 +2146,7 @@ impl Executor {
                 self.archive_prompt(&row.id),
                 metrics,
                 true,
+                Durability::BeforeAnswer,
             )
             .await;
         if out.is_ok()
@@ -2110,10 +2164,32 @@ impl Executor {
         let by_attempt = (1..=row.attempts + 1)
             .rev()
             .map(|a| responses::pending_path(&row.id, a));
-        named.chain(by_attempt).find_map(|rel| {
-            let path = self.inner.refs.resolve(&rel).ok()?;
+        let refs = &self.inner.refs;
+        let pending = named.chain(by_attempt).find_map(|rel| {
+            let path = refs.resolve(&rel).ok()?;
             responses::successful_result_in(&path)
-        })
+        });
+        match pending {
+            // Already in its session log too (the daemon died after the append): that copy is
+            // the one to reference, so the log does not get the answer twice.
+            Some(mut found) => {
+                if let Some(s) = found.result.session_id.as_deref()
+                    && responses::safe_session_id(s)
+                {
+                    found.logged =
+                        responses::logged_result_in(refs, &responses::session_path(s), &row.id)
+                            .and_then(|f| f.logged);
+                }
+                Some(found)
+            }
+            // No pending log (removed once the answer was in the session log, whose row a
+            // power loss may have undone): the session logs written since the call started.
+            None => responses::find_logged_result(
+                refs,
+                &row.id,
+                row.started_at.unwrap_or(row.created_at),
+            ),
+        }
     }
 
     /// After a crash: the answer of `process_id` if it completed (its row, or a result line in

@@ -14,8 +14,13 @@
 //! - The daemon dies after the result line reached the pending file: `recover`/reconciliation
 //!   finds it there and completes the call without running it again.
 //! - The daemon dies after the session log append but before the row commit: the pending file is
-//!   still there, so the call is completed from it; the session log then holds the response
-//!   twice (the second copy is the referenced one). Harmless, and rare.
+//!   still there, so the call is completed from it, referencing the copy already in the
+//!   session log (found by its envelope, [`logged_result_in`]): the log holds it once.
+//! - The machine loses power just after the answer: its COMPLETED commit may not have reached
+//!   the disk (it does not hold the answer back once the RUNNING row is durable, see
+//!   `Executor::complete`), and the pending file is gone. The answer's lines are durable in the
+//!   session log, so start-up finds them there by the envelope ([`find_logged_result`]) and
+//!   completes the row: not lost, not paid twice.
 //! - The machine loses power between the result line and the session log's fsync (about a
 //!   millisecond): the call is run again, as it is after a power loss while the CLI waits for
 //!   the API (seconds). The pending file is not fsynced for that window.
@@ -82,6 +87,9 @@ pub struct FoundResult {
     pub result: ResultSummary,
     /// The raw lines, in order, up to and including the result line.
     pub lines: Vec<String>,
+    /// Where the result line already is in a session log (its attempt's envelope follows it
+    /// there), when it was found in one: nothing has to be appended again.
+    pub logged: Option<FileRef>,
 }
 
 /// Parses a pending log and returns its successful result, if it has one.
@@ -101,12 +109,98 @@ pub fn successful_result_in(path: &Path) -> Option<FoundResult> {
                 if result.is_error {
                     return None;
                 }
-                return Some(FoundResult { run, result, lines });
+                return Some(FoundResult {
+                    run,
+                    result,
+                    lines,
+                    logged: None,
+                });
             }
         }
         lines.push(line);
     }
     None
+}
+
+/// The successful answer of `process_id` already appended to the session log `rel`
+/// (`claude_logs/<session>.jsonl`): the lines of the attempt that its success envelope (one
+/// without an error `class`) closes, with `logged` pointing at the result line. The last such
+/// envelope wins.
+pub fn logged_result_in(refs: &Refs, rel: &str, process_id: &str) -> Option<FoundResult> {
+    let bytes = std::fs::read(refs.resolve(rel).ok()?).ok()?;
+    // (line number, offset, text) of the lines since the previous envelope.
+    let mut window: Vec<(u64, u64, &str)> = Vec::new();
+    let mut found: Option<Vec<(u64, u64, &str)>> = None;
+    let mut offset = 0u64;
+    for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
+        let start = offset;
+        offset += raw.len() as u64 + 1;
+        let Ok(line) = std::str::from_utf8(raw) else {
+            continue;
+        };
+        if line.contains("\"ksi_envelope\"")
+            && let Ok(v) = serde_json::from_str::<Value>(line)
+            && v.get("type").and_then(Value::as_str) == Some("ksi_envelope")
+        {
+            let ours = v.get("process_id").and_then(Value::as_str) == Some(process_id)
+                && v.get("class").is_none_or(Value::is_null);
+            let lines = std::mem::take(&mut window);
+            if ours {
+                found = Some(lines);
+            }
+            continue;
+        }
+        window.push((i as u64 + 1, start, line));
+    }
+    let lines = found?;
+    let texts: Vec<String> = lines.iter().map(|l| l.2.to_string()).collect();
+    let at = last_result_line(&texts)?;
+    let mut parser = StreamParser::new();
+    let mut run = ParsedRun::default();
+    for line in &texts[..=at] {
+        for ev in parser.feed_line(line) {
+            run.apply(ev);
+        }
+    }
+    let result = run.result.clone().filter(|r| !r.is_error)?;
+    let (line, offset, text) = lines[at];
+    Some(FoundResult {
+        run,
+        result,
+        lines: texts[..=at].to_vec(),
+        logged: Some(FileRef {
+            path: rel.to_string(),
+            line: Some(line),
+            offset: Some(offset),
+            sha256: crate::refs::sha256_hex(text.as_bytes()),
+            bytes: text.len() as u64,
+        }),
+    })
+}
+
+/// Looks for the successful answer of `process_id` in the session logs written since
+/// `since_ms` (epoch ms), newest first. After a power loss its row may not say where the
+/// answer went (see the module docs). `None` if no session log has it.
+pub fn find_logged_result(refs: &Refs, process_id: &str, since_ms: i64) -> Option<FoundResult> {
+    let dir = refs.root().join("claude_logs");
+    // Some filesystems keep mtime coarsely: a little slack.
+    let since = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(since_ms.saturating_sub(5_000).max(0) as u64);
+    let mut logs: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            // `latest.jsonl` is a symlink to one of the others (`DirEntry::metadata` does not
+            // follow it).
+            let meta = e.metadata().ok().filter(std::fs::Metadata::is_file)?;
+            let modified = meta.modified().ok().filter(|m| *m >= since)?;
+            name.ends_with(".jsonl").then_some((modified, name))
+        })
+        .collect();
+    logs.sort_by_key(|l| std::cmp::Reverse(l.0));
+    logs.into_iter()
+        .find_map(|(_, name)| logged_result_in(refs, &format!("claude_logs/{name}"), process_id))
 }
 
 /// Writes an attempt's lines and its envelope to the session log (one write, one fsync).
@@ -136,7 +230,15 @@ pub fn append_to_session(
 /// # Errors
 /// The log cannot be written.
 pub fn close_pending(refs: &Refs, rel: &str, envelope: &Value) -> crate::refs::Result<FileRef> {
-    refs.append_line(rel, envelope.to_string().as_bytes())
+    let r = refs.append_line(rel, envelope.to_string().as_bytes())?;
+    // The file stays as the attempt's log, referenced by its row: its name must be durable.
+    let dir = refs.root().join(PENDING_DIR);
+    refs.sync_dir_entry(&dir)
+        .map_err(|source| crate::refs::RefError::Io {
+            path: PENDING_DIR.to_string(),
+            source,
+        })?;
+    Ok(r)
 }
 
 /// Index of the last `result` line among raw lines.
