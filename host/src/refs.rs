@@ -269,6 +269,27 @@ impl Refs {
         })
     }
 
+    /// Creates an empty file at `rel` unless one is there, with its directory entry durable
+    /// (concurrent creations in one directory share the fsync): later appends to it need only
+    /// fsync their data.
+    ///
+    /// # Errors
+    /// The path escapes the data dir, or the file or its directory cannot be created.
+    pub fn create_durable(&self, rel: &str) -> Result<()> {
+        let full = self.resolve(rel)?;
+        let io = |source| RefError::Io {
+            path: rel.to_string(),
+            source,
+        };
+        let dir = full.parent().expect("resolved paths have a parent");
+        std::fs::create_dir_all(dir).map_err(io)?;
+        match OpenOptions::new().write(true).create_new(true).open(&full) {
+            Ok(_) => self.sync_dir_entry(dir).map_err(io),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io(e)),
+        }
+    }
+
     /// Appends one line (no newline inside) to a JSONL file, fsyncs it, and returns the
     /// reference of that line (1-based `line`, byte `offset`, hash of the line).
     pub fn append_line(&self, rel: &str, line: &[u8]) -> Result<FileRef> {

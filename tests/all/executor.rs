@@ -1546,3 +1546,69 @@ async fn a_daemon_that_died_after_logging_an_answer_does_not_log_it_twice() -> R
     assert_eq!(invocations(&f.log).len(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_new_conversation_gets_its_session_id_from_ksi_and_its_log_while_the_cli_runs()
+-> Result<()> {
+    let f = fixture(&[("FAKE_CLAUDE_DELAY_MS", "200")])?;
+    let exec = f.exec.clone();
+    let call = tokio::spawn(async move {
+        exec.complete("fresh-1".into(), None, req("a brand new conversation"))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while row_opt(&f, "fresh-1").and_then(|r| r.pid).is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let args: Vec<String> = invocations(&f.log)
+        .first()
+        .and_then(|i| serde_json::from_value(i["args"].clone()).ok())
+        .context("the CLI's arguments")?;
+    let at = args
+        .iter()
+        .position(|a| a == "--session-id")
+        .with_context(|| format!("--session-id in {args:?}"))?;
+    let session = args[at + 1].clone();
+    assert!(uuid::Uuid::parse_str(&session).is_ok(), "{session}");
+    // While the CLI runs, its session log is already there (and empty).
+    let log = f.dir.path().join(format!("claude_logs/{session}.jsonl"));
+    let seen_early = loop {
+        if log.exists() || Instant::now() > deadline {
+            break log.exists();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(seen_early, "{} exists before the answer", log.display());
+    assert_eq!(row(&f, "fresh-1").status, "RUNNING");
+    let answer = call.await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(answer.session_id, session);
+    let resp = answer.response_ref.context("response ref")?;
+    assert_eq!(resp.path, format!("claude_logs/{session}.jsonl"));
+    assert_eq!(resp.line, Some(jsonl_lines(&log)?.len() as u64 - 1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn attempts_that_printed_no_session_leave_no_empty_session_logs() -> Result<()> {
+    // An unknown fault makes fake-claude exit before it prints anything: every attempt fails
+    // without a session id, so the session logs made for them go again.
+    let (f, r, out) = run_fault("no-such-fault", false).await?;
+    assert!(out.is_err(), "{out:?}");
+    assert_eq!(r.status, "DEAD", "{r:?}");
+    assert_eq!(r.attempts, 3);
+    let sessions: Vec<String> = invocations(&f.log)
+        .iter()
+        .filter_map(|i| {
+            let args: Vec<String> = serde_json::from_value(i["args"].clone()).ok()?;
+            let at = args.iter().position(|a| a == "--session-id")?;
+            args.get(at + 1).cloned()
+        })
+        .collect();
+    assert_eq!(sessions.len(), 3, "one fresh session per attempt");
+    assert_eq!(sessions.iter().collect::<BTreeSet<_>>().len(), 3);
+    for s in &sessions {
+        let log = f.dir.path().join(format!("claude_logs/{s}.jsonl"));
+        assert!(!log.exists(), "{} was left behind", log.display());
+    }
+    Ok(())
+}

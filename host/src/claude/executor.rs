@@ -207,6 +207,26 @@ pub mod status {
 /// A call as [`Executor::spawn`] takes it.
 pub type SpawnRequest = ClaudeRequest;
 
+/// Removes, when dropped, the session log pre-created for an attempt (`created`) if the
+/// attempt did not log to it (its CLI printed no session id, or another one) and it is empty.
+struct UnusedSessionLog<'a> {
+    refs: &'a Refs,
+    created: Option<&'a str>,
+    used: Option<String>,
+}
+
+impl Drop for UnusedSessionLog<'_> {
+    fn drop(&mut self) {
+        let Some(created) = self.created.filter(|c| self.used.as_deref() != Some(*c)) else {
+            return;
+        };
+        let path = self.refs.root().join(responses::session_path(created));
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// When a COMPLETED commit reaches the disk, relative to the answer going back to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Durability {
@@ -1201,6 +1221,14 @@ impl Executor {
             }
             attempt += 1;
             let mut inv = self.invocation(&eff, &request, &profile, &model, &prompt, &session);
+            // A new conversation gets its id from KSI (`--session-id`; one per attempt, as the
+            // CLI would pick), so its session log is created, its name made durable, while the
+            // CLI runs rather than after it answered.
+            let fresh_session = session.is_none().then(|| uuid::Uuid::new_v4().to_string());
+            if let Some(s) = &fresh_session {
+                inv.session = SessionMode::WithId(s.clone());
+            }
+            let mut session_log: Option<tokio::task::JoinHandle<()>> = None;
             let stream_rel = responses::pending_path(&id, attempt);
             // The CLI writes its stdout straight into the pending log: an answer it printed is
             // in a file even if the daemon dies before reading it, so it is never paid twice.
@@ -1222,6 +1250,14 @@ impl Executor {
             let result = run_attempt_guarded(&inv, &eff.limits, &cancel, guardian, |p| match p {
                 Progress::Spawned { pid, start_ticks } => {
                     self.start_prompt_save(&id);
+                    if let Some(s) = &fresh_session {
+                        let (refs, rel) = (inner.refs.clone(), responses::session_path(s));
+                        session_log = Some(tokio::task::spawn_blocking(move || {
+                            if let Err(e) = refs.create_durable(&rel) {
+                                tracing::warn!(error = %e, "cannot create the session log ahead of the answer; it is created with it");
+                            }
+                        }));
+                    }
                     running_write = Some(tokio::spawn(self.clone().record_running(
                         id.clone(),
                         attempt,
@@ -1240,6 +1276,19 @@ impl Executor {
             let running_event = match running_write {
                 Some(h) => h.await.ok().flatten(),
                 None => None,
+            };
+            // The attempt's lines go to that log only once its name is durable.
+            if let Some(h) = session_log {
+                let _ = h.await;
+            }
+            // Whatever the attempt logs below, a pre-created session log it did not use goes.
+            let _unused_log = UnusedSessionLog {
+                refs: &inner.refs,
+                created: fresh_session.as_deref(),
+                used: result
+                    .as_ref()
+                    .ok()
+                    .and_then(|o| o.run.session_id().map(str::to_string)),
             };
             // A prompt that could not be saved stopped the attempt (see `record_running`);
             // an answer that came anyway is kept, it was paid for.
