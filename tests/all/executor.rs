@@ -1612,3 +1612,53 @@ async fn attempts_that_printed_no_session_leave_no_empty_session_logs() -> Resul
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_call_to_run_again_finds_its_prompt_in_the_archive_when_the_queued_name_is_gone()
+-> Result<()> {
+    let f = fixture(&[])?;
+    // A RUNNING row without a result (the CLI died with the machine), whose queued prompt had
+    // already been linked into the archive and unlinked from the queue.
+    let lines = fake_stdout("asked before the power went")?;
+    plant_running_row(&f, "arch-1", &lines[..1]).await?;
+    let queued = f
+        .refs
+        .write("prompts/queue/arch-1.txt", b"asked before the power went")?;
+    let (qref, sha) = (serde_json::to_string(&queued)?, queued.sha256.clone());
+    f.store
+        .write(move |tx| {
+            tx.execute(
+                "UPDATE processes SET prompt_file = ?1, request = ?2, prompt_sha256 = ?3
+                 WHERE id = 'arch-1'",
+                rusqlite::params![qref, r#"{"model":"sonnet"}"#, sha],
+            )?;
+            Ok::<_, ksi_host::store::StoreError>(())
+        })
+        .await?;
+    std::fs::hard_link(
+        f.dir.path().join("prompts/queue/arch-1.txt"),
+        f.dir.path().join("prompts/archive/arch-1.txt"),
+    )?;
+    std::fs::remove_file(f.dir.path().join("prompts/queue/arch-1.txt"))?;
+
+    let report = f.exec.reconcile().await?;
+    assert_eq!(report.retry, vec!["arch-1".to_string()], "{report:?}");
+    f.exec
+        .resume("arch-1")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let answer = f
+        .exec
+        .wait("arch-1")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(answer.text.starts_with("[simulated]"), "{}", answer.text);
+    let ran = invocations(&f.log);
+    assert_eq!(ran.len(), 1);
+    // fake-claude hashes the prompt followed by a NUL.
+    assert_eq!(
+        ran[0]["prompt_sha256"],
+        ksi_host::refs::sha256_hex(b"asked before the power went\0")
+    );
+    Ok(())
+}

@@ -2332,10 +2332,20 @@ impl Executor {
             .map_err(internal)?
             .and_then(|s| serde_json::from_str(&s).ok())
             .ok_or_else(|| internal("the stored request is missing"))?;
+        // The queued prompt, or its archived link: a COMPLETED commit that a power loss undid
+        // may have left the row naming the queue after the queued name was removed.
         let prompt = row
             .prompt_file
             .as_ref()
-            .and_then(|r| inner.refs.read(r).ok())
+            .and_then(|r| {
+                inner.refs.read(r).ok().or_else(|| {
+                    let archived = FileRef {
+                        path: format!("prompts/archive/{process_id}.txt"),
+                        ..r.clone()
+                    };
+                    inner.refs.read(&archived).ok()
+                })
+            })
             .map(|b| String::from_utf8_lossy(&b).into_owned());
         let Some(prompt) = prompt else {
             return refuse("its prompt file is gone");
