@@ -1020,7 +1020,7 @@ async fn the_executor_benchmark_reports_overhead_throughput_and_memory() -> Resu
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let r = ksi_host::bench::bench_executor(dir.path(), Path::new(FAKE), calls, 2).await?;
+    let r = ksi_host::bench::bench_executor(dir.path(), Path::new(FAKE), calls, 2, None).await?;
     eprintln!("bench executor: {r}");
     assert_eq!(r["calls"], json!(calls));
     assert_eq!(r["rounds"], json!(2));

@@ -81,7 +81,8 @@ fn call_times(store: &Store, id: &str) -> anyhow::Result<CallTimes> {
 pub const SETTLE: Duration = Duration::from_millis(500);
 
 /// Runs the benchmark in a fresh `data_dir` (created; existing data is not touched but shares
-/// the database): `rounds` bursts of `calls` concurrent calls of `fake_claude_bin`.
+/// the database): `rounds` bursts of `calls` concurrent calls of `fake_claude_bin`, run `nice`
+/// below the daemon (`None`: the executor's default).
 ///
 /// # Errors
 /// The data dir cannot be opened, or a call failed.
@@ -90,6 +91,7 @@ pub async fn bench_executor(
     fake_claude_bin: &Path,
     calls: usize,
     rounds: usize,
+    nice: Option<i32>,
 ) -> anyhow::Result<Value> {
     let rounds = rounds.max(1);
     crate::store::prepare_data_dir(data_dir)?;
@@ -101,6 +103,10 @@ pub async fn bench_executor(
     };
     config.spend.max_concurrency = calls.max(1);
     config.spend.spawn_rate_per_min = 0.0;
+    if let Some(n) = nice {
+        config.nice = n.clamp(0, 19);
+    }
+    let config_nice = config.nice;
     let exec = Executor::new(store.clone(), Bus::new(store.clone()), refs, config);
 
     // Whatever was started with the benchmark starts up now, not while it measures.
@@ -209,6 +215,7 @@ pub async fn bench_executor(
         "calls_per_s": total_calls as f64 / elapsed.as_secs_f64(),
         "elapsed_ms": elapsed.as_secs_f64() * 1000.0,
         "rss_mb": rss,
+        "nice": config_nice,
         "note": "overhead = wall time of ClaudeApi::complete minus the child's spawn-to-exit time (before_spawn: from the call to the spawn; after_exit: from the exit to the answer), percentiles over all calls of all rounds (each round: `calls` at once); with 50 concurrent calls on a small machine it includes waiting for CPU and for the disk",
     }))
 }

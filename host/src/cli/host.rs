@@ -157,6 +157,11 @@ pub enum BenchCmd {
         /// their calls
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// How far below the daemon the CLIs run (`claude.nice`; default: the executor's 10).
+        /// How much CPU the daemon keeps for its bookkeeping while 50 CLIs start at once
+        /// depends on it
+        #[arg(long)]
+        nice: Option<i32>,
         #[arg(long)]
         json: bool,
     },
@@ -283,6 +288,7 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
             HostCmd::Bench(BenchCmd::Executor {
                 calls,
                 rounds,
+                nice,
                 json,
             }) => {
                 store::prepare_data_dir(&config.data_dir)?;
@@ -292,7 +298,7 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 let dir = std::env::var_os("KSI_BENCH_DIR")
                     .map(std::path::PathBuf::from)
                     .unwrap_or_else(|| config.data_dir.join("bench-executor"));
-                let r = bench::bench_executor(&dir, &fake, calls, rounds).await?;
+                let r = bench::bench_executor(&dir, &fake, calls, rounds, nice).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 } else {
