@@ -16,9 +16,11 @@
 //!    COMPLETED with the response reference, the agent's new session, the archived prompt and
 //!    `claude.spawn.complete`. The session log is fsynced before COMPLETED commits; that commit
 //!    waits for the disk only if the RUNNING row has not reached it yet (else a power loss
-//!    leaves a RUNNING row whose answer start-up finds in the session log). Failure: transient → RETRY (backoff + jitter) and again from 3, or
-//!    DEAD when attempts are used up; permanent → FAILED at once with the CLI's message;
-//!    each with `claude.spawn.failed`.
+//!    leaves a RUNNING row whose answer start-up finds in the session log). A new conversation
+//!    gets its session id from KSI (`--session-id`), so its log exists before the answer.
+//!    Failure: transient → RETRY (backoff + jitter) and again from 3, or DEAD when attempts
+//!    are used up; permanent → FAILED at once with the CLI's message; each with
+//!    `claude.spawn.failed`.
 //!
 //! After a daemon crash, [`Executor::reconcile`] settles every row the dead daemon left running,
 //! and [`Executor::recover`] hands the workflow engine an answer that was already paid for.
