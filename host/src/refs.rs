@@ -235,15 +235,25 @@ impl Refs {
         Ok(full)
     }
 
+    /// [`Refs::resolve`], with the directory of the file created if it is missing.
+    fn resolve_creating_dir(&self, rel: &str) -> Result<PathBuf> {
+        let full = self.resolve(rel)?;
+        let dir = full.parent().expect("resolved paths have a parent");
+        std::fs::create_dir_all(dir).map_err(|source| RefError::Io {
+            path: rel.to_string(),
+            source,
+        })?;
+        Ok(full)
+    }
+
     /// Writes a whole file atomically (temp, fsync, rename, fsync dir) and returns its reference.
     pub fn write(&self, rel: &str, bytes: &[u8]) -> Result<FileRef> {
-        let full = self.resolve(rel)?;
+        let full = self.resolve_creating_dir(rel)?;
         let io = |source| RefError::Io {
             path: rel.to_string(),
             source,
         };
         let dir = full.parent().expect("resolved paths have a parent");
-        std::fs::create_dir_all(dir).map_err(io)?;
         let tmp = dir.join(format!(
             ".{}.tmp-{}",
             full.file_name().unwrap().to_string_lossy(),
@@ -276,13 +286,12 @@ impl Refs {
     /// # Errors
     /// The path escapes the data dir, or the file or its directory cannot be created.
     pub fn create_durable(&self, rel: &str) -> Result<()> {
-        let full = self.resolve(rel)?;
+        let full = self.resolve_creating_dir(rel)?;
         let io = |source| RefError::Io {
             path: rel.to_string(),
             source,
         };
         let dir = full.parent().expect("resolved paths have a parent");
-        std::fs::create_dir_all(dir).map_err(io)?;
         match OpenOptions::new().write(true).create_new(true).open(&full) {
             Ok(_) => self.sync_dir_entry(dir).map_err(io),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -300,7 +309,7 @@ impl Refs {
     /// Appends several lines with one write and one fsync (a Claude response and its envelope),
     /// returning the reference of each, in order.
     pub fn append_lines(&self, rel: &str, lines: &[&[u8]]) -> Result<Vec<FileRef>> {
-        let full = self.resolve(rel)?;
+        let full = self.resolve_creating_dir(rel)?;
         let io = |source| RefError::Io {
             path: rel.to_string(),
             source,
@@ -314,7 +323,6 @@ impl Refs {
         let state = self.jsonl_state(&full);
         let mut st = state.lock().unwrap();
         let dir = full.parent().expect("resolved paths have a parent");
-        std::fs::create_dir_all(dir).map_err(io)?;
         // A file this call creates needs its directory entry made durable as well, or the
         // references to its lines could outlive the file itself after a power loss.
         let (mut f, created) = match OpenOptions::new().append(true).read(true).open(&full) {
