@@ -1417,9 +1417,10 @@ fn jsonl_lines(path: &Path) -> Result<Vec<String>> {
 }
 
 /// What a power loss just after the answer can leave of a completed call: its relaxed COMPLETED
-/// commit undone (the row RUNNING again, as its durable RUNNING commit left it) while the
-/// answer's lines are durable in the session log and its pending log is gone.
-async fn undo_completed(f: &Fixture, id: &str) -> Result<()> {
+/// commit undone (the row RUNNING again, as its durable RUNNING commit left it, naming the
+/// session the CLI was asked for unless `forget_session`: a row from before KSI recorded it)
+/// while the answer's lines are durable in the session log and its pending log is gone.
+async fn undo_completed(f: &Fixture, id: &str, forget_session: bool) -> Result<()> {
     let (id, pending, queued) = (
         id.to_string(),
         format!("claude_logs/pending/{id}.1.jsonl"),
@@ -1431,12 +1432,13 @@ async fn undo_completed(f: &Fixture, id: &str) -> Result<()> {
     f.store
         .write(move |tx| {
             tx.execute(
-                "UPDATE processes SET status = 'RUNNING', session_id = NULL, response_file = NULL,
+                "UPDATE processes SET status = 'RUNNING',
+                    session_id = CASE WHEN ?4 THEN NULL ELSE session_id END, response_file = NULL,
                     response_line = NULL, response_sha256 = NULL, cost_usd = NULL, tokens_in = NULL,
                     tokens_out = NULL, tokens_cache_read = NULL, tokens_cache_write = NULL,
                     num_turns = NULL, metrics = NULL, completed_at = NULL, stream_file = ?2,
                     prompt_file = ?3 WHERE id = ?1",
-                rusqlite::params![id, pending, queued],
+                rusqlite::params![id, pending, queued, forget_session],
             )?;
             Ok::<_, ksi_host::store::StoreError>(())
         })
@@ -1447,21 +1449,26 @@ async fn undo_completed(f: &Fixture, id: &str) -> Result<()> {
 #[tokio::test]
 async fn an_answer_whose_completed_commit_a_power_loss_undid_is_found_in_its_session_log()
 -> Result<()> {
+    for (id, forget_session) in [("pl-1", false), ("pl-2", true)] {
+        answer_found_after_power_loss(id, forget_session)
+            .await
+            .with_context(|| format!("{id}, row without its session: {forget_session}"))?;
+    }
+    Ok(())
+}
+
+async fn answer_found_after_power_loss(id: &str, forget_session: bool) -> Result<()> {
     // A CLI that takes a few hundred ms (as a real one takes seconds): its RUNNING commit is on
     // disk before it answers.
     let f = fixture(&[("FAKE_CLAUDE_DELAY_MS", "100")])?;
     let first = f
         .exec
-        .complete(
-            "pl-1".into(),
-            None,
-            req("answered just before the power went"),
-        )
+        .complete(id.into(), None, req("answered just before the power went"))
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     // The RUNNING commit was durable long before the CLI answered, so COMPLETED did not hold
     // the answer back for the disk.
-    let metrics = row(&f, "pl-1").metrics.context("metrics")?;
+    let metrics = row(&f, id).metrics.context("metrics")?;
     assert_eq!(metrics["completed_commit"], "durable_after_answer");
     let resp = first.response_ref.clone().context("response ref")?;
     let log = f.dir.path().join(&resp.path);
@@ -1469,21 +1476,21 @@ async fn an_answer_whose_completed_commit_a_power_loss_undid_is_found_in_its_ses
     assert!(
         !f.dir
             .path()
-            .join("claude_logs/pending/pl-1.1.jsonl")
+            .join(format!("claude_logs/pending/{id}.1.jsonl"))
             .exists()
     );
 
-    undo_completed(&f, "pl-1").await?;
+    undo_completed(&f, id, forget_session).await?;
     // The daemon starts again: reconciliation completes the call from the session log.
     let (store, bus, refs) = open(f.dir.path())?;
     let exec = Executor::new(store.clone(), bus, refs, base_config(&f.log, &[]));
     let report = exec.reconcile().await?;
-    assert_eq!(report.completed, vec!["pl-1".to_string()], "{report:?}");
+    assert_eq!(report.completed, vec![id.to_string()], "{report:?}");
     assert!(
         report.retry.is_empty() && report.dead.is_empty(),
         "{report:?}"
     );
-    let r = get_process(&store, "pl-1")?.context("row")?;
+    let r = get_process(&store, id)?.context("row")?;
     assert_eq!(r.status, "COMPLETED");
     assert_eq!(r.session_id.as_deref(), Some(first.session_id.as_str()));
     assert_eq!(r.response_file.as_deref(), Some(resp.path.as_str()));
@@ -1493,11 +1500,11 @@ async fn an_answer_whose_completed_commit_a_power_loss_undid_is_found_in_its_ses
     // Not run again, and the log holds the answer once.
     assert_eq!(invocations(&f.log).len(), 1);
     assert_eq!(jsonl_lines(&log)?, lines_before);
-    let answer = exec.recover("pl-1".into()).await.context("answer")?;
+    let answer = exec.recover(id.to_string()).await.context("answer")?;
     assert_eq!(answer.text, first.text);
     // The prompt is where the row now says.
     let prompt = r.prompt_file.context("prompt ref")?;
-    assert_eq!(prompt.path, "prompts/archive/pl-1.txt");
+    assert_eq!(prompt.path, format!("prompts/archive/{id}.txt"));
     assert_eq!(
         f.refs.read(&prompt)?,
         b"answered just before the power went"
@@ -1523,7 +1530,7 @@ async fn a_daemon_that_died_after_logging_an_answer_does_not_log_it_twice() -> R
         .filter(|l| !l.contains("\"ksi_envelope\""))
         .cloned()
         .collect();
-    undo_completed(&f, "twice-1").await?;
+    undo_completed(&f, "twice-1", false).await?;
     let pending = f.dir.path().join("claude_logs/pending/twice-1.1.jsonl");
     std::fs::write(&pending, raw.join("\n") + "\n")?;
 
@@ -1579,7 +1586,9 @@ async fn a_new_conversation_gets_its_session_id_from_ksi_and_its_log_while_the_c
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     assert!(seen_early, "{} exists before the answer", log.display());
-    assert_eq!(row(&f, "fresh-1").status, "RUNNING");
+    let running = row(&f, "fresh-1");
+    assert_eq!(running.status, "RUNNING");
+    assert_eq!(running.session_id.as_deref(), Some(session.as_str()));
     let answer = call.await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     assert_eq!(answer.session_id, session);
     let resp = answer.response_ref.context("response ref")?;

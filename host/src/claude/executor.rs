@@ -1266,6 +1266,7 @@ impl Executor {
                         pid,
                         start_ticks,
                         stream_rel.clone(),
+                        fresh_session.clone().or_else(|| session.clone()),
                         request.agent.clone(),
                         ticket.clone(),
                     )));
@@ -1435,6 +1436,7 @@ impl Executor {
         pid: u32,
         start_ticks: Option<u64>,
         stream_rel: String,
+        session: Option<String>,
         agent: Option<String>,
         ticket: Arc<super::spend::Ticket>,
     ) -> Option<i64> {
@@ -1456,8 +1458,8 @@ impl Executor {
                 tx.exec(
                     "UPDATE processes SET status = 'RUNNING', pid = ?2, pid_start_ticks = ?3, attempts = ?4,
                         stream_file = ?5, started_at = COALESCE(started_at, ?6), next_attempt_at = NULL,
-                        updated_at = ?6 WHERE id = ?1",
-                    params![id, pid, start_ticks.map(|t| t as i64), attempt, stream_rel, now],
+                        session_id = COALESCE(?7, session_id), updated_at = ?6 WHERE id = ?1",
+                    params![id, pid, start_ticks.map(|t| t as i64), attempt, stream_rel, now, session],
                 )?;
                 if let Some(a) = &agent {
                     tx.exec(
@@ -2234,12 +2236,22 @@ impl Executor {
                 Some(found)
             }
             // No pending log (removed once the answer was in the session log, whose row a
-            // power loss may have undone): the session logs written since the call started.
-            None => responses::find_logged_result(
-                refs,
-                &row.id,
-                row.started_at.unwrap_or(row.created_at),
-            ),
+            // power loss may have undone): the log of the session its RUNNING row names, else
+            // the session logs written since the call started.
+            None => row
+                .session_id
+                .as_deref()
+                .filter(|s| responses::safe_session_id(s))
+                .and_then(|s| {
+                    responses::logged_result_in(refs, &responses::session_path(s), &row.id)
+                })
+                .or_else(|| {
+                    responses::find_logged_result(
+                        refs,
+                        &row.id,
+                        row.started_at.unwrap_or(row.created_at),
+                    )
+                }),
         }
     }
 
