@@ -1613,10 +1613,6 @@ impl Executor {
             }
             _ => Durability::BeforeAnswer,
         };
-        let mut metrics = metrics;
-        if let Some(m) = metrics.as_object_mut() {
-            m.insert("completed_commit".into(), json!(durability.as_str()));
-        }
 
         let out = self
             .commit_completed(
@@ -1701,9 +1697,12 @@ impl Executor {
         durability: Durability,
     ) -> Outcome {
         let inner = &self.inner;
-        if let (Some(r), Some(m)) = (&response, metrics.as_object_mut()) {
-            m.insert("response_offset".into(), json!(r.offset));
-            m.insert("response_bytes".into(), json!(r.bytes));
+        if let Some(m) = metrics.as_object_mut() {
+            if let Some(r) = &response {
+                m.insert("response_offset".into(), json!(r.offset));
+                m.insert("response_bytes".into(), json!(r.bytes));
+            }
+            m.insert("completed_commit".into(), json!(durability.as_str()));
         }
         let was_archived = archived.is_some();
         let (idc, r, resp, model) = (
