@@ -1,6 +1,6 @@
 //! KSI host: the daemon that runs Claude agents and durable multi-step workflows.
 //!
-//! One module per part (see `shared/ARCHITECTURE.md`): [`store`] owns the SQLite database,
+//! One module per part (see the README's table): [`store`] owns the SQLite database,
 //! [`bus`] the durable event bus, [`refs`] the files that rows point to, [`settings`] the
 //! dynamic configuration, [`claude`] runs the Claude CLI, [`workflow`] the durable workflow
 //! engine, [`plugins`] the WebAssembly step handlers, [`api`] the HTTP face (with its

@@ -369,10 +369,10 @@ async fn no_compat_turns_the_listener_off() {
     assert!(!dir.path().join("ksi-compat.sock").exists());
 }
 
-/// A real CLI result line from `shared/fixtures/claude-cli/`.
+/// A real CLI result line from `tests/fixtures/claude-cli/`.
 fn cli_result(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/claude-cli")
+        .join("../tests/fixtures/claude-cli")
         .join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("the fixture {} ({e})", path.display()));

@@ -1,4 +1,4 @@
-//! The parser and classifier against every real CLI capture in `shared/fixtures/claude-cli/`.
+//! The parser and classifier against every real CLI capture in `tests/fixtures/claude-cli/`.
 //!
 //! Each fixture file has an expectation below; a file without one fails the test, so a new
 //! capture cannot be skipped silently. The captures are used unedited: where a file is not raw
@@ -15,7 +15,7 @@ use super::command::ClaudeInvocation;
 use super::stream::{Outcome, ParsedRun, StreamEvent, StreamParser, TokenUsage};
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/claude-cli")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/claude-cli")
 }
 
 fn read(name: &str) -> String {
@@ -66,7 +66,7 @@ const EXIT_1: Termination = Termination::Exited(1);
 #[test]
 fn every_fixture_file_parses_to_its_expected_fields() {
     let mut names: Vec<String> = std::fs::read_dir(fixture_dir())
-        .expect("the fixture directory shared/fixtures/claude-cli exists beside the repository")
+        .expect("the fixture directory tests/fixtures/claude-cli is in the repository")
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n != "README.md")
         .collect();

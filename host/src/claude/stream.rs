@@ -1,6 +1,6 @@
 //! Parser of the Claude CLI's stdout: stream-json lines in, typed [`StreamEvent`]s out.
 //!
-//! The CLI's output has drifted a lot between versions (see `shared/fixtures/claude-cli/`), so the
+//! The CLI's output has drifted a lot between versions (see `tests/fixtures/claude-cli/`), so the
 //! parser is deliberately lenient about shape and strict about meaning:
 //!
 //! - it is fed one stdout line at a time, so it works while the child is still running;
