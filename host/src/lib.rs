@@ -13,6 +13,7 @@ pub mod bus;
 pub mod claude;
 pub mod cli;
 pub mod config;
+pub mod crash_point;
 pub mod daemon;
 pub mod plugins;
 pub mod refs;

@@ -1671,3 +1671,251 @@ async fn a_call_to_run_again_finds_its_prompt_in_the_archive_when_the_queued_nam
     );
     Ok(())
 }
+
+// --- Exact money and answers ---------------------------------------------------------------
+
+/// A stand-in for a CLI that spends real money: `fake-claude` with its `simulated` label taken
+/// off every line. Tests of budgets and spend use it, since simulated money is not spend.
+fn paid_claude(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("paid-claude");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/usr/bin/env bash\nset -o pipefail\n'{FAKE}' \"$@\" | sed -e 's/\"simulated\":true,//g' -e 's/,\"simulated\":true//g'\n"
+        ),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+fn paid_fixture(env: &[(&str, &str)]) -> Result<Fixture> {
+    let bin_dir = tempfile::tempdir()?.keep();
+    let paid = paid_claude(&bin_dir)?;
+    fixture_with(env, |c| c.binary = paid)
+}
+
+/// The result line a row's response reference points at.
+fn logged_result(f: &Fixture, r: &ProcessRow) -> Result<Value> {
+    let path = f
+        .dir
+        .path()
+        .join(r.response_file.as_ref().context("a response file")?);
+    let text = std::fs::read_to_string(path)?;
+    let line = text
+        .lines()
+        .nth(r.response_line.context("a response line")? as usize - 1)
+        .context("the referenced line")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+#[tokio::test]
+async fn an_empty_result_is_answered_from_the_streams_last_assistant_text_and_says_so() -> Result<()>
+{
+    let (f, r, out) = run_fault("empty_result", false).await?;
+    let text = out.map_err(|e| anyhow::anyhow!(e))?;
+    assert!(
+        text.starts_with("[simulated] Reply ") && text.ends_with('.'),
+        "the whole answer from the stream: {text:?}"
+    );
+    assert_eq!(r.status, "COMPLETED");
+    assert_eq!(
+        r.metrics.as_ref().context("metrics")?["answer_from"],
+        "assistant_text"
+    );
+    assert_eq!(
+        logged_result(&f, &r)?["result"],
+        "",
+        "the CLI's own line is kept"
+    );
+    // Read back later (after a restart, from the row), the answer is the same text.
+    let again = Executor::new(
+        f.store.clone(),
+        f.bus.clone(),
+        f.refs.clone(),
+        ExecutorConfig::default(),
+    )
+    .recover_answer(&r.id)
+    .await
+    .context("the completed answer")?;
+    assert_eq!(again.text, text);
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_of_a_call_with_a_subagent_come_from_model_usage() -> Result<()> {
+    let (f, r, out) = run_fault("subagents", false).await?;
+    let text = out.map_err(|e| anyhow::anyhow!(e))?;
+    assert!(
+        !text.contains("subagent's notes"),
+        "the main agent's answer: {text}"
+    );
+    let line = logged_result(&f, &r)?;
+    let usage_in = line["usage"]["input_tokens"].as_i64().unwrap();
+    let model_in: i64 = line["modelUsage"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|m| m["inputTokens"].as_i64().unwrap())
+        .sum();
+    let model_out: i64 = line["modelUsage"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|m| m["outputTokens"].as_i64().unwrap())
+        .sum();
+    assert!(
+        model_in > usage_in,
+        "the subagent's tokens are not in usage"
+    );
+    assert_eq!(r.tokens_in, Some(model_in));
+    assert_eq!(r.tokens_out, Some(model_out));
+    let split = r.model_usage.as_ref().context("per-model split")?;
+    assert_eq!(split["claude-haiku-4-5-20251001"]["input"], 1200);
+    assert_eq!(r.cost_usd, line["total_cost_usd"].as_f64());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_row_keeps_the_alias_asked_for_and_the_model_that_answered() -> Result<()> {
+    use ksi_host::cli::claude as cli;
+    let f = paid_fixture(&[])?;
+    let answer = f
+        .exec
+        .complete(
+            "alias-1".into(),
+            None,
+            ClaudeRequest {
+                model: Some("sonnet".into()),
+                ..req("which model?")
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let r = row(&f, "alias-1");
+    assert_eq!(r.model.as_deref(), Some("sonnet"));
+    assert_eq!(
+        r.resolved_model.as_deref(),
+        Some("claude-sonnet-4-5-20250929")
+    );
+    assert_eq!(answer.model, "claude-sonnet-4-5-20250929");
+    assert_eq!(answer.requested_model, "sonnet");
+    let cost = cli::cost(&f.store)?;
+    let keys: Vec<&str> = cost.by_model.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["claude-sonnet-4-5-20250929"],
+        "grouped by the model that answered"
+    );
+    assert!(cli::render_ps(&[r]).contains("claude-sonnet-4-5-20250929 (sonnet)"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_call_that_fails_after_paid_work_records_its_turns_cost_tokens_and_session() -> Result<()>
+{
+    use ksi_host::cli::claude as cli;
+    let f = paid_fixture(&[("FAKE_CLAUDE_FAULT", "credit_after_work")])?;
+    let err = f
+        .exec
+        .complete("credit-1".into(), None, req("a long task"))
+        .await
+        .err()
+        .context("the call fails")?;
+    assert_eq!(err.class, "permanent.billing", "{err:?}");
+    let r = row(&f, "credit-1");
+    assert_eq!(r.status, "FAILED");
+    assert_eq!(r.num_turns, Some(54));
+    assert_eq!(r.duration_ms, Some(812_000));
+    assert_eq!(r.duration_api_ms, Some(640_000));
+    assert_eq!(r.cost_usd, Some(2.0));
+    assert_eq!(r.tokens_in, Some(120_000));
+    assert_eq!(r.tokens_out, Some(40_000));
+    let session = r.session_id.clone().context("its session")?;
+    let sessions = cli::sessions(&f.store)?;
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s.session_id == session && s.cost_usd == 2.0),
+        "{sessions:?}"
+    );
+    let cost = cli::cost(&f.store)?;
+    assert_eq!(cost.total.cost_usd, 2.0);
+    assert_eq!(
+        cost.total.calls, 1,
+        "a failed call that cost money is a paid call"
+    );
+    Ok(())
+}
+
+async fn one_odd_shape(fault: &str) -> Result<()> {
+    let (f, r, out) = run_fault(fault, false).await?;
+    out.map_err(|e| anyhow::anyhow!("{fault}: {e}"))?;
+    assert_eq!(r.status, "COMPLETED", "{fault}");
+    let line = logged_result(&f, &r)?;
+    let result = match &line {
+        Value::Array(items) => items
+            .iter()
+            .find(|m| m["type"] == "result")
+            .cloned()
+            .context("the array holds the result")?,
+        other => other.clone(),
+    };
+    assert_eq!(result["type"], "result", "{fault}: {line}");
+    assert_eq!(r.cost_usd, result["total_cost_usd"].as_f64(), "{fault}");
+    let pending = f.dir.path().join("claude_logs/pending");
+    let left: Vec<_> = std::fs::read_dir(&pending)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "{fault}: pending logs left behind: {left:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_result_printed_as_one_json_array_gets_a_response_reference_and_no_pending_log()
+-> Result<()> {
+    one_odd_shape("array_output").await
+}
+
+#[tokio::test]
+async fn a_result_spread_over_several_lines_gets_a_response_reference_and_no_pending_log()
+-> Result<()> {
+    one_odd_shape("pretty_result").await
+}
+
+#[tokio::test]
+async fn simulated_cost_is_recorded_as_simulated_and_never_counts_against_a_budget() -> Result<()> {
+    use ksi_host::cli::claude as cli;
+    let f = fixture(&[])?;
+    // A budget that the first real call would exhaust.
+    settings::set(&f.store, "claude.budget.global_usd", json!(0.000001), None).await?;
+    settings::set(&f.store, "claude.budget.global_tokens", json!(1), None).await?;
+    for i in 0..3 {
+        let a = f
+            .exec
+            .complete(format!("sim-{i}"), None, req(&format!("simulated {i}")))
+            .await
+            .map_err(|e| anyhow::anyhow!("call {i} was refused: {e:?}"))?;
+        assert!(a.simulated && a.cost_usd > 0.0);
+    }
+    let r = row(&f, "sim-0");
+    assert!(r.simulated);
+    assert!(
+        r.executable
+            .as_deref()
+            .is_some_and(|e| e.ends_with("fake-claude")),
+        "{r:?}"
+    );
+    assert_eq!(r.cli_version.as_deref(), Some("2.1.197"));
+    let cost = cli::cost(&f.store)?;
+    assert_eq!(cost.total.cost_usd, 0.0, "no real money");
+    assert_eq!(cost.total.calls, 0);
+    assert_eq!(cost.total.simulated_calls, 3);
+    assert!(cost.total.simulated_usd > 0.0);
+    assert!(cli::render_cost(&cost).contains("(no money)"));
+    assert!(cli::render_ps(&[r]).contains("simulated"));
+    Ok(())
+}

@@ -12,5 +12,6 @@ mod crash;
 mod dashboard;
 mod disk;
 mod executor;
+mod money;
 mod ops;
 mod workflows;

@@ -10,7 +10,14 @@
 //! Environment knobs:
 //! - `FAKE_CLAUDE_FAULT`: `hang` (init, then silence), `slow`, `crash` (abort mid-stream),
 //!   `garbage`, `no_result`, `auth`, `billing`, `overloaded`, `rate_limited`, `unknown_model`,
-//!   `bad_resume`, `linger` (a full successful run that then does not exit).
+//!   `bad_resume`, `linger` (a full successful run that then does not exit); and shapes real
+//!   CLIs print: `empty_result` (the answer in the stream, `"result":""`), `subagents` (a
+//!   `Task` subagent and a haiku side model, counted in `modelUsage` only), `array_output`
+//!   (the whole run as one JSON array line), `pretty_result` (the result spread over several
+//!   lines), `credit_after_work` (54 turns and $2.00 spent, then "Credit balance is too low"),
+//!   `usage_limit` ("Claude AI usage limit reached|<unix time>", the time from
+//!   `FAKE_CLAUDE_RESET_AT`, default in 60 s), `session_limit` ("You've hit your session limit
+//!   · resets <time>"), `no_network` (`api_retry` lines with a connection error, forever).
 //! - `FAKE_CLAUDE_FAULT_ONCE=<file>`: apply the fault only if `<file>` does not exist yet (it is
 //!   created), so a retry succeeds.
 //! - `FAKE_CLAUDE_DELAY_MS`: pause between lines (default 200 for `slow`, 0 otherwise).
@@ -112,6 +119,7 @@ fn main() {
         collected: Vec::new(),
         lines_printed: 0,
         noise_count: 0,
+        pretty_result: false,
     };
     let run = Run {
         prompt,
@@ -126,8 +134,14 @@ fn main() {
     {
         let _ = std::fs::write(pidfile, child.id().to_string());
     }
+    if fault.as_deref() == Some("array_output") {
+        // `--output-format json --verbose` prints this shape; some wrappers pass it on.
+        out.format = "json".into();
+        out.verbose = true;
+    }
+    out.pretty_result = fault.as_deref() == Some("pretty_result");
     let code = match fault.as_deref() {
-        None | Some("slow") | Some("garbage") => {
+        None | Some("slow") | Some("garbage") | Some("array_output") | Some("pretty_result") => {
             let code = run.succeed(&mut out);
             log_result(&run.prompt, &run.session);
             code
@@ -193,6 +207,42 @@ fn main() {
             )
         }
         Some("bad_resume") => run.bad_resume(&mut out),
+        Some("empty_result") => {
+            let code = run.empty_result(&mut out);
+            log_result(&run.prompt, &run.session);
+            code
+        }
+        Some("subagents") => {
+            let code = run.with_subagent(&mut out);
+            log_result(&run.prompt, &run.session);
+            code
+        }
+        Some("credit_after_work") => run.credit_after_work(&mut out),
+        Some("usage_limit") => {
+            let reset = reset_at_unix();
+            run.api_failure(
+                &mut out,
+                ApiFailure {
+                    code: "rate_limit",
+                    text: &format!("Claude AI usage limit reached|{reset}"),
+                    status: Some(429),
+                    retries: 0,
+                },
+            )
+        }
+        Some("session_limit") => {
+            let reset = chrono_like_hour(reset_at_unix());
+            run.api_failure(
+                &mut out,
+                ApiFailure {
+                    code: "rate_limit",
+                    text: &format!("You've hit your session limit · resets {reset} (UTC)"),
+                    status: Some(429),
+                    retries: 0,
+                },
+            )
+        }
+        Some("no_network") => run.no_network(&mut out),
         Some(other) => {
             eprintln!("fake-claude: unknown FAKE_CLAUDE_FAULT '{other}' {SIMULATED}");
             2
@@ -467,6 +517,8 @@ struct Output {
     collected: Vec<Value>,
     lines_printed: usize,
     noise_count: usize,
+    /// `pretty_result`: the result line pretty-printed over several lines.
+    pretty_result: bool,
 }
 
 impl Output {
@@ -476,7 +528,14 @@ impl Output {
                 if self.garbage {
                     self.noise();
                 }
-                self.print_line(&message.to_string());
+                if self.pretty_result && message["type"] == "result" {
+                    let pretty = serde_json::to_string_pretty(&message).unwrap_or_default();
+                    for line in pretty.lines() {
+                        self.print_line(line);
+                    }
+                } else {
+                    self.print_line(&message.to_string());
+                }
             }
             "json" => self.collected.push(message),
             _ => {
@@ -746,6 +805,103 @@ impl Run {
         0
     }
 
+    /// A successful run whose `result` is empty although the answer is in the stream.
+    fn empty_result(&self, out: &mut Output) -> i32 {
+        out.emit(self.init());
+        let text = self.answer();
+        self.emit_answer(out, &text);
+        out.emit(self.result(false, "", self.usage(&text), json!({})));
+        0
+    }
+
+    /// The main agent hands part of the work to a `Task` subagent, which answers on a side
+    /// model: its text has a `parent_tool_use_id`, and its tokens are in `modelUsage` only.
+    fn with_subagent(&self, out: &mut Output) -> i32 {
+        out.emit(self.init());
+        let tool_id = "toolu_fake_subagent_01";
+        let mut call = self.assistant_line(
+            &format!("{}_task", self.message_id()),
+            &self.model,
+            json!({"type": "tool_use", "id": tool_id, "name": "Task", "input": {"description": "look it up", "prompt": "find it"}}),
+            None,
+        );
+        call["message"]["stop_reason"] = json!("tool_use");
+        out.emit(call);
+        let mut sub = self.assistant_line(
+            "msg_fake_subagent",
+            "claude-haiku-4-5-20251001",
+            json!({"type": "text", "text": "[simulated] the subagent's notes"}),
+            None,
+        );
+        sub["parent_tool_use_id"] = json!(tool_id);
+        out.emit(sub);
+        let text = self.answer();
+        self.emit_answer(out, &text);
+        let main = self.usage(&text);
+        let side = Usage {
+            input: 1_200,
+            output: 300,
+            cache_creation: 0,
+            cache_read: 0,
+        };
+        let cost = main.cost_usd(&self.model) + side.cost_usd("haiku");
+        let mut result = self.result(false, &text, main, json!({"num_turns": 3}));
+        result["total_cost_usd"] = json!((cost * 1e9).round() / 1e9);
+        result["modelUsage"]["claude-haiku-4-5-20251001"] = json!({
+            "inputTokens": side.input, "outputTokens": side.output,
+            "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0, "webSearchRequests": 0,
+            "costUSD": side.cost_usd("haiku"), "contextWindow": 200000, "maxOutputTokens": 64000
+        });
+        out.emit(result);
+        0
+    }
+
+    /// Long work, then the credit runs out: an error result that still reports what was spent
+    /// (the shape of `stream_2.1.123_error_credit_balance_too_low.jsonl`, after 54 turns).
+    fn credit_after_work(&self, out: &mut Output) -> i32 {
+        out.emit(self.init());
+        let text = format!("Credit balance is too low {SIMULATED}");
+        let mut line = self.assistant_line(
+            &self.uuid("synthetic"),
+            "<synthetic>",
+            json!({"type": "text", "text": text}),
+            Some(("error", "billing_error")),
+        );
+        line["is_api_error_message"] = json!(true);
+        out.emit(line);
+        let usage = Usage {
+            input: 120_000,
+            output: 40_000,
+            cache_creation: 10_000,
+            cache_read: 900_000,
+        };
+        let mut result = self.result(
+            true,
+            &text,
+            usage,
+            json!({"api_error_status": 400, "num_turns": 54, "duration_ms": 812_000, "duration_api_ms": 640_000}),
+        );
+        result["total_cost_usd"] = json!(2.0);
+        out.emit(result);
+        1
+    }
+
+    /// No network: the CLI retries its connection (10 times by default, with growing delays)
+    /// and prints an `api_retry` line each time, without a status.
+    fn no_network(&self, out: &mut Output) -> i32 {
+        out.emit(self.init());
+        for attempt in 1.. {
+            out.emit(json!({
+                "type": "system", "subtype": "api_retry", "attempt": attempt, "max_retries": 10,
+                "retry_delay_ms": 1000.0, "error_status": null, "error": "unknown",
+                "error_message": "Connection error.", "session_id": self.session,
+                "uuid": self.uuid(&format!("retry-{attempt}")),
+            }));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        0
+    }
+
     fn hang(&self, out: &mut Output) -> i32 {
         out.emit(self.init());
         loop {
@@ -919,6 +1075,21 @@ fn is_uuid(s: &str) -> bool {
             .iter()
             .zip([8, 4, 4, 4, 12])
             .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// `FAKE_CLAUDE_RESET_AT` (unix seconds), else a minute from now: when a simulated
+/// subscription limit resets.
+fn reset_at_unix() -> u64 {
+    std::env::var("FAKE_CLAUDE_RESET_AT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(unix_ms() / 1000 + 60)
+}
+
+/// `14:05` (UTC) for a unix time, as the CLI's "resets ..." text shows it.
+fn chrono_like_hour(unix: u64) -> String {
+    let day = unix % 86_400;
+    format!("{:02}:{:02}", day / 3600, (day % 3600) / 60)
 }
 
 fn unix_ms() -> u64 {

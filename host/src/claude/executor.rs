@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use super::accounting::{self, AttemptSpend};
 use super::agents::{self, AgentProfile};
 use super::classify::{FailureClass, PermanentKind, TransientKind};
 use super::command::{ClaudeInvocation, SessionMode, default_binary};
@@ -45,6 +46,7 @@ use super::spend::{Admission, Payer, Refusal, SpendLimits};
 use super::stream::ResultSummary;
 use super::supervise::{AttemptOutcome, CancelToken, Limits, Progress, run_attempt_guarded};
 use crate::bus::{self, Bus, BusError, Delivery, NewEvent};
+use crate::crash_point::crash_point;
 use crate::refs::{FileRef, Refs, sha256_hex};
 use crate::store::{ExecCached, Store, now_ms};
 use crate::workflow::{BoxFuture, ClaudeAnswer, ClaudeApi, ClaudeFailure, ClaudeRequest};
@@ -313,9 +315,30 @@ pub struct ProcessRow {
     pub completed_at: Option<i64>,
     /// Last change (epoch ms).
     pub updated_at: i64,
+    /// The model that answered, as the CLI reported it (`model` is the alias asked for).
+    #[serde(default)]
+    pub resolved_model: Option<String>,
+    /// Tokens and cost per model the CLI reported (subagents and side models included).
+    #[serde(default)]
+    pub model_usage: Option<Value>,
+    /// The executable that ran the call.
+    #[serde(default)]
+    pub executable: Option<String>,
+    /// The version its `init` line reported.
+    #[serde(default)]
+    pub cli_version: Option<String>,
+    /// Whether its money is simulated (`fake-claude`): never counted against a budget.
+    #[serde(default)]
+    pub simulated: bool,
+    /// A call parked by a subscription limit waits until this time (epoch ms).
+    #[serde(default)]
+    pub quota_until: Option<i64>,
+    /// The highest attempt whose spend is in the totals (see [`super::accounting`]).
+    #[serde(default)]
+    pub counted_attempt: u32,
 }
 
-const PROCESS_COLUMNS: &str = "id, workflow_id, agent_id, status, model, session_id, pid, pid_start_ticks, attempts, max_attempts, prompt_file, response_file, response_line, response_sha256, error, error_class, next_attempt_at, cost_usd, tokens_in, tokens_out, tokens_cache_read, tokens_cache_write, num_turns, duration_ms, duration_api_ms, metrics, stream_file, created_at, started_at, completed_at, updated_at";
+const PROCESS_COLUMNS: &str = "id, workflow_id, agent_id, status, model, session_id, pid, pid_start_ticks, attempts, max_attempts, prompt_file, response_file, response_line, response_sha256, error, error_class, next_attempt_at, cost_usd, tokens_in, tokens_out, tokens_cache_read, tokens_cache_write, num_turns, duration_ms, duration_api_ms, metrics, stream_file, created_at, started_at, completed_at, updated_at, resolved_model, model_usage, executable, cli_version, simulated, quota_until, counted_attempt";
 
 fn read_process(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProcessRow> {
     let json_col = |i: usize| -> rusqlite::Result<Option<String>> { r.get(i) };
@@ -351,6 +374,13 @@ fn read_process(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProcessRow> {
         started_at: r.get(28)?,
         completed_at: r.get(29)?,
         updated_at: r.get(30)?,
+        resolved_model: r.get(31)?,
+        model_usage: json_col(32)?.and_then(|s| serde_json::from_str(&s).ok()),
+        executable: r.get(33)?,
+        cli_version: r.get(34)?,
+        simulated: r.get(35)?,
+        quota_until: r.get(36)?,
+        counted_attempt: r.get(37)?,
     })
 }
 
@@ -1014,12 +1044,25 @@ impl Executor {
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
         };
-        let result = responses::read_result(&self.inner.refs, &r)?;
+        let mut result = responses::read_result(&self.inner.refs, &r)?;
+        if result.text.as_deref().is_none_or(|t| t.trim().is_empty()) {
+            // The CLI printed an empty `result`: the answer is in the attempt's stream, which
+            // its session log holds before the result line.
+            if let Some(found) = responses::logged_result_in(&self.inner.refs, &r.path, &row.id) {
+                result = found.result;
+            }
+        }
         Some(ClaudeAnswer {
             text: result.text.clone().unwrap_or_default(),
             session_id: result.session_id.clone().unwrap_or_default(),
             response_ref: Some(r),
-            model: row.model.clone().unwrap_or_default(),
+            model: row
+                .resolved_model
+                .clone()
+                .or_else(|| row.model.clone())
+                .unwrap_or_default(),
+            requested_model: row.model.clone().unwrap_or_default(),
+            simulated: row.simulated,
             tokens_in: row.tokens_in.unwrap_or(0) as u64,
             tokens_out: row.tokens_out.unwrap_or(0) as u64,
             tokens_cache_read: row.tokens_cache_read.unwrap_or(0) as u64,
@@ -1269,6 +1312,7 @@ impl Executor {
                         fresh_session.clone().or_else(|| session.clone()),
                         request.agent.clone(),
                         ticket.clone(),
+                        inv.binary.display().to_string(),
                     )));
                 }
                 Progress::Line(_) | Progress::Event(_) => {}
@@ -1439,6 +1483,7 @@ impl Executor {
         session: Option<String>,
         agent: Option<String>,
         ticket: Arc<super::spend::Ticket>,
+        executable: String,
     ) -> Option<i64> {
         // `claude.spawn.started` after `claude.spawn.request`. A prompt that cannot be saved
         // stops the call: it could not be retried or audited.
@@ -1458,8 +1503,9 @@ impl Executor {
                 tx.exec(
                     "UPDATE processes SET status = 'RUNNING', pid = ?2, pid_start_ticks = ?3, attempts = ?4,
                         stream_file = ?5, started_at = COALESCE(started_at, ?6), next_attempt_at = NULL,
-                        session_id = COALESCE(?7, session_id), updated_at = ?6 WHERE id = ?1",
-                    params![id, pid, start_ticks.map(|t| t as i64), attempt, stream_rel, now, session],
+                        session_id = COALESCE(?7, session_id), executable = ?8, quota_until = NULL,
+                        updated_at = ?6 WHERE id = ?1",
+                    params![id, pid, start_ticks.map(|t| t as i64), attempt, stream_rel, now, session, executable],
                 )?;
                 if let Some(a) = &agent {
                     tx.exec(
@@ -1569,6 +1615,8 @@ impl Executor {
             "wall_us": wall.as_micros() as u64,
             "api_retries": o.run.api_retries.len(),
             "stop_reason": result.stop_reason,
+            // The CLI's `result` was empty; the answer is the main agent's last text.
+            "answer_from": if result.text_fallback { "assistant_text" } else { "result" },
         });
         // SUCCESS: the result is known and its line is in the pending log. Meanwhile, off the
         // runtime's threads, the response goes to the session log and the prompt to the
@@ -1597,7 +1645,8 @@ impl Executor {
             });
             async move { (log.await.ok().flatten(), archive.await.ok().flatten()) }
         };
-        self.record_success(id, &result, &metrics).await;
+        self.record_success(id, attempt, &result, AttemptSpend::of_run(&o.run), &metrics)
+            .await;
 
         let (response, archived) = files.await;
         let moved = response.is_some();
@@ -1624,7 +1673,7 @@ impl Executor {
                 response,
                 archived,
                 metrics,
-                false,
+                None,
                 durability,
             )
             .await;
@@ -1644,7 +1693,14 @@ impl Executor {
         }
     }
 
-    async fn record_success(&self, id: &str, result: &ResultSummary, metrics: &Value) {
+    async fn record_success(
+        &self,
+        id: &str,
+        attempt: u32,
+        result: &ResultSummary,
+        spend: AttemptSpend,
+        metrics: &Value,
+    ) {
         let (id, r, m) = (id.to_string(), result.clone(), metrics.to_string());
         let w = self
             .inner
@@ -1652,30 +1708,15 @@ impl Executor {
             .write_relaxed(move |tx| {
                 tx.exec(
                     "UPDATE processes SET status = 'SUCCESS', session_id = COALESCE(?2, session_id),
-                        cost_usd = COALESCE(cost_usd, 0) + ?3, tokens_in = COALESCE(tokens_in, 0) + ?4,
-                        tokens_out = COALESCE(tokens_out, 0) + ?5,
-                        tokens_cache_read = COALESCE(tokens_cache_read, 0) + ?6,
-                        tokens_cache_write = COALESCE(tokens_cache_write, 0) + ?7,
-                        num_turns = ?8, duration_ms = ?9, duration_api_ms = ?10, metrics = ?11,
-                        updated_at = ?12 WHERE id = ?1",
-                    params![
-                        id,
-                        r.session_id,
-                        r.total_cost_usd.unwrap_or(0.0),
-                        r.usage.input as i64,
-                        r.usage.output as i64,
-                        r.usage.cache_read as i64,
-                        r.usage.cache_creation as i64,
-                        r.num_turns,
-                        r.duration_ms.map(|v| v as i64),
-                        r.duration_api_ms.map(|v| v as i64),
-                        m,
-                        now_ms()
-                    ],
+                        metrics = ?3, updated_at = ?4 WHERE id = ?1",
+                    params![id, r.session_id, m, now_ms()],
                 )?;
+                accounting::count_attempt(tx, &id, attempt, &r, &spend)?;
                 Ok::<_, BusError>(())
             })
             .await;
+        // Tests stop the daemon here: SUCCESS (with the spend) committed, COMPLETED not yet.
+        crash_point("after_success");
         if let Err(e) = w {
             tracing::error!(error = %e, "cannot record a successful Claude result");
         }
@@ -1693,7 +1734,7 @@ impl Executor {
         response: Option<FileRef>,
         archived: Option<FileRef>,
         mut metrics: Value,
-        recovered: bool,
+        recovered: Option<(u32, AttemptSpend)>,
         durability: Durability,
     ) -> Outcome {
         let inner = &self.inner;
@@ -1712,29 +1753,17 @@ impl Executor {
             model.to_string(),
         );
         let metrics_s = metrics.to_string();
+        let is_recovered = recovered.is_some();
         let job = move |tx: &crate::store::Tx<'_>| {
             let now = now_ms();
-            if recovered {
+            // A recovered answer may already be counted (SUCCESS committed before the crash):
+            // `count_attempt` adds it only if not.
+            if let Some((attempt, spend)) = &recovered {
                 tx.exec(
-                        "UPDATE processes SET session_id = COALESCE(?2, session_id),
-                            cost_usd = COALESCE(cost_usd, 0) + ?3, tokens_in = COALESCE(tokens_in, 0) + ?4,
-                            tokens_out = COALESCE(tokens_out, 0) + ?5,
-                            tokens_cache_read = COALESCE(tokens_cache_read, 0) + ?6,
-                            tokens_cache_write = COALESCE(tokens_cache_write, 0) + ?7,
-                            num_turns = ?8, duration_ms = ?9, duration_api_ms = ?10 WHERE id = ?1",
-                        params![
-                            idc,
-                            r.session_id,
-                            r.total_cost_usd.unwrap_or(0.0),
-                            r.usage.input as i64,
-                            r.usage.output as i64,
-                            r.usage.cache_read as i64,
-                            r.usage.cache_creation as i64,
-                            r.num_turns,
-                            r.duration_ms.map(|v| v as i64),
-                            r.duration_api_ms.map(|v| v as i64),
-                        ],
-                    )?;
+                    "UPDATE processes SET attempts = MAX(attempts, ?2) WHERE id = ?1",
+                    params![idc, attempt],
+                )?;
+                accounting::count_attempt(tx, &idc, *attempt, &r, spend)?;
             }
             tx.exec(
                 "UPDATE processes SET status = 'COMPLETED', error = NULL, error_class = NULL,
@@ -1777,7 +1806,7 @@ impl Executor {
                         "session_id": r.session_id, "response": resp, "model": model,
                         "cost_usd": r.total_cost_usd, "tokens_in": r.usage.input,
                         "tokens_out": r.usage.output, "num_turns": r.num_turns,
-                        "duration_ms": r.duration_ms, "recovered": recovered,
+                        "duration_ms": r.duration_ms, "recovered": is_recovered,
                     }),
                 )
                 .correlated(idc.clone()),
@@ -1785,12 +1814,15 @@ impl Executor {
             // The call's totals over all its attempts, as the answer reports them.
             let totals = tx
                 .prepare_cached(
-                    "SELECT model, tokens_in, tokens_out, tokens_cache_read, tokens_cache_write,
-                            cost_usd, duration_ms FROM processes WHERE id = ?1",
+                    "SELECT COALESCE(resolved_model, model), tokens_in, tokens_out, tokens_cache_read,
+                            tokens_cache_write, cost_usd, duration_ms, model, simulated
+                     FROM processes WHERE id = ?1",
                 )?
                 .query_row([&idc], |r| {
                     Ok(ClaudeAnswer {
                         model: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                        requested_model: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                        simulated: r.get(8)?,
                         tokens_in: r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64,
                         tokens_out: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
                         tokens_cache_read: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
@@ -1911,6 +1943,9 @@ impl Executor {
             None
         };
         let result = o.and_then(|o| o.result().cloned());
+        let spend = o.map(|o| AttemptSpend::of_run(&o.run)).unwrap_or_default();
+        // A call parked by a subscription limit says until when (`ksi ps`).
+        let quota_until = next_attempt_at.filter(|_| class.starts_with("quota."));
         let metrics = o.map(|o| {
             json!({
                 "exit_code": o.exit_code, "signal": o.signal,
@@ -1932,38 +1967,31 @@ impl Executor {
             .store
             .write(move |tx| {
                 let now = now_ms();
-                let (cost, tin, tout, cr, cw) = result.as_ref().map_or((0.0, 0, 0, 0, 0), |r| {
-                    (
-                        r.total_cost_usd.unwrap_or(0.0),
-                        r.usage.input as i64,
-                        r.usage.output as i64,
-                        r.usage.cache_read as i64,
-                        r.usage.cache_creation as i64,
-                    )
-                });
                 tx.exec(
                     "UPDATE processes SET status = ?2, attempts = MAX(attempts, ?3), error = ?4, error_class = ?5,
                         next_attempt_at = ?6, session_id = COALESCE(session_id, ?7),
-                        cost_usd = COALESCE(cost_usd, 0) + ?8, tokens_in = COALESCE(tokens_in, 0) + ?9,
-                        tokens_out = COALESCE(tokens_out, 0) + ?10,
-                        tokens_cache_read = COALESCE(tokens_cache_read, 0) + ?11,
-                        tokens_cache_write = COALESCE(tokens_cache_write, 0) + ?12,
-                        metrics = COALESCE(?13, metrics),
-                        response_file = COALESCE(?14, response_file), response_line = COALESCE(?15, response_line),
-                        response_sha256 = COALESCE(?16, response_sha256),
-                        prompt_file = COALESCE(?17, prompt_file),
-                        completed_at = CASE WHEN ?18 THEN ?19 ELSE completed_at END, updated_at = ?19
+                        metrics = COALESCE(?8, metrics),
+                        response_file = COALESCE(?9, response_file), response_line = COALESCE(?10, response_line),
+                        response_sha256 = COALESCE(?11, response_sha256),
+                        prompt_file = COALESCE(?12, prompt_file),
+                        completed_at = CASE WHEN ?13 THEN ?14 ELSE completed_at END, updated_at = ?14,
+                        quota_until = ?15
                      WHERE id = ?1",
                     params![
-                        idc, st, attempt, message, class, next_attempt_at, session,
-                        cost, tin, tout, cr, cw, metrics,
+                        idc, st, attempt, message, class, next_attempt_at, session, metrics,
                         envelope.as_ref().map(|e| e.path.clone()),
                         envelope.as_ref().and_then(|e| e.line).map(|l| l as i64),
                         envelope.as_ref().map(|e| e.sha256.clone()),
                         archived.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
-                        terminal, now
+                        terminal, now,
+                        quota_until
                     ],
                 )?;
+                // A failed attempt can have cost money (turns before the credit ran out): it is
+                // counted like any other, once.
+                if let Some(r) = &result {
+                    accounting::count_attempt(tx, &idc, attempt, r, &spend)?;
+                }
                 if let Some(a) = &agent {
                     tx.exec(
                         "UPDATE agents SET status = CASE WHEN ?2 THEN 'active' ELSE status END,
@@ -2168,9 +2196,12 @@ impl Executor {
             .session_id
             .clone()
             .filter(|s| responses::safe_session_id(s));
+        // The attempt that printed the answer: its log says (the row may not have recorded
+        // its RUNNING yet when the daemon died).
+        let attempt = found.attempt.unwrap_or(row.attempts).max(1);
         let envelope = json!({
             "type": "ksi_envelope", "process_id": row.id, "request_id": row.id,
-            "agent_id": row.agent_id, "attempt": row.attempts, "pid": row.pid,
+            "agent_id": row.agent_id, "attempt": attempt, "pid": row.pid,
             "ended_at": now_ms(), "recovered": true,
             "note": "completed from the pending log after the daemon stopped",
         });
@@ -2187,6 +2218,8 @@ impl Executor {
             (None, None) => None,
         };
         let metrics = json!({ "recovered": true });
+        let spend = AttemptSpend::of_run(&found.run);
+        let pending = found.pending.clone();
         let out = self
             .commit_completed(
                 &row.id,
@@ -2197,14 +2230,14 @@ impl Executor {
                 response,
                 self.archive_prompt(&row.id),
                 metrics,
-                true,
+                Some((attempt, spend)),
                 Durability::BeforeAnswer,
             )
             .await;
-        if out.is_ok()
-            && let Some(rel) = &row.stream_file
-        {
-            let _ = std::fs::remove_file(self.inner.refs.root().join(rel));
+        if out.is_ok() {
+            for rel in row.stream_file.iter().chain(pending.iter()) {
+                let _ = std::fs::remove_file(self.inner.refs.root().join(rel));
+            }
         }
         out
     }
@@ -2219,7 +2252,10 @@ impl Executor {
         let refs = &self.inner.refs;
         let pending = named.chain(by_attempt).find_map(|rel| {
             let path = refs.resolve(&rel).ok()?;
-            responses::successful_result_in(&path)
+            let mut found = responses::successful_result_in(&path)?;
+            found.attempt = responses::attempt_of_pending(&rel);
+            found.pending = Some(rel);
+            Some(found)
         });
         match pending {
             // Already in its session log too (the daemon died after the append): that copy is

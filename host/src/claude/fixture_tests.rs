@@ -183,7 +183,12 @@ fn check_fixture(name: &str) {
                 Some("c0b4fa3f-e52e-4b4c-a894-6141488aa2f9")
             );
             assert_eq!(r.total_cost_usd, Some(0.15095600000000003));
-            assert_eq!(r.usage, tokens(25457, 449, 128, 0));
+            // `usage` is the main agent's; `modelUsage` (here one masked model with more
+            // tokens) counts every model the call used, and is the call's total.
+            assert_eq!(r.main_usage, tokens(25457, 449, 128, 0));
+            assert_eq!(r.usage, tokens(27852, 463, 242, 0));
+            // No assistant line in `json` output: nothing to fall back on, and none invented.
+            assert!(!r.text_fallback);
             assert_eq!(r.num_turns, Some(1));
             assert_eq!(
                 (r.duration_ms, r.duration_api_ms),
@@ -250,7 +255,11 @@ fn check_fixture(name: &str) {
                 Some("dc93aac8-fe7f-4d4a-83ef-2bd2c070444e")
             );
             assert_eq!(r.total_cost_usd, Some(0.1351093));
-            assert_eq!(r.usage, tokens(29, 656, 112686, 23106));
+            // The main agent's `usage` leaves out the haiku side model; the call's tokens are
+            // the sum over `modelUsage` (sonnet 29/656 + haiku 3774/191).
+            assert_eq!(r.main_usage, tokens(29, 656, 112686, 23106));
+            assert_eq!(r.usage, tokens(3803, 847, 112686, 23106));
+            assert_eq!(r.main_model(), Some("claude-sonnet-4-5-20250929"));
             assert_eq!(r.num_turns, Some(6));
             assert_eq!(r.model_usage.len(), 2);
             assert_eq!(
@@ -534,7 +543,9 @@ fn check_fixture(name: &str) {
                 Some("Here are the files in the current directory.")
             );
             assert_eq!(r.total_cost_usd, Some(0.24722425));
-            assert_eq!(r.usage, tokens(18, 424, 17254, 25067));
+            // `usage` counts less than `modelUsage`, which is the call's total.
+            assert_eq!(r.main_usage, tokens(18, 424, 17254, 25067));
+            assert_eq!(r.usage, tokens(38, 765, 28775, 31159));
             assert_eq!(r.num_turns, Some(2));
             assert_eq!(
                 r.model_usage["claude-opus-4-5-20251101"].cost_usd,

@@ -370,10 +370,26 @@ async fn import_turn(store: &Store, refs: &Refs, t: Turn) -> anyhow::Result<f64>
     let duration = num(r, &["duration_ms"]).map(|d| d as i64);
     let duration_api = num(r, &["duration_api_ms"]).map(|d| d as i64);
     let turns = int(r, "/num_turns");
-    let tin = int(r, "/usage/input_tokens");
-    let tout = int(r, "/usage/output_tokens");
-    let tcr = int(r, "/usage/cache_read_input_tokens");
-    let tcw = int(r, "/usage/cache_creation_input_tokens");
+    // The call's tokens: `modelUsage` when the result has it (subagents and side models
+    // included), else `usage`, as for live calls.
+    // (The original's logs type the CLI's result line `claude`.)
+    let mut as_result = r.clone();
+    as_result["type"] = Value::from("result");
+    let parsed = super::stream::ParsedRun::from_stdout(&as_result.to_string()).result;
+    let (tin, tout, tcr, tcw) = match parsed.filter(|p| !p.model_usage.is_empty()) {
+        Some(p) => (
+            Some(p.usage.input as i64),
+            Some(p.usage.output as i64),
+            Some(p.usage.cache_read as i64),
+            Some(p.usage.cache_creation as i64),
+        ),
+        None => (
+            int(r, "/usage/input_tokens"),
+            int(r, "/usage/output_tokens"),
+            int(r, "/usage/cache_read_input_tokens"),
+            int(r, "/usage/cache_creation_input_tokens"),
+        ),
+    };
     let sess = session.clone();
     store
         .write(move |tx| {
@@ -383,9 +399,9 @@ async fn import_turn(store: &Store, refs: &Refs, t: Turn) -> anyhow::Result<f64>
                     max_attempts, prompt_file, response_file, response_line, response_sha256, error,
                     cost_usd, tokens_in, tokens_out, tokens_cache_read, tokens_cache_write,
                     num_turns, duration_ms, duration_api_ms, metrics, created_at, started_at,
-                    completed_at, updated_at)
+                    completed_at, updated_at, counted_attempt)
                  VALUES (?1, ?2, ?3, ?4, ?5, 1, 1, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                    ?16, ?17, ?18, ?19, ?20, ?20, ?21, ?22)",
+                    ?16, ?17, ?18, ?19, ?20, ?20, ?21, ?22, 1)",
                 params![
                     id,
                     agent,

@@ -16,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accounting;
 pub mod agents;
 pub mod classify;
 pub mod command;

@@ -90,6 +90,16 @@ pub struct FoundResult {
     /// Where the result line already is in a session log (its attempt's envelope follows it
     /// there), when it was found in one: nothing has to be appended again.
     pub logged: Option<FileRef>,
+    /// The attempt that printed it (from the pending log's name or the envelope), when known.
+    pub attempt: Option<u32>,
+    /// The pending log it was found in (data-dir relative), removed once the row is completed.
+    pub pending: Option<String>,
+}
+
+/// The attempt number in a pending log's name (`claude_logs/pending/<id>.<attempt>.jsonl`).
+pub fn attempt_of_pending(rel: &str) -> Option<u32> {
+    let stem = rel.rsplit('/').next()?.strip_suffix(".jsonl")?;
+    stem.rsplit('.').next()?.parse().ok()
 }
 
 /// Parses a pending log and returns its successful result, if it has one.
@@ -114,6 +124,8 @@ pub fn successful_result_in(path: &Path) -> Option<FoundResult> {
                     result,
                     lines,
                     logged: None,
+                    attempt: None,
+                    pending: None,
                 });
             }
         }
@@ -131,6 +143,7 @@ pub fn logged_result_in(refs: &Refs, rel: &str, process_id: &str) -> Option<Foun
     // (line number, offset, text) of the lines since the previous envelope.
     let mut window: Vec<(u64, u64, &str)> = Vec::new();
     let mut found: Option<Vec<(u64, u64, &str)>> = None;
+    let mut attempt = None;
     let mut offset = 0u64;
     for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
         let start = offset;
@@ -146,6 +159,7 @@ pub fn logged_result_in(refs: &Refs, rel: &str, process_id: &str) -> Option<Foun
                 && v.get("class").is_none_or(Value::is_null);
             let lines = std::mem::take(&mut window);
             if ours {
+                attempt = v.get("attempt").and_then(Value::as_u64).map(|a| a as u32);
                 found = Some(lines);
             }
             continue;
@@ -175,6 +189,8 @@ pub fn logged_result_in(refs: &Refs, rel: &str, process_id: &str) -> Option<Foun
             sha256: crate::refs::sha256_hex(text.as_bytes()),
             bytes: text.len() as u64,
         }),
+        attempt,
+        pending: None,
     })
 }
 
@@ -216,7 +232,12 @@ pub fn append_to_session(
 ) -> crate::refs::Result<(Option<FileRef>, FileRef)> {
     let rel = session_path(session);
     let env = envelope.to_string();
-    let cleaned: Vec<String> = lines.iter().map(|l| l.replace('\n', " ")).collect();
+    // One JSON value per line, so a result spread over several lines still has one line a
+    // reference can point at.
+    let cleaned: Vec<String> = one_value_per_line(lines)
+        .into_iter()
+        .map(|l| l.replace('\n', " "))
+        .collect();
     let mut all: Vec<&[u8]> = cleaned.iter().map(|l| l.as_bytes()).collect();
     all.push(env.as_bytes());
     let mut refs_out = refs.append_lines(&rel, &all)?;
@@ -241,13 +262,60 @@ pub fn close_pending(refs: &Refs, rel: &str, envelope: &Value) -> crate::refs::R
     Ok(r)
 }
 
-/// Index of the last `result` line among raw lines.
+/// Index of the last line holding a `result`: a result object, or a JSON array of messages
+/// with one in it (`--output-format json --verbose` prints the whole run so).
 pub fn last_result_line(lines: &[String]) -> Option<usize> {
+    let is_result = |v: &Value| v.get("type").and_then(Value::as_str) == Some("result");
     lines.iter().rposition(|l| {
         serde_json::from_str::<Value>(l)
             .ok()
-            .is_some_and(|v| v.get("type").and_then(Value::as_str) == Some("result"))
+            .is_some_and(|v| match &v {
+                Value::Array(items) => items.iter().any(is_result),
+                other => is_result(other),
+            })
     })
+}
+
+/// The lines of an attempt with every JSON value on one line: a value the CLI (or a wrapper)
+/// pretty-printed over several lines is joined into one compact line; everything else is kept
+/// as printed. Lines that are already one value each are returned unchanged (the usual case,
+/// checked without parsing).
+pub fn one_value_per_line(lines: &[String]) -> Vec<String> {
+    let opens_unclosed = |l: &String| {
+        let t = l.trim();
+        (t.starts_with('{') && !t.ends_with('}')) || (t.starts_with('[') && !t.ends_with(']'))
+    };
+    if !lines.iter().any(opens_unclosed) {
+        return lines.to_vec();
+    }
+    let mut parser = StreamParser::new();
+    let mut out = Vec::with_capacity(lines.len());
+    let mut block: Vec<String> = Vec::new();
+    for line in lines {
+        let was_pending = parser.is_pending();
+        let events = parser.feed_line(line);
+        if let Some(value) = parser.take_joined() {
+            out.push(value.to_string());
+            block.clear();
+            continue;
+        }
+        let abandoned = was_pending
+            && events
+                .iter()
+                .any(|e| matches!(e, StreamEvent::Skipped { .. }));
+        if abandoned || !was_pending {
+            // A block that did not become JSON stays as it was printed.
+            out.append(&mut block);
+        }
+        if parser.is_pending() {
+            block.push(line.clone());
+        } else {
+            out.push(line.clone());
+        }
+    }
+    parser.finish();
+    out.append(&mut block);
+    out
 }
 
 /// Keeps `claude_logs/latest.jsonl`, a relative symlink, pointing at the log written last, off

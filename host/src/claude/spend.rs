@@ -342,7 +342,8 @@ impl Drop for Slot {
     }
 }
 
-/// Settled spend of one scope, from the `processes` table.
+/// Settled spend of one scope, from the `processes` table. Simulated money (`fake-claude`'s)
+/// is not spend: it never counts against a budget in USD or tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Spent {
     /// US dollars.
@@ -364,7 +365,8 @@ pub fn spent(
 ) -> rusqlite::Result<Spent> {
     let sql = |filter: &str| {
         format!(
-            "SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(COALESCE(tokens_in,0) + COALESCE(tokens_out,0)), 0),
+            "SELECT COALESCE(SUM(CASE WHEN simulated = 1 THEN 0 ELSE cost_usd END), 0),
+                    COALESCE(SUM(CASE WHEN simulated = 1 THEN 0 ELSE COALESCE(tokens_in,0) + COALESCE(tokens_out,0) END), 0),
                     COALESCE(SUM(attempts), 0)
              FROM processes WHERE created_at >= ?1 {filter}"
         )

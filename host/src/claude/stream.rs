@@ -41,6 +41,9 @@ pub struct InitInfo {
     pub api_key_source: Option<String>,
     /// Names of the tools the session may use.
     pub tools: Vec<String>,
+    /// Whether the executable labelled itself as simulated (`fake-claude`).
+    #[serde(default)]
+    pub simulated: bool,
 }
 
 /// One `system`/`api_retry` line: the CLI is retrying an API call itself.
@@ -116,8 +119,12 @@ pub struct ResultSummary {
     pub session_id: Option<String>,
     /// Total cost: `total_cost_usd`, or the older `total_cost` / `cost_usd`.
     pub total_cost_usd: Option<f64>,
-    /// Token totals from the result's `usage`.
+    /// Token totals of the call: the sum over `modelUsage` when the result has it (it counts
+    /// subagents and side models), else the result's `usage`.
     pub usage: TokenUsage,
+    /// The result's own `usage`: the main agent only.
+    #[serde(default)]
+    pub main_usage: TokenUsage,
     /// Per-model totals from `modelUsage`, keyed by model name.
     pub model_usage: BTreeMap<String, ModelUsage>,
     /// Number of agent turns.
@@ -140,6 +147,30 @@ pub struct ResultSummary {
     pub permission_denials: usize,
     /// The result message's own `uuid`.
     pub uuid: Option<String>,
+    /// Whether `text` was taken from the last top-level assistant message because the CLI's
+    /// `result` was empty (a known CLI bug: `"result":""` with output tokens).
+    #[serde(default)]
+    pub text_fallback: bool,
+    /// Whether the executable labelled its output as simulated (`fake-claude` does, on every
+    /// line): its cost is not money.
+    #[serde(default)]
+    pub simulated: bool,
+}
+
+impl ResultSummary {
+    /// The model that answered: the costliest of `modelUsage` (the main model; side models such
+    /// as haiku cost less), `None` without one.
+    pub fn main_model(&self) -> Option<&str> {
+        self.model_usage
+            .iter()
+            .max_by(|a, b| {
+                let cost = |u: &ModelUsage| u.cost_usd.unwrap_or(0.0);
+                cost(a.1)
+                    .total_cmp(&cost(b.1))
+                    .then((a.1.tokens.output).cmp(&b.1.tokens.output))
+            })
+            .map(|(name, _)| name.as_str())
+    }
 }
 
 /// One thing the CLI said, as far as KSI cares.
@@ -153,6 +184,9 @@ pub enum StreamEvent {
         message_id: Option<String>,
         /// The text of this block.
         text: String,
+        /// `parent_tool_use_id`: set when a subagent (a `Task` tool call) said it, `None` for
+        /// the main agent.
+        parent_tool_use_id: Option<String>,
     },
     /// A tool call requested by the model.
     ToolUse {
@@ -205,6 +239,8 @@ pub struct StreamParser {
     pending_in_string: bool,
     /// Whether `pending` ends right after a backslash inside a string.
     pending_escaped: bool,
+    /// The value a multi-line block just completed into (see [`Self::take_joined`]).
+    joined: Option<Value>,
 }
 
 impl StreamParser {
@@ -245,6 +281,7 @@ impl StreamParser {
         match serde_json::from_str::<Value>(&self.pending) {
             Ok(value) => {
                 self.clear_pending();
+                self.joined = Some(value.clone());
                 handle_value(value, &mut events);
             }
             Err(e) if e.is_eof() && self.pending.len() <= MAX_PENDING_BYTES => {}
@@ -256,6 +293,16 @@ impl StreamParser {
             }
         }
         events
+    }
+
+    /// Whether the lines fed so far end inside a multi-line JSON value.
+    pub fn is_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The value that the last fed line completed, when it closed a multi-line block.
+    pub fn take_joined(&mut self) -> Option<Value> {
+        self.joined.take()
     }
 
     /// Feed a chunk of stdout that may hold several lines; convenient for captured output.
@@ -387,6 +434,7 @@ fn parse_init(msg: &Value) -> InitInfo {
                     .collect()
             })
             .unwrap_or_default(),
+        simulated: msg.get("simulated").and_then(Value::as_bool) == Some(true),
     }
 }
 
@@ -403,6 +451,7 @@ fn parse_api_retry(msg: &Value) -> ApiRetry {
 fn parse_assistant(msg: &Value, events: &mut Vec<StreamEvent>) {
     let message = msg.get("message").unwrap_or(&Value::Null);
     let message_id = str_field(message, "id");
+    let parent_tool_use_id = str_field(msg, "parent_tool_use_id");
     let blocks = content_blocks(message);
     // A synthetic message with an error code is the CLI reporting a failed API call.
     if let Some(code) = str_field(msg, "error") {
@@ -420,6 +469,7 @@ fn parse_assistant(msg: &Value, events: &mut Vec<StreamEvent>) {
             Some("text") => events.push(StreamEvent::AssistantText {
                 message_id: message_id.clone(),
                 text: str_field(block, "text").unwrap_or_default(),
+                parent_tool_use_id: parent_tool_use_id.clone(),
             }),
             Some("tool_use") => events.push(StreamEvent::ToolUse {
                 message_id: message_id.clone(),
@@ -468,7 +518,7 @@ fn parse_result(msg: &Value) -> ResultSummary {
     let total_cost_usd = ["total_cost_usd", "total_cost", "cost_usd"]
         .iter()
         .find_map(|k| msg.get(*k).and_then(Value::as_f64));
-    let model_usage = msg
+    let model_usage: BTreeMap<String, ModelUsage> = msg
         .get("modelUsage")
         .and_then(Value::as_object)
         .map(|models| {
@@ -490,18 +540,34 @@ fn parse_result(msg: &Value) -> ResultSummary {
         })
         .unwrap_or_default();
     let usage = msg.get("usage").unwrap_or(&Value::Null);
+    let main_usage = TokenUsage {
+        input: u64_field(usage, "input_tokens").unwrap_or(0),
+        output: u64_field(usage, "output_tokens").unwrap_or(0),
+        cache_read: u64_field(usage, "cache_read_input_tokens").unwrap_or(0),
+        cache_creation: u64_field(usage, "cache_creation_input_tokens").unwrap_or(0),
+    };
+    // `modelUsage` covers every model the call used (subagents, side models); `usage` only the
+    // main agent's turns.
+    let usage_total = if model_usage.is_empty() {
+        main_usage
+    } else {
+        model_usage
+            .values()
+            .fold(TokenUsage::default(), |t, m: &ModelUsage| TokenUsage {
+                input: t.input + m.tokens.input,
+                output: t.output + m.tokens.output,
+                cache_read: t.cache_read + m.tokens.cache_read,
+                cache_creation: t.cache_creation + m.tokens.cache_creation,
+            })
+    };
     ResultSummary {
         subtype,
         is_error,
         text: str_field(msg, "result"),
         session_id: str_field(msg, "session_id"),
         total_cost_usd,
-        usage: TokenUsage {
-            input: u64_field(usage, "input_tokens").unwrap_or(0),
-            output: u64_field(usage, "output_tokens").unwrap_or(0),
-            cache_read: u64_field(usage, "cache_read_input_tokens").unwrap_or(0),
-            cache_creation: u64_field(usage, "cache_creation_input_tokens").unwrap_or(0),
-        },
+        usage: usage_total,
+        main_usage,
         model_usage,
         num_turns: u64_field(msg, "num_turns").map(|v| v as u32),
         duration_ms: u64_field(msg, "duration_ms"),
@@ -530,6 +596,8 @@ fn parse_result(msg: &Value) -> ResultSummary {
             .and_then(Value::as_array)
             .map_or(0, Vec::len),
         uuid: str_field(msg, "uuid"),
+        text_fallback: false,
+        simulated: msg.get("simulated").and_then(Value::as_bool) == Some(true),
     }
 }
 
@@ -559,6 +627,9 @@ pub struct AssistantMessage {
     pub id: Option<String>,
     /// The text blocks, concatenated.
     pub text: String,
+    /// Whether a subagent said it (its line had a `parent_tool_use_id`).
+    #[serde(default)]
+    pub subagent: bool,
 }
 
 /// A tool call seen during the run.
@@ -619,13 +690,18 @@ impl ParsedRun {
     pub fn apply(&mut self, event: StreamEvent) {
         match event {
             StreamEvent::Init(info) => self.init = Some(info),
-            StreamEvent::AssistantText { message_id, text } => match self.messages.last_mut() {
+            StreamEvent::AssistantText {
+                message_id,
+                text,
+                parent_tool_use_id,
+            } => match self.messages.last_mut() {
                 Some(last) if message_id.is_some() && last.id == message_id => {
                     last.text.push_str(&text)
                 }
                 _ => self.messages.push(AssistantMessage {
                     id: message_id,
                     text,
+                    subagent: parent_tool_use_id.is_some(),
                 }),
             },
             StreamEvent::ToolUse { id, name, .. } => self.tool_calls.push(ToolCall {
@@ -645,7 +721,26 @@ impl ParsedRun {
             StreamEvent::ApiRetry(retry) => self.api_retries.push(retry),
             StreamEvent::RateLimit(info) => self.rate_limit = Some(info),
             StreamEvent::ApiError(err) => self.api_error = Some(err),
-            StreamEvent::Result(summary) => self.result = Some(summary),
+            StreamEvent::Result(mut summary) => {
+                // Some CLI builds print `"result":""` although the stream holds the answer:
+                // the answer is then the main agent's last text, and the row says so.
+                let empty = summary.text.as_deref().is_none_or(|t| t.trim().is_empty());
+                if empty
+                    && !summary.is_error
+                    && let Some(last) = self
+                        .messages
+                        .iter()
+                        .rev()
+                        .find(|m| !m.subagent && !m.text.trim().is_empty())
+                {
+                    summary.text = Some(last.text.clone());
+                    summary.text_fallback = true;
+                }
+                if self.init.as_ref().is_some_and(|i| i.simulated) {
+                    summary.simulated = true;
+                }
+                self.result = Some(summary);
+            }
             StreamEvent::Skipped { line } => self.skipped.push(line),
         }
     }

@@ -167,18 +167,54 @@ pub fn render_ps(rows: &[ProcessRow]) -> String {
             (Some(s), Some(e)) => format!("{:.1}s", (e - s) as f64 / 1000.0),
             _ => "-".into(),
         };
+        let model = match (&r.resolved_model, &r.model) {
+            (Some(resolved), Some(asked)) if resolved != asked => format!("{resolved} ({asked})"),
+            (Some(m), _) | (None, Some(m)) => m.clone(),
+            (None, None) => String::new(),
+        };
         t.add_row(vec![
             r.id.clone(),
-            r.status.clone(),
-            r.model.clone().unwrap_or_default(),
+            process_status(r),
+            model,
             r.agent_id.clone().unwrap_or_default(),
             format!("{}/{}", r.attempts, r.max_attempts),
-            r.cost_usd.map(|c| format!("{c:.4}")).unwrap_or_default(),
+            r.cost_usd
+                .map(|c| {
+                    if r.simulated {
+                        format!("{c:.4} simulated")
+                    } else {
+                        format!("{c:.4}")
+                    }
+                })
+                .unwrap_or_default(),
             dur,
             r.error_class.clone().unwrap_or_default(),
         ]);
     }
     t.to_string()
+}
+
+/// A row's status as a person reads it: a call parked by a subscription limit says until when
+/// ("waiting for quota until 14:00 UTC").
+pub fn process_status(r: &ProcessRow) -> String {
+    match r.quota_until {
+        Some(until) if r.status == "RETRY" => {
+            format!("waiting for quota until {}", hour_minute_utc(until))
+        }
+        _ => r.status.clone(),
+    }
+}
+
+/// `14:00 UTC` (with the date when it is not today) for an epoch-ms time.
+pub fn hour_minute_utc(ms: i64) -> String {
+    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else {
+        return ms.to_string();
+    };
+    if t.date_naive() == chrono::Utc::now().date_naive() {
+        t.format("%H:%M UTC").to_string()
+    } else {
+        t.format("%Y-%m-%d %H:%M UTC").to_string()
+    }
 }
 
 /// Renders agents as a table.
@@ -207,18 +243,29 @@ pub fn render_agents(rows: &[AgentRow]) -> String {
 /// Spend totals of one group.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CostLine {
-    /// Model, agent or day (`YYYY-MM-DD`, UTC).
+    /// Model that answered, agent or day (`YYYY-MM-DD`, UTC).
     pub key: String,
-    /// Rows.
+    /// Paid calls: calls that got a result from the CLI (with its cost), whatever became of
+    /// them afterwards. Each is counted once.
     pub calls: i64,
-    /// CLI invocations (attempts).
+    /// CLI invocations (attempts), paid or not.
     pub attempts: i64,
-    /// USD.
+    /// Calls cut off by a stop of the daemon before they had a result (their work was asked
+    /// for again under a new id): not paid calls, shown apart.
+    #[serde(default)]
+    pub cut_off: i64,
+    /// Real money, USD (simulated cost excluded).
     pub cost_usd: f64,
-    /// Input tokens.
+    /// Input tokens (simulated calls excluded).
     pub tokens_in: i64,
-    /// Output tokens.
+    /// Output tokens (simulated calls excluded).
     pub tokens_out: i64,
+    /// Calls answered by a simulator (`fake-claude`), apart from the paid ones.
+    #[serde(default)]
+    pub simulated_calls: i64,
+    /// What the simulator reported as cost: no money was spent.
+    #[serde(default)]
+    pub simulated_usd: f64,
 }
 
 /// What `cost` reports.
@@ -241,9 +288,19 @@ pub struct CostReport {
 pub fn cost(store: &Store) -> Result<CostReport, BusError> {
     store.read(|c| {
         let group = |expr: &str| -> rusqlite::Result<Vec<CostLine>> {
+            // A paid call is one with a counted result (`counted_attempt`); a row that a
+            // restart cut off before any result is not one.
             let mut st = c.prepare(&format!(
-                "SELECT {expr} AS k, COUNT(*), COALESCE(SUM(attempts),0), COALESCE(SUM(cost_usd),0),
-                        COALESCE(SUM(tokens_in),0), COALESCE(SUM(tokens_out),0)
+                "SELECT {expr} AS k,
+                        COALESCE(SUM(CASE WHEN counted_attempt > 0 AND simulated = 0 THEN 1 ELSE 0 END), 0),
+                        COALESCE(SUM(attempts), 0),
+                        COALESCE(SUM(CASE WHEN counted_attempt = 0 AND status = 'DEAD'
+                                          AND error_class = 'transient.crash' THEN 1 ELSE 0 END), 0),
+                        COALESCE(SUM(CASE WHEN simulated = 0 THEN cost_usd END), 0),
+                        COALESCE(SUM(CASE WHEN simulated = 0 THEN tokens_in END), 0),
+                        COALESCE(SUM(CASE WHEN simulated = 0 THEN tokens_out END), 0),
+                        COALESCE(SUM(CASE WHEN counted_attempt > 0 AND simulated = 1 THEN 1 ELSE 0 END), 0),
+                        COALESCE(SUM(CASE WHEN simulated = 1 THEN cost_usd END), 0)
                  FROM processes GROUP BY k ORDER BY k"
             ))?;
             let rows = st.query_map([], |r| {
@@ -251,9 +308,12 @@ pub fn cost(store: &Store) -> Result<CostReport, BusError> {
                     key: r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "-".into()),
                     calls: r.get(1)?,
                     attempts: r.get(2)?,
-                    cost_usd: r.get(3)?,
-                    tokens_in: r.get(4)?,
-                    tokens_out: r.get(5)?,
+                    cut_off: r.get(3)?,
+                    cost_usd: r.get(4)?,
+                    tokens_in: r.get(5)?,
+                    tokens_out: r.get(6)?,
+                    simulated_calls: r.get(7)?,
+                    simulated_usd: r.get(8)?,
                 })
             })?;
             rows.collect()
@@ -264,7 +324,7 @@ pub fn cost(store: &Store) -> Result<CostReport, BusError> {
         });
         Ok(CostReport {
             total,
-            by_model: group("model")?,
+            by_model: group("COALESCE(resolved_model, model)")?,
             by_agent: group("agent_id")?,
             by_day: group("strftime('%Y-%m-%d', created_at / 1000, 'unixepoch')")?,
         })
@@ -282,20 +342,31 @@ pub fn render_cost(r: &CostReport) -> String {
     ] {
         let mut t = table(&[
             if title.is_empty() { "total" } else { title },
-            "calls",
+            "paid calls",
             "attempts",
+            "cut off",
             "cost $",
             "tokens in",
             "tokens out",
+            "simulated",
         ]);
         for l in lines.iter() {
             t.add_row(vec![
                 l.key.clone(),
                 l.calls.to_string(),
                 l.attempts.to_string(),
+                l.cut_off.to_string(),
                 format!("{:.4}", l.cost_usd),
                 l.tokens_in.to_string(),
                 l.tokens_out.to_string(),
+                if l.simulated_calls > 0 {
+                    format!(
+                        "{} calls, ${:.4} (no money)",
+                        l.simulated_calls, l.simulated_usd
+                    )
+                } else {
+                    "-".into()
+                },
             ]);
         }
         out.push_str(&format!("{t}\n"));
@@ -328,7 +399,7 @@ pub fn sessions(store: &Store) -> Result<Vec<SessionSummary>, BusError> {
     store.read(|c| {
         let mut st = c.prepare(
             "SELECT session_id, MAX(agent_id), COUNT(*), COALESCE(SUM(cost_usd), 0), MIN(created_at), MAX(created_at)
-             FROM processes WHERE session_id IS NOT NULL AND status = 'COMPLETED'
+             FROM processes WHERE session_id IS NOT NULL AND (status = 'COMPLETED' OR counted_attempt > 0)
              GROUP BY session_id ORDER BY MAX(created_at) DESC",
         )?;
         let rows = st.query_map([], |r| {

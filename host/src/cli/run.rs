@@ -228,13 +228,22 @@ pub fn render_result(v: &Value, data_dir: Option<&std::path::Path>) -> String {
         .as_i64()
         .or(v["updated_at"].as_i64())
         .unwrap_or(0);
+    let cost = v["cost_usd"].as_f64().unwrap_or(0.0);
+    let simulated = v["simulated_usd"].as_f64().unwrap_or(0.0);
+    // Simulated cost (fake-claude's) is not money: said so, and kept apart from real spend.
+    let money = if simulated <= 0.0 {
+        format!("${cost:.4}")
+    } else if (cost - simulated).abs() < 1e-12 {
+        format!("${cost:.4} simulated (no money spent)")
+    } else {
+        format!("${:.4} + ${simulated:.4} simulated", cost - simulated)
+    };
     out.push_str(&format!(
-        "\n{} steps, {} Claude calls, {} tokens in / {} out, ${:.4}, {:.1} s\n",
+        "\n{} steps, {} Claude calls, {} tokens in / {} out, {money}, {:.1} s\n",
         steps.iter().filter(|s| s["status"] == "completed").count(),
         v["claude_calls"],
         v["tokens_in"],
         v["tokens_out"],
-        v["cost_usd"].as_f64().unwrap_or(0.0),
         (end - v["created_at"].as_i64().unwrap_or(end)) as f64 / 1000.0
     ));
     let logs = match data_dir {

@@ -308,8 +308,15 @@ fn print_show(body: &Value) -> anyhow::Result<()> {
     let steps: Vec<StepRecord> = serde_json::from_value(body["steps"].clone())?;
     let turns = body["transcript"].as_array().cloned().unwrap_or_default();
     println!(
-        "{} {} — {}  (${:.4}, {} Claude calls, {} tokens in / {} out)",
-        v.workflow_type, v.id, v.status, v.cost_usd, v.claude_calls, v.tokens_in, v.tokens_out
+        "{} {} — {}  (${:.4}{}, {} Claude calls, {} tokens in / {} out)",
+        v.workflow_type,
+        v.id,
+        v.status,
+        v.cost_usd,
+        if v.simulated { " simulated" } else { "" },
+        v.claude_calls,
+        v.tokens_in,
+        v.tokens_out
     );
     if let Some(e) = &v.error {
         println!("error: {e}");

@@ -27,6 +27,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004_audit.sql",
         include_str!("../../../migrations/0004_audit.sql"),
     ),
+    (
+        "0005_accounting.sql",
+        include_str!("../../../migrations/0005_accounting.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

@@ -29,6 +29,8 @@ pub struct CallTotals {
     pub tokens_in: u64,
     pub tokens_out: u64,
     pub claude_calls: u64,
+    /// The part of `cost_usd` that is simulated (`fake-claude`).
+    pub simulated_usd: f64,
 }
 
 /// The host side of one running step.
@@ -45,8 +47,12 @@ pub struct StepContext {
     patch: Mutex<Map<String, Value>>,
     events: Mutex<Vec<NewEvent>>,
     totals: Mutex<CallTotals>,
-    /// Turns true when the workflow is cancelled: running Claude calls are stopped.
+    /// Turns true when the workflow is cancelled or the step timed out: running Claude calls
+    /// are stopped.
     cancelled: tokio::sync::watch::Sender<bool>,
+    /// Claude calls of this step that have not settled yet (running, or recording their
+    /// outcome): the step commits its totals only once this is 0 (see [`Self::settle_calls`]).
+    in_flight: tokio::sync::watch::Sender<usize>,
     templates_dir: std::path::PathBuf,
 }
 
@@ -88,6 +94,7 @@ impl StepContext {
             events: Mutex::new(Vec::new()),
             totals: Mutex::new(CallTotals::default()),
             cancelled: tokio::sync::watch::channel(false).0,
+            in_flight: tokio::sync::watch::channel(0).0,
             templates_dir,
         }
     }
@@ -213,6 +220,9 @@ impl StepContext {
     fn add_totals(&self, a: &ClaudeAnswer) {
         let mut t = self.totals.lock().unwrap();
         t.cost_usd += a.cost_usd;
+        if a.simulated {
+            t.simulated_usd += a.cost_usd;
+        }
         t.tokens_in += a.tokens_in;
         t.tokens_out += a.tokens_out;
         t.claude_calls += 1;
@@ -232,6 +242,8 @@ impl StepContext {
         call_seq: u32,
         request: ClaudeRequest,
     ) -> Result<ClaudeAnswer, ClaudeFailure> {
+        self.in_flight.send_modify(|n| *n += 1);
+        let _settled = InFlightCall(&self.in_flight);
         let kind = "claude.complete";
         let hash = sha(&request);
         let internal = |e: StepError| ClaudeFailure {
@@ -461,6 +473,16 @@ impl StepContext {
         self.cancelled.send_replace(true);
     }
 
+    /// Waits until every Claude call of the step has settled (answered and journaled, or
+    /// stopped), at most `within`. After a timeout or a cancel (calls stopped first), this is
+    /// what lets the step's totals include every call that was paid. Returns whether all did.
+    pub async fn settle_calls(&self, within: std::time::Duration) -> bool {
+        let mut rx = self.in_flight.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     pub(crate) fn take_patch(&self) -> Map<String, Value> {
         std::mem::take(&mut self.patch.lock().unwrap())
     }
@@ -471,6 +493,15 @@ impl StepContext {
 
     pub(crate) fn totals(&self) -> CallTotals {
         self.totals.lock().unwrap().clone()
+    }
+}
+
+/// Counts a Claude call out of [`StepContext::in_flight`] when it settles (or is dropped).
+struct InFlightCall<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl Drop for InFlightCall<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

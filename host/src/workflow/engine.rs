@@ -148,6 +148,12 @@ pub struct InstanceView {
     pub completed_at: Option<i64>,
     /// Total top-level steps of the definition (for progress).
     pub total_steps: Option<u64>,
+    /// The part of `cost_usd` that is simulated (answered by `fake-claude`): no money.
+    #[serde(default)]
+    pub simulated_usd: f64,
+    /// Whether any of its cost is simulated.
+    #[serde(default)]
+    pub simulated: bool,
 }
 
 struct Inner {
@@ -170,6 +176,10 @@ struct Inner {
 pub struct Engine {
     inner: Arc<Inner>,
 }
+
+/// How long a step that timed out or was cancelled waits for its stopped Claude calls to
+/// settle before it commits (a kill takes milliseconds; SIGTERM escalates to SIGKILL).
+const CALLS_SETTLE: Duration = Duration::from_secs(15);
 
 fn terminal(status: &str) -> bool {
     matches!(status, "completed" | "failed" | "cancelled")
@@ -503,6 +513,9 @@ impl Engine {
                     .as_ref()
                     .and_then(|r| self.inner.refs.read(r).ok())
                     .and_then(|b| text_of_logged_line(&b))
+                    // An empty `result` (a CLI bug) was answered from the stream's text,
+                    // which the journaled answer holds.
+                    .filter(|t| !t.trim().is_empty())
                     .unwrap_or_else(|| ans.text.clone());
                 json!({"seq": seq, "call": call, "step": step, "agent": req["agent"], "prompt": req["prompt"],
                        "text": text, "session_id": ans.session_id, "model": ans.model, "cost_usd": ans.cost_usd,
@@ -940,7 +953,17 @@ impl Engine {
         let outcome = tokio::select! {
             r = tokio::time::timeout(timeout, run) => match r {
                 Ok(r) => Some(r),
-                Err(_) => Some(Err(StepError::retryable(format!("step {:?} timed out after {} ms", step.name, step.timeout_ms)))),
+                Err(_) => {
+                    // The step is over: its Claude calls stop now, as on a cancel (their
+                    // process groups are killed), and the step commits only once they have
+                    // settled, so a call paid before the kill is in its totals and the retry
+                    // never runs beside it.
+                    ctx.cancel_calls();
+                    if !ctx.settle_calls(CALLS_SETTLE).await {
+                        tracing::warn!(workflow_id = %ev.workflow_id, step = %step.name, "Claude calls of a timed-out step did not stop in time");
+                    }
+                    Some(Err(StepError::retryable(format!("step {:?} timed out after {} ms; its Claude calls were stopped", step.name, step.timeout_ms))))
+                }
             },
             _ = cancelled => None,
         };
@@ -959,9 +982,10 @@ impl Engine {
             None => {
                 // The step's future is gone, but a plugin blocked in a host call keeps its
                 // thread: stop its Claude calls so nothing runs (or is paid) for a cancelled
-                // workflow.
+                // workflow, and count what was paid before they stopped.
                 ctx.cancel_calls();
-                self.commit_discard(d, ev, &meta).await
+                ctx.settle_calls(CALLS_SETTLE).await;
+                self.commit_discard(d, ev, &meta, ctx.totals()).await
             }
             Some(Ok(out)) => {
                 self.commit_success(d, ev, def.clone(), step, out, ctx, meta)
@@ -998,11 +1022,14 @@ impl Engine {
         d: &Delivery,
         ev: &StepEvent,
         meta: &RunMeta,
+        totals: super::context::CallTotals,
     ) -> Result<(), WorkflowError> {
         let (d, ev, meta) = (d.clone(), ev.clone(), meta.clone());
         self.inner
             .store
             .write(move |tx| {
+                // Calls paid before the cancel stopped them still count.
+                add_totals(tx, &ev.workflow_id, &totals)?;
                 journal(
                     tx,
                     &ev,
@@ -1011,7 +1038,7 @@ impl Engine {
                     None,
                     None,
                     Some("the workflow was cancelled while the step ran"),
-                    &Default::default(),
+                    &totals,
                 )?;
                 bus::ack_in(tx, d.subscription_id, d.event.id, &d.token)?;
                 Ok(())
@@ -1451,9 +1478,9 @@ fn add_totals(tx: &Tx<'_>, id: &str, t: &super::context::CallTotals) -> Result<(
     if t.claude_calls > 0 || t.cost_usd > 0.0 {
         tx.prepare_cached(
             "UPDATE workflows SET cost_usd = cost_usd + ?2, tokens_in = tokens_in + ?3, tokens_out = tokens_out + ?4,
-                claude_calls = claude_calls + ?5 WHERE id = ?1",
+                claude_calls = claude_calls + ?5, simulated_usd = simulated_usd + ?6 WHERE id = ?1",
         )?
-        .execute(params![id, t.cost_usd, t.tokens_in as i64, t.tokens_out as i64, t.claude_calls as i64])?;
+        .execute(params![id, t.cost_usd, t.tokens_in as i64, t.tokens_out as i64, t.claude_calls as i64, t.simulated_usd])?;
     }
     Ok(())
 }
@@ -1529,7 +1556,7 @@ fn advance(
 }
 
 const VIEW_COLUMNS: &str = "id, type, definition_version, status, current_step, params, state, checkpoint_file, error,
-    cost_usd, tokens_in, tokens_out, claude_calls, created_at, updated_at, completed_at, total_steps";
+    cost_usd, tokens_in, tokens_out, claude_calls, created_at, updated_at, completed_at, total_steps, simulated_usd";
 
 fn read_view(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceView> {
     let params: String = r.get(5)?;
@@ -1555,6 +1582,8 @@ fn read_view(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceView> {
         updated_at: r.get(14)?,
         completed_at: r.get(15)?,
         total_steps: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
+        simulated_usd: r.get(17)?,
+        simulated: r.get::<_, f64>(17)? > 0.0,
     })
 }
 

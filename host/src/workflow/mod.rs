@@ -152,6 +152,12 @@ pub struct ClaudeAnswer {
     pub cost_usd: f64,
     pub duration_ms: u64,
     pub process_id: String,
+    /// The model asked for (an alias such as `sonnet`); `model` is the one that answered.
+    #[serde(default)]
+    pub requested_model: String,
+    /// Whether the answer and its cost are simulated (`fake-claude`): no money was spent.
+    #[serde(default)]
+    pub simulated: bool,
 }
 
 /// A failed Claude call.

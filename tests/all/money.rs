@@ -1,0 +1,245 @@
+//! Every dollar counted once: the daemon's accounting against what the CLI itself reported,
+//! through crashes at the worst moment and steps that time out.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ksi_host::claude::executor::{ProcessRow, list_processes};
+use ksi_host::store::{Store, StoreOptions};
+use serde_json::{Value, json};
+
+use crate::support::Daemon;
+
+/// Every process row of the data dir (read once the daemon has stopped).
+fn rows(dir: &Path) -> Vec<ProcessRow> {
+    let store = Store::open_path(&dir.join("ksi.db"), &StoreOptions::default()).unwrap();
+    list_processes(&store, None, 10_000).unwrap()
+}
+
+/// The CLI's own `total_cost_usd` on the result line a row points at.
+fn logged_cost(dir: &Path, r: &ProcessRow) -> f64 {
+    let text = std::fs::read_to_string(dir.join(r.response_file.as_ref().unwrap())).unwrap();
+    let line = text
+        .lines()
+        .nth(r.response_line.unwrap() as usize - 1)
+        .unwrap();
+    let v: Value = serde_json::from_str(line).unwrap();
+    v["total_cost_usd"].as_f64().unwrap()
+}
+
+async fn wait_workflow(d: &Daemon, id: &str, within: Duration) -> Value {
+    let t0 = Instant::now();
+    loop {
+        if let Ok((200, b)) = d.get(&format!("/workflows/{id}")).await
+            && matches!(b["status"].as_str(), Some("completed" | "failed"))
+        {
+            return b;
+        }
+        assert!(t0.elapsed() < within, "{id} did not finish in {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The daemon's own child exits by itself (killed by its crash point).
+fn wait_exit(d: &mut Daemon, within: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "the daemon did not stop at its crash point"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn a_call_recovered_after_a_crash_between_success_and_completed_is_counted_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    // This daemon dies (SIGKILL) right after the first call's SUCCESS commit, which holds its
+    // cost and tokens, and before COMPLETED.
+    let mut d = Daemon::start(dir.path(), &[("KSI_CRASH_AT", "after_success")]).await;
+    let (s, b) = d
+        .post(
+            "/workflows",
+            &json!({"type": "debate", "params": {"topic": "Counted once", "rounds": 1}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let status = wait_exit(&mut d, Duration::from_secs(60));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    drop(d);
+
+    let d = Daemon::start(dir.path(), &[]).await;
+    let wf = wait_workflow(&d, &id, Duration::from_secs(120)).await;
+    assert_eq!(wf["status"], "completed", "{wf}");
+    let (_, cost) = d.get("/cost").await.unwrap();
+    drop(d);
+
+    let rows = rows(dir.path());
+    let recovered: Vec<&ProcessRow> = rows
+        .iter()
+        .filter(|r| r.metrics.as_ref().is_some_and(|m| m["recovered"] == true))
+        .collect();
+    // The opening's two calls run at once: one or both reached SUCCESS before the kill.
+    assert!(
+        !recovered.is_empty(),
+        "the crash left a call between SUCCESS and COMPLETED for start-up to recover"
+    );
+    let mut sum = 0.0;
+    for r in rows.iter().filter(|r| r.status == "COMPLETED") {
+        let logged = logged_cost(dir.path(), r);
+        assert_eq!(
+            r.cost_usd,
+            Some(logged),
+            "{}: the row's cost is the CLI's total_cost_usd",
+            r.id
+        );
+        sum += logged;
+    }
+    let approx = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    assert!(
+        approx(wf["cost_usd"].as_f64().unwrap(), sum),
+        "the workflow's total {} is the sum of its calls' {sum}",
+        wf["cost_usd"]
+    );
+    assert_eq!(
+        wf["claude_calls"].as_u64().unwrap() as usize,
+        rows.iter().filter(|r| r.status == "COMPLETED").count()
+    );
+    // fake-claude's money is simulated: `GET /cost` keeps it apart, counted once.
+    assert!(
+        approx(cost["total"]["simulated_usd"].as_f64().unwrap(), sum),
+        "{cost}"
+    );
+    assert_eq!(cost["total"]["cost_usd"], 0.0);
+}
+
+#[tokio::test]
+async fn a_step_that_times_out_stops_its_calls_and_counts_every_paid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("definitions");
+    std::fs::create_dir_all(&defs).unwrap();
+    std::fs::write(
+        defs.join("timed.toml"),
+        r#"name = "timed"
+version = "0.1.0"
+description = "A debate whose opening must be quick"
+
+[params]
+topic = "Timeouts"
+rounds = 0
+
+[[steps]]
+name = "opening"
+handler = "debate.opening@^0.1"
+branches = ["closing"]
+timeout_ms = 400
+retry = { max_attempts = 3, backoff_ms = 100 }
+
+[[steps]]
+name = "closing"
+handler = "debate.closing@^0.1"
+
+[[steps]]
+name = "judge"
+handler = "debate.judge@^0.1"
+"#,
+    )
+    .unwrap();
+    let once = dir.path().join("slow-once");
+    let results = dir.path().join("fake-results.jsonl");
+    let invocations = dir.path().join("fake-invocations.jsonl");
+    // The first CLI is slow (200 ms a line: over a second), the others answer at once: one
+    // opening call outlives the step's timeout while its twin has answered (and been paid).
+    let env = [
+        ("KSI_CLAUDE_ENV_FAKE_CLAUDE_FAULT", "slow"),
+        (
+            "KSI_CLAUDE_ENV_FAKE_CLAUDE_FAULT_ONCE",
+            once.to_str().unwrap(),
+        ),
+        (
+            "KSI_CLAUDE_ENV_FAKE_CLAUDE_RESULT_LOG",
+            results.to_str().unwrap(),
+        ),
+        (
+            "KSI_CLAUDE_ENV_FAKE_CLAUDE_LOG",
+            invocations.to_str().unwrap(),
+        ),
+    ];
+    let d = Daemon::start(dir.path(), &env).await;
+    let (s, b) = d
+        .post("/workflows", &json!({"type": "timed", "params": {}}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let wf = wait_workflow(&d, &id, Duration::from_secs(120)).await;
+    assert_eq!(wf["status"], "completed", "{wf}");
+    // Give a CLI that was not stopped time to finish and print its result.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(d);
+
+    let read = |p: &Path| -> Vec<Value> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let slow: Vec<Value> = read(&invocations)
+        .into_iter()
+        .filter(|i| i["fault"] == "slow")
+        .collect();
+    assert_eq!(slow.len(), 1, "one slow CLI");
+    let printed: HashSet<u64> = read(&results)
+        .iter()
+        .map(|r| r["pid"].as_u64().unwrap())
+        .collect();
+    assert!(
+        !printed.contains(&slow[0]["pid"].as_u64().unwrap()),
+        "the slow CLI was stopped with its step, before it answered (and was paid)"
+    );
+
+    let rows = rows(dir.path());
+    let mine: Vec<&ProcessRow> = rows
+        .iter()
+        .filter(|r| r.workflow_id.as_deref() == Some(&id))
+        .collect();
+    let stopped: Vec<&&ProcessRow> = mine
+        .iter()
+        .filter(|r| r.error_class.as_deref() == Some("permanent.cancelled"))
+        .collect();
+    assert_eq!(stopped.len(), 1, "{mine:#?}");
+    // The retry ran only after the stopped call had ended: never beside it.
+    let retry_started = mine
+        .iter()
+        .filter(|r| r.id.contains(&format!("{id}_1_2_")))
+        .filter_map(|r| r.started_at)
+        .min()
+        .expect("the opening's second attempt");
+    assert!(stopped[0].completed_at.unwrap() <= retry_started);
+    // Every paid call is in the workflow's totals, including the timed-out attempt's.
+    let paid: Vec<&&ProcessRow> = mine.iter().filter(|r| r.status == "COMPLETED").collect();
+    let sum: f64 = paid.iter().map(|r| r.cost_usd.unwrap()).sum();
+    assert_eq!(
+        wf["claude_calls"].as_u64().unwrap() as usize,
+        paid.len(),
+        "{wf}"
+    );
+    assert!(
+        (wf["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-9,
+        "the workflow's total {} is the sum of its paid calls {sum}",
+        wf["cost_usd"]
+    );
+    assert!(
+        paid.iter().any(|r| r.id.contains(&format!("{id}_1_1_"))),
+        "the timed-out attempt's answered call is among them"
+    );
+}
