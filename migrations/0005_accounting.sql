@@ -22,3 +22,9 @@ ALTER TABLE processes ADD COLUMN quota_until INTEGER;
 -- The part of a workflow's cost that is simulated (answered by fake-claude): shown as such,
 -- never counted as spend.
 ALTER TABLE workflows ADD COLUMN simulated_usd REAL NOT NULL DEFAULT 0;
+
+-- When each Claude CLI was spawned (epoch ms), for the last hour: the spawn-rate limit
+-- (`claude.spawn_rate_per_min`) starts from these after a restart, so a daemon restarted in a
+-- loop cannot exceed it.
+CREATE TABLE spawn_times (at INTEGER NOT NULL);
+CREATE INDEX idx_spawn_times_at ON spawn_times(at);

@@ -54,6 +54,25 @@ impl DataDirLock {
         let _ = std::fs::write(&path, format!("{}\n", std::process::id()));
         Ok(DataDirLock { _file: file, path })
     }
+
+    /// The pid of the process holding the data directory's lock (a daemon, running or still
+    /// starting, or an in-process `ksi run`), or `None` when nobody holds it.
+    pub fn holder(data_dir: &Path) -> Option<u32> {
+        let path = data_dir.join("ksi.lock");
+        let file = std::fs::OpenOptions::new().read(true).open(&path).ok()?;
+        // SAFETY: flock on a file descriptor we own; a lock we get is released when `file`
+        // closes at the end of this function.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        if rc == 0 {
+            return None;
+        }
+        Some(
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0),
+        )
+    }
 }
 
 /// Workflow definitions and prompt templates that ship with KSI.

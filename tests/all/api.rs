@@ -458,7 +458,9 @@ async fn cost_sessions_schedules_messages_and_results_answer_and_refuse_bad_inpu
     );
     let (s, c) = d.get("/cost").await.unwrap();
     assert_eq!(s, 200);
-    assert_eq!(c["total"]["calls"], 1, "{c}");
+    // fake-claude's call is simulated: kept apart from paid calls and real money.
+    assert_eq!(c["total"]["simulated_calls"], 1, "{c}");
+    assert_eq!(c["total"]["calls"], 0, "{c}");
     assert!(
         c["by_agent"]
             .as_array()

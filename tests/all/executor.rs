@@ -1923,3 +1923,47 @@ async fn simulated_cost_is_recorded_as_simulated_and_never_counts_against_a_budg
     assert!(cli::render_ps(&[r]).contains("simulated"));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_cli_that_only_retries_its_connection_is_stopped_and_classed_as_network() -> Result<()> {
+    let f = fixture_with(&[("FAKE_CLAUDE_FAULT", "no_network")], |c| {
+        c.limits.connect_timeout = Duration::from_millis(1500);
+        c.limits.no_output_timeout = Duration::from_secs(60);
+        c.retry.max_attempts = 2;
+    })?;
+    let err = f
+        .exec
+        .complete("offline-1".into(), None, req("no network here"))
+        .await
+        .err()
+        .context("the call fails")?;
+    assert_eq!(err.class, "transient.network", "{err:?}");
+    assert!(err.transient);
+    assert!(
+        err.message.contains("could not reach the API") && err.message.contains("connection retries"),
+        "{}",
+        err.message
+    );
+    let r = row(&f, "offline-1");
+    assert_eq!((r.status.as_str(), r.attempts), ("DEAD", 2));
+    Ok(())
+}
+
+#[test]
+fn with_the_default_settings_a_cli_without_network_is_dead_in_under_five_minutes() {
+    // Each attempt is stopped at the connect timeout; between attempts the backoff is at most
+    // its ceiling. (The no-output timeout does not fire: the CLI prints an `api_retry` line for
+    // each of its own retries.)
+    let limits = Limits::default();
+    let retry = RetryPolicy::default();
+    let backoffs: Duration = (1..retry.max_attempts).map(|a| retry.ceiling(a)).sum();
+    let worst = limits.connect_timeout * retry.max_attempts + backoffs;
+    assert!(
+        worst < Duration::from_secs(300),
+        "{} attempts × {:?} + {:?} of backoff = {:?}",
+        retry.max_attempts,
+        limits.connect_timeout,
+        backoffs,
+        worst
+    );
+}

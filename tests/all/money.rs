@@ -243,3 +243,82 @@ handler = "debate.judge@^0.1"
         "the timed-out attempt's answered call is among them"
     );
 }
+
+#[test]
+fn a_client_never_runs_a_second_executor_on_a_data_dir_a_starting_daemon_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fake-claude.log");
+    // Stands in for a daemon that has taken the data dir and does not listen yet.
+    let lock = ksi_host::daemon::DataDirLock::acquire(dir.path()).unwrap();
+    let t0 = Instant::now();
+    let out = std::process::Command::new(crate::support::bin("ksi"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["spawn", "hello"])
+        .env("KSI_DAEMON_START_WAIT_SECS", "2")
+        .env("KSI_CLAUDE_BIN", crate::support::bin("fake-claude"))
+        .env("KSI_CLAUDE_ENV_FAKE_CLAUDE_LOG", &log)
+        .env("FAKE_CLAUDE_LOG", &log)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(t0.elapsed() >= Duration::from_secs(2), "it waited for the daemon");
+    let pid = std::process::id();
+    assert!(
+        stderr.contains(&format!("waiting up to 2 s for the KSI daemon (pid {pid}) that is starting")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("another KSI process (pid {pid}) holds the data directory"))
+            && stderr.contains("Nothing was run"),
+        "{stderr}"
+    );
+    assert!(!log.exists(), "no CLI ran");
+    assert!(!dir.path().join("ksi.db").exists(), "the data dir was not opened");
+    drop(lock);
+}
+
+#[tokio::test]
+async fn the_spawn_rate_limit_holds_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fake-claude.log");
+    let set = crate::support::ksi_host(
+        dir.path(),
+        &["config", "set", "claude.spawn_rate_per_min", "3"],
+    );
+    assert!(set.status.success(), "{:?}", crate::support::text(&set));
+    let env = [("KSI_CLAUDE_ENV_FAKE_CLAUDE_LOG", log.to_str().unwrap())];
+    let calls = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    {
+        let d = Daemon::start(dir.path(), &env).await;
+        for i in 0..3 {
+            let (s, b) = d
+                .post("/spawn", &json!({"prompt": format!("rate {i}"), "wait": true}))
+                .await
+                .unwrap();
+            assert_eq!(s, 201, "{b}");
+        }
+    } // SIGKILL
+    assert_eq!(calls(&log), 3);
+    let d = Daemon::start(dir.path(), &env).await;
+    let (s, b) = d
+        .post("/spawn", &json!({"prompt": "rate 3", "wait": false}))
+        .await
+        .unwrap();
+    assert_eq!(s, 202, "{b}");
+    // 3 a minute were used up just before the restart: the next token comes ~20 s after the
+    // first of them, so for the next seconds the fourth call waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(calls(&log), 3, "the restarted daemon spawned at once, over the rate");
+    let (_, p) = d
+        .get(&format!("/processes/{}", b["process_id"].as_str().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(p["status"], "PENDING", "{p}");
+}

@@ -117,8 +117,16 @@ fn main() {
             let args = cli.client;
             match cli.cmd {
                 Cmd::Run(run) => {
-                    // A running daemon owns the data dir: submit to it and follow its stream.
-                    if let Some(daemon) = client::find_daemon(&args, &config).await? {
+                    // A running daemon owns the data dir (or one is starting on it): submit
+                    // to it and follow its stream.
+                    let daemon = match client::find_daemon(&args, &config).await? {
+                        Some(d) => Some(d),
+                        None if args.url.is_none() => {
+                            client::wait_for_starting_daemon(&config.data_dir).await?
+                        }
+                        None => None,
+                    };
+                    if let Some(daemon) = daemon {
                         let local = (!daemon.is_remote()).then_some(config.data_dir.as_path());
                         let v = ksi_host::cli::run::run_on_daemon(&daemon, &run, local).await?;
                         if v["status"] != "completed" {

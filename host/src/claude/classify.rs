@@ -28,6 +28,21 @@ pub enum FailureClass {
     Transient(TransientKind),
     /// Retrying the same request will fail the same way; fail at once.
     Permanent(PermanentKind),
+    /// A subscription's usage limit: not a failure of the call. It is parked until the limit
+    /// resets (see [`quota_resets_at`]) and runs again by itself (`claude.quota.on_limit`).
+    Quota(QuotaKind),
+}
+
+/// Which subscription limit was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuotaKind {
+    /// The five-hour session limit ("You've hit your session limit · resets 2pm").
+    SessionLimit,
+    /// A usage limit with a reset time ("Claude AI usage limit reached|<unix time>", a 429 with
+    /// a rejected `rate_limit_event`, weekly limits).
+    UsageLimit,
+    /// The monthly credit for `claude -p` is used up.
+    MonthlyCredit,
 }
 
 /// Failures that go away by themselves.
@@ -106,6 +121,11 @@ impl FailureClass {
                 TransientKind::NoResult => "transient.no_result",
                 TransientKind::DiskFull => "transient.disk_full",
             },
+            FailureClass::Quota(kind) => match kind {
+                QuotaKind::SessionLimit => "quota.session_limit",
+                QuotaKind::UsageLimit => "quota.usage_limit",
+                QuotaKind::MonthlyCredit => "quota.monthly_credit",
+            },
             FailureClass::Permanent(kind) => match kind {
                 PermanentKind::Authentication => "permanent.authentication",
                 PermanentKind::Billing => "permanent.billing",
@@ -134,7 +154,7 @@ impl std::fmt::Display for FailureClass {
 /// Whether a failure of this class is worth another attempt: transient ones are, permanent ones
 /// never are.
 pub fn is_retryable(class: &FailureClass) -> bool {
-    matches!(class, FailureClass::Transient(_))
+    matches!(class, FailureClass::Transient(_) | FailureClass::Quota(_))
 }
 
 /// A classified failure with the CLI's own words.
@@ -168,6 +188,9 @@ pub enum Termination {
     Cancelled,
     /// KSI killed it because it printed its result but did not exit.
     LingeredAfterResult,
+    /// KSI killed it because, `connect_timeout` after it started, it had only retried its
+    /// connection to the API (no network).
+    ConnectTimeout,
 }
 
 /// The evidence of one attempt.
@@ -205,6 +228,15 @@ pub fn classify(ev: Evidence<'_>) -> Option<Failure> {
             return Some(Failure {
                 class: FailureClass::Permanent(PermanentKind::Cancelled),
                 message: "the run was cancelled".into(),
+            });
+        }
+        Termination::ConnectTimeout => {
+            let retries = run.api_retries.len();
+            return Some(Failure {
+                class: FailureClass::Transient(TransientKind::Network),
+                message: format!(
+                    "the Claude CLI could not reach the API: {retries} connection retries and no answer, so KSI stopped it (claude.timeout.connect_secs). Check the machine's network or proxy"
+                ),
             });
         }
         Termination::NoOutputTimeout | Termination::OverallTimeout => {
@@ -293,6 +325,17 @@ fn classify_reported_error(run: &ParsedRun, stderr: &str) -> Failure {
         .or_else(|| result.api_error_status.and_then(classify_status))
         .or_else(|| result.subtype.as_deref().and_then(classify_subtype))
         .unwrap_or(FailureClass::Permanent(PermanentKind::Unrecognized));
+    // A rate limit that the CLI says was rejected until a time is a quota, not a blip.
+    let class = match class {
+        FailureClass::Transient(TransientKind::RateLimited)
+            if run.rate_limit.as_ref().is_some_and(|r| {
+                r.status.as_deref() == Some("rejected") && r.resets_at.is_some()
+            }) =>
+        {
+            FailureClass::Quota(QuotaKind::UsageLimit)
+        }
+        other => other,
+    };
     Failure { class, message }
 }
 
@@ -394,13 +437,18 @@ const TEXT_PATTERNS: &[(&str, FailureClass)] = {
         // Transient API conditions.
         ("overloaded", Transient(T::Overloaded)),
         ("api error: 529", Transient(T::Overloaded)),
+        // Subscription limits: parked until they reset, not failed.
+        ("hit your session limit", FailureClass::Quota(QuotaKind::SessionLimit)),
+        ("session limit", FailureClass::Quota(QuotaKind::SessionLimit)),
+        ("monthly usage limit", FailureClass::Quota(QuotaKind::MonthlyCredit)),
+        ("monthly limit", FailureClass::Quota(QuotaKind::MonthlyCredit)),
+        ("monthly credit", FailureClass::Quota(QuotaKind::MonthlyCredit)),
+        ("usage limit reached", FailureClass::Quota(QuotaKind::UsageLimit)),
+        ("weekly limit", FailureClass::Quota(QuotaKind::UsageLimit)),
+        ("hit your limit", FailureClass::Quota(QuotaKind::UsageLimit)),
         ("api error: 429", Transient(T::RateLimited)),
         ("rate_limit", Transient(T::RateLimited)),
         ("rate limit", Transient(T::RateLimited)),
-        ("usage limit reached", Transient(T::RateLimited)),
-        ("hit your session limit", Transient(T::RateLimited)),
-        ("session limit", Transient(T::RateLimited)),
-        ("hit your limit", Transient(T::RateLimited)),
         // Network.
         ("unable to connect to api", Transient(T::Network)),
         ("connection error", Transient(T::Network)),
@@ -538,4 +586,68 @@ mod tests {
             "transient.rate_limited"
         );
     }
+}
+
+/// When a subscription limit resets (epoch ms), from what the CLI said: the rejected
+/// `rate_limit_event`'s `resetsAt`, the legacy `usage limit reached|<unix time>` text, or
+/// "resets 2pm" / "resets 14:30" (UTC, or no zone, taken as UTC). `None` when it did not say
+/// (a zone KSI cannot resolve included): the caller waits its fallback time and tries again.
+pub fn quota_resets_at(run: &ParsedRun, message: &str, now_ms: i64) -> Option<i64> {
+    let to_ms = |t: i64| if t > 100_000_000_000 { t } else { t * 1000 };
+    if let Some(t) = run
+        .rate_limit
+        .as_ref()
+        .filter(|r| r.status.as_deref() == Some("rejected"))
+        .and_then(|r| r.resets_at)
+        .map(to_ms)
+        .filter(|t| *t > now_ms)
+    {
+        return Some(t);
+    }
+    let lower = message.to_lowercase();
+    if let Some(i) = lower.find("limit reached|") {
+        let digits: String = lower[i + "limit reached|".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Ok(t) = digits.parse::<i64>() {
+            return Some(to_ms(t));
+        }
+    }
+    let i = lower.find("resets ")?;
+    let rest = &lower[i + "resets ".len()..];
+    let zone = rest.split_once('(').map(|(_, z)| z.trim_end_matches(')').trim());
+    if zone.is_some_and(|z| !matches!(z.split(')').next(), Some("utc" | "gmt" | "etc/utc"))) {
+        return None;
+    }
+    let clock: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == ':')
+        .collect();
+    let (hm, pm) = match clock.strip_suffix("pm") {
+        Some(hm) => (hm, Some(true)),
+        None => match clock.strip_suffix("am") {
+            Some(hm) => (hm, Some(false)),
+            None => (clock.as_str(), None),
+        },
+    };
+    let (h, m) = match hm.split_once(':') {
+        Some((h, m)) => (h.parse::<i64>().ok()?, m.parse::<i64>().ok()?),
+        None => (hm.parse::<i64>().ok()?, 0),
+    };
+    let h = match pm {
+        Some(true) if h < 12 => h + 12,
+        Some(false) if h == 12 => 0,
+        _ => h,
+    };
+    if !(0..24).contains(&h) || !(0..60).contains(&m) {
+        return None;
+    }
+    let day = 86_400_000;
+    let midnight = now_ms - now_ms.rem_euclid(day);
+    let mut at = midnight + (h * 3600 + m * 60) * 1000;
+    if at <= now_ms {
+        at += day;
+    }
+    Some(at)
 }

@@ -37,7 +37,7 @@ use tokio::sync::watch;
 
 use super::accounting::{self, AttemptSpend};
 use super::agents::{self, AgentProfile};
-use super::classify::{FailureClass, PermanentKind, TransientKind};
+use super::classify::{FailureClass, PermanentKind, TransientKind, quota_resets_at};
 use super::command::{ClaudeInvocation, SessionMode, default_binary};
 use super::orphan::{OrphanCheck, kill_orphaned_group};
 use super::responses::{self, FoundResult};
@@ -78,7 +78,17 @@ pub struct ExecutorConfig {
     /// How many steps below the daemon's CPU priority the CLIs run (`claude.nice`, 0-19): the
     /// daemon stays responsive while many CLIs start (see [`super::spawner`]).
     pub nice: i32,
+    /// What a subscription limit does to a call (`claude.quota.on_limit`): `true` (`park`, the
+    /// default) parks it until the limit resets, then runs it again by itself; `false`
+    /// (`fail`) ends it DEAD with the CLI's message.
+    pub quota_park: bool,
+    /// How long a parked call waits when the CLI did not say when its limit resets
+    /// (`claude.quota.fallback_wait_secs`); it then tries again (and parks again if need be).
+    pub quota_fallback_wait: Duration,
 }
+
+/// A parked call runs this long after its limit's reset time (clocks differ).
+const QUOTA_MARGIN: Duration = Duration::from_secs(5);
 
 impl Default for ExecutorConfig {
     fn default() -> Self {
@@ -93,6 +103,8 @@ impl Default for ExecutorConfig {
             inherit_env: true,
             min_free_bytes: 64 << 20,
             nice: 10,
+            quota_park: true,
+            quota_fallback_wait: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -124,6 +136,21 @@ impl ExecutorConfig {
                 "claude.timeout.no_output_secs" => {
                     if let Some(v) = value.as_f64().filter(|x| *x > 0.0) {
                         self.limits.no_output_timeout = Duration::from_secs_f64(v);
+                    }
+                }
+                "claude.quota.on_limit" => match value.as_str() {
+                    Some("park") => self.quota_park = true,
+                    Some("fail") => self.quota_park = false,
+                    _ => tracing::warn!(%value, "claude.quota.on_limit is \"park\" or \"fail\"; keeping the current choice"),
+                },
+                "claude.quota.fallback_wait_secs" => {
+                    if let Some(v) = value.as_f64().filter(|x| *x > 0.0) {
+                        self.quota_fallback_wait = Duration::from_secs_f64(v);
+                    }
+                }
+                "claude.timeout.connect_secs" => {
+                    if let Some(v) = value.as_f64().filter(|x| *x > 0.0) {
+                        self.limits.connect_timeout = Duration::from_secs_f64(v);
                     }
                 }
                 "claude.timeout.kill_grace_ms" => {
@@ -449,6 +476,8 @@ struct InFlight {
     prompt_saved: Option<PromptSaved>,
     /// Lets the prompt of a fresh call be saved (see [`Executor::start_prompt_save`]).
     save_prompt_now: Option<Arc<tokio::sync::Notify>>,
+    /// While the call is parked by a subscription limit: until when (epoch ms), else 0.
+    parked_until: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Whether a fresh call's prompt file, its reference in the row and `claude.spawn.request` are
@@ -675,6 +704,7 @@ impl Executor {
                     task: None,
                     prompt_saved: Some(saved_rx),
                     save_prompt_now: Some(save_now.clone()),
+                    parked_until: Arc::default(),
                 },
             );
         }
@@ -1073,6 +1103,44 @@ impl Executor {
         })
     }
 
+    /// Notes that call `id` is parked by a subscription limit until `until` (epoch ms; 0: no
+    /// longer), for [`ClaudeApi::parked_until`].
+    fn set_parked(&self, id: &str, until: i64) {
+        if let Some(c) = self.inner.calls.lock().unwrap().get(id) {
+            c.parked_until
+                .store(until, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Until when (epoch ms) a running call is parked by a subscription limit.
+    pub fn parked_until(&self, process_id: &str) -> Option<i64> {
+        let calls = self.inner.calls.lock().unwrap();
+        let until = calls
+            .get(process_id)?
+            .parked_until
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (until > 0).then_some(until)
+    }
+
+    /// The calls of `workflow_id` parked by a subscription limit: until when the first of them
+    /// waits (epoch ms), for `ksi workflows`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn workflow_quota_wait(
+        store: &Store,
+        workflow_id: &str,
+    ) -> Result<Option<i64>, BusError> {
+        let id = workflow_id.to_string();
+        store.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT MAX(quota_until) FROM processes
+                 WHERE workflow_id = ?1 AND status = 'RETRY' AND quota_until IS NOT NULL",
+            )?
+            .query_row([id], |r| r.get::<_, Option<i64>>(0))?)
+        })
+    }
+
     fn agent_turn(&self, agent: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.inner
             .agent_turns
@@ -1397,7 +1465,26 @@ impl Executor {
                         Some(&message),
                     );
                     let moved = log.as_ref().is_some_and(|(_, e)| e.path != stream_rel);
-                    let delay = retry.next_delay(attempt, &class);
+                    // A subscription limit is not a failed attempt: the call is parked until
+                    // the limit resets, however many attempts it has used.
+                    let (delay, message) = match class {
+                        FailureClass::Quota(_) if eff.quota_park => {
+                            let now = now_ms();
+                            let until = quota_resets_at(&outcome.run, &message, now).unwrap_or(
+                                now + eff.quota_fallback_wait.as_millis() as i64,
+                            );
+                            let wait = Duration::from_millis((until - now).max(0) as u64)
+                                + QUOTA_MARGIN;
+                            self.set_parked(&id, now + wait.as_millis() as i64);
+                            let text = format!(
+                                "{message} — parked until {}; it runs again by itself (claude.quota.on_limit = park)",
+                                crate::cli::claude::hour_minute_utc(now + wait.as_millis() as i64)
+                            );
+                            (Some(wait), text)
+                        }
+                        FailureClass::Quota(_) => (None, message),
+                        _ => (retry.next_delay(attempt, &class), message),
+                    };
                     if let Some(delay) = delay.filter(|_| !cancel.is_cancelled()) {
                         self.record_retry(
                             &id,
@@ -1417,6 +1504,7 @@ impl Executor {
                             _ = tokio::time::sleep(delay) => {}
                             _ = cancel.cancelled() => return self.cancelled(&id, &request.agent, attempt).await,
                         }
+                        self.set_parked(&id, 0);
                         continue;
                     }
                     let out = self
@@ -1507,6 +1595,9 @@ impl Executor {
                         updated_at = ?6 WHERE id = ?1",
                     params![id, pid, start_ticks.map(|t| t as i64), attempt, stream_rel, now, session, executable],
                 )?;
+                // The spawn-rate limit's memory across restarts (see `Executor::reconcile`).
+                tx.exec("INSERT INTO spawn_times(at) VALUES (?1)", [now])?;
+                tx.exec("DELETE FROM spawn_times WHERE at < ?1", [now - 3_600_000])?;
                 if let Some(a) = &agent {
                     tx.exec(
                         "UPDATE agents SET status = 'busy', current_process_id = ?2, last_active_at = ?3 WHERE id = ?1",
@@ -2303,6 +2394,16 @@ impl Executor {
         match row.status.as_str() {
             status::COMPLETED => self.answer_from_row(&row),
             status::FAILED | status::DEAD => None,
+            // Parked by a subscription limit before the restart: it stays parked until the
+            // reset, runs then, and its step takes that answer (it is not run twice).
+            status::RETRY if row.quota_until.is_some() => {
+                if let Err(e) = self.resume_row(process_id, true).await {
+                    tracing::warn!(process_id, error = %e, "cannot resume a call parked by a subscription limit");
+                    return None;
+                }
+                self.set_parked(process_id, row.quota_until.unwrap_or(0));
+                self.wait(process_id).await.ok()
+            }
             _ => {
                 if let Some(pid) = row.pid.filter(|_| row.status == status::RUNNING) {
                     kill_orphaned_group(pid as u32, row.pid_start_ticks.map(|t| t as u64));
@@ -2337,6 +2438,12 @@ impl Executor {
     /// # Errors
     /// No such row, not in RETRY, attempts used up, already running, or its prompt is gone.
     pub async fn resume(&self, process_id: &str) -> Result<(), ClaudeFailure> {
+        self.resume_row(process_id, false).await
+    }
+
+    /// [`Executor::resume`]; `for_workflow` also takes a workflow's call (a call parked by a
+    /// subscription limit, which its step waits for instead of re-running).
+    async fn resume_row(&self, process_id: &str, for_workflow: bool) -> Result<(), ClaudeFailure> {
         let inner = &self.inner;
         let row = get_process(&inner.store, process_id)
             .map_err(internal)?
@@ -2357,10 +2464,11 @@ impl Executor {
         if row.status != status::RETRY {
             return refuse(&format!("it is {}, not RETRY", row.status));
         }
-        if row.workflow_id.is_some() {
+        if row.workflow_id.is_some() && !for_workflow {
             return refuse("it belongs to a workflow, whose engine re-runs its calls itself");
         }
-        if row.attempts >= row.max_attempts {
+        // A call parked by a subscription limit has used no attempt it could fail.
+        if row.attempts >= row.max_attempts && row.quota_until.is_none() {
             return refuse("its attempts are used up");
         }
         if inner.calls.lock().unwrap().contains_key(process_id) {
@@ -2426,6 +2534,7 @@ impl Executor {
                 task: None,
                 prompt_saved: None,
                 save_prompt_now: None,
+                parked_until: Arc::default(),
             },
         );
         let delay = row
@@ -2462,7 +2571,7 @@ impl Executor {
         let ids: Vec<String> = self.inner.store.read(|c| {
             let mut st = c.prepare(
                 "SELECT id FROM processes WHERE status = 'RETRY' AND workflow_id IS NULL
-                 AND attempts < max_attempts ORDER BY created_at",
+                 AND (attempts < max_attempts OR quota_until IS NOT NULL) ORDER BY created_at",
             )?;
             let rows = st.query_map([], |r| r.get(0))?;
             Ok::<_, BusError>(rows.collect::<rusqlite::Result<_>>()?)
@@ -2562,6 +2671,16 @@ impl Executor {
             }
         }
         report.pruned_prompts = self.prune_archive();
+        // The spawn-rate bucket starts from the spawns of the last minute, whichever daemon
+        // made them: a restart does not refill it.
+        let recent: i64 = self.inner.store.read(|c| {
+            Ok::<_, BusError>(c.query_row(
+                "SELECT COUNT(*) FROM spawn_times WHERE at >= ?1",
+                [now_ms() - 60_000],
+                |r| r.get(0),
+            )?)
+        })?;
+        self.inner.admission.seed_recent_spawns(recent.max(0) as u64);
         Ok(report)
     }
 
@@ -2592,6 +2711,10 @@ impl ClaudeApi for Executor {
     fn recover(&self, process_id: String) -> BoxFuture<'static, Option<ClaudeAnswer>> {
         let this = self.clone();
         Box::pin(async move { this.recover_answer(&process_id).await })
+    }
+
+    fn parked_until(&self, process_id: &str) -> Option<i64> {
+        Executor::parked_until(self, process_id)
     }
 
     fn cancel(&self, process_id: &str) -> bool {

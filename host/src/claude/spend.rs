@@ -270,6 +270,8 @@ struct AdmissionInner {
     reservations: Mutex<HashMap<u64, Reservation>>,
     next_id: Mutex<u64>,
     bucket: Mutex<Option<Bucket>>,
+    /// Spawns of the last minute before this daemon started: the bucket starts that much lower.
+    recent_spawns: Mutex<u64>,
     running: Mutex<Running>,
     freed: Notify,
 }
@@ -281,6 +283,7 @@ impl Default for Admission {
                 reservations: Mutex::default(),
                 next_id: Mutex::new(1),
                 bucket: Mutex::new(None),
+                recent_spawns: Mutex::new(0),
                 running: Mutex::default(),
                 freed: Notify::new(),
             }),
@@ -540,6 +543,13 @@ impl Admission {
         }))
     }
 
+    /// Spawns made in the last minute before this executor started (by a daemon that then
+    /// stopped): the spawn-rate bucket starts with that many tokens fewer.
+    pub fn seed_recent_spawns(&self, n: u64) {
+        *self.inner.recent_spawns.lock().unwrap() = n;
+        *self.inner.bucket.lock().unwrap() = None;
+    }
+
     /// Waits for a token of the spawn-rate bucket (capacity and refill: `per_min` a minute).
     pub async fn rate_limit(&self, per_min: f64) {
         if per_min <= 0.0 {
@@ -549,8 +559,9 @@ impl Admission {
             let wait = {
                 let mut b = self.inner.bucket.lock().unwrap();
                 let now = Instant::now();
+                let recent = *self.inner.recent_spawns.lock().unwrap() as f64;
                 let bucket = b.get_or_insert(Bucket {
-                    tokens: per_min,
+                    tokens: (per_min - recent).max(0.0),
                     at: now,
                 });
                 let refill = now.duration_since(bucket.at).as_secs_f64() * per_min / 60.0;

@@ -33,6 +33,10 @@ pub struct Limits {
     /// The CLI prints an `api_retry` line for each of its own retries, so a CLI that keeps
     /// retrying is still "talking"; a long tool call is not, so keep this above your longest tool.
     pub no_output_timeout: Duration,
+    /// The attempt is killed when, this long after its start, the CLI has only retried its
+    /// connection to the API (`api_retry` lines without an HTTP status) and nothing answered:
+    /// the CLI's own ten retries would otherwise take minutes per attempt without a network.
+    pub connect_timeout: Duration,
     /// Time between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
     /// How long a CLI may keep running after printing its result (it sometimes waits on MCP
@@ -49,6 +53,7 @@ impl Default for Limits {
         Self {
             overall_timeout: Duration::from_secs(30 * 60),
             no_output_timeout: Duration::from_secs(5 * 60),
+            connect_timeout: Duration::from_secs(60),
             kill_grace: Duration::from_secs(5),
             linger_after_result: Duration::from_secs(10),
             drain_after_exit: Duration::from_secs(2),
@@ -220,6 +225,16 @@ fn signal_group(pgid: i32, sig: i32) {
     }
 }
 
+/// Whether all the CLI has done so far is retry its connection: `api_retry` lines without an
+/// HTTP status (the API never answered) and no model output.
+fn only_connection_retries(run: &ParsedRun) -> bool {
+    !run.api_retries.is_empty()
+        && run.api_retries.iter().all(|r| r.error_status.is_none())
+        && run.messages.is_empty()
+        && run.tool_calls.is_empty()
+        && run.result.is_none()
+}
+
 /// Run one attempt of `inv` to the end: success, failure, timeout or cancellation.
 ///
 /// `on_progress` is called with the pid right after the spawn, then with every stdout line and
@@ -354,6 +369,8 @@ pub async fn run_attempt_guarded(
     let mut result_deadline: Option<tokio::time::Instant> = None;
     let mut stdout_open = true;
     let mut kill_reason: Option<Termination> = None;
+    let connect_deadline = tokio::time::Instant::from_std(t0 + limits.connect_timeout);
+    let mut connect_checked = false;
 
     while exit_status.is_none() || stdout_open {
         tokio::select! {
@@ -388,6 +405,13 @@ pub async fn run_attempt_guarded(
             _ = sleep_until(overall_deadline) => {
                 kill_reason = Some(Termination::OverallTimeout);
                 break;
+            }
+            _ = sleep_until(connect_deadline), if !connect_checked && exit_status.is_none() && result_deadline.is_none() => {
+                connect_checked = true;
+                if only_connection_retries(&run) {
+                    kill_reason = Some(Termination::ConnectTimeout);
+                    break;
+                }
             }
             _ = sleep_until(idle_deadline), if exit_status.is_none() && result_deadline.is_none() => {
                 kill_reason = Some(Termination::NoOutputTimeout);

@@ -8,6 +8,7 @@
 //! tunnel when the network is not trusted.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::Body;
@@ -365,9 +366,69 @@ pub async fn connect(
     if let Some(c) = find_daemon(args, config).await? {
         return Ok(c);
     }
+    if args.url.is_none()
+        && let Some(c) = wait_for_starting_daemon(&config.data_dir).await?
+    {
+        return Ok(c);
+    }
     match need {
         Need::Daemon => anyhow::bail!("{}", no_daemon_message(&config.data_dir, command)),
-        Need::Read => Ok(DaemonClient::in_process(local_api(config.clone()).await?)),
+        Need::Read => {
+            // This process now holds the data dir, so no daemon starts beside its executor
+            // (a `/spawn` runs the CLI here). The lock lives as long as the command.
+            let lock = crate::daemon::DataDirLock::acquire(&config.data_dir)?;
+            std::mem::forget(lock);
+            Ok(DaemonClient::in_process(local_api(config.clone()).await?))
+        }
+    }
+}
+
+/// How long a client waits for a daemon that holds the data dir but does not answer on its
+/// socket yet (it is starting): `KSI_DAEMON_START_WAIT_SECS`, default 30.
+fn start_wait() -> Duration {
+    Duration::from_secs(
+        std::env::var("KSI_DAEMON_START_WAIT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
+    )
+}
+
+/// When another process holds `data_dir` (a daemon that is starting), waits for its socket
+/// (bounded, saying so on stderr) and returns a client of it. `None` when nobody holds the
+/// data dir: the caller may open it itself.
+///
+/// # Errors
+/// The holder did not answer on its socket in time: the message names it and what to do. A
+/// second executor never runs on a data dir another process holds.
+pub async fn wait_for_starting_daemon(data_dir: &Path) -> anyhow::Result<Option<DaemonClient>> {
+    let Some(pid) = crate::daemon::DataDirLock::holder(data_dir) else {
+        return Ok(None);
+    };
+    let wait = start_wait();
+    eprintln!(
+        "waiting up to {} s for the KSI daemon (pid {pid}) that is starting on {} ...",
+        wait.as_secs(),
+        data_dir.display()
+    );
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Some(c) = DaemonClient::find(data_dir).await {
+            return Ok(Some(c));
+        }
+        if crate::daemon::DataDirLock::holder(data_dir).is_none() {
+            // It stopped (or was a short command): the data dir is free again.
+            return Ok(None);
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "another KSI process (pid {pid}) holds the data directory {} but did not answer on {} within {} s. If it is a daemon, wait until it has started (or check its log); if it is a `ksi run`, let it finish. Nothing was run",
+                data_dir.display(),
+                data_dir.join("ksi.sock").display(),
+                wait.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -53,6 +53,8 @@ pub struct StepContext {
     /// Claude calls of this step that have not settled yet (running, or recording their
     /// outcome): the step commits its totals only once this is 0 (see [`Self::settle_calls`]).
     in_flight: tokio::sync::watch::Sender<usize>,
+    /// Process ids of the step's Claude calls that are running.
+    running: Mutex<std::collections::HashSet<String>>,
     templates_dir: std::path::PathBuf,
 }
 
@@ -95,6 +97,7 @@ impl StepContext {
             totals: Mutex::new(CallTotals::default()),
             cancelled: tokio::sync::watch::channel(false).0,
             in_flight: tokio::sync::watch::channel(0).0,
+            running: Mutex::default(),
             templates_dir,
         }
     }
@@ -320,6 +323,8 @@ impl StepContext {
                 message: format!("workflow {} was cancelled", self.workflow_id),
             });
         }
+        self.running.lock().unwrap().insert(process_id.clone());
+        let _running = RunningCall(&self.running, process_id.clone());
         let call =
             self.claude
                 .complete(process_id.clone(), Some(self.workflow_id.clone()), request);
@@ -473,6 +478,16 @@ impl StepContext {
         self.cancelled.send_replace(true);
     }
 
+    /// Until when (epoch ms) the latest of the step's running Claude calls is parked by a
+    /// subscription limit, if one is: the step's timeout does not count that wait.
+    pub fn quota_parked_until(&self) -> Option<i64> {
+        let running: Vec<String> = self.running.lock().unwrap().iter().cloned().collect();
+        running
+            .iter()
+            .filter_map(|p| self.claude.parked_until(p))
+            .max()
+    }
+
     /// Waits until every Claude call of the step has settled (answered and journaled, or
     /// stopped), at most `within`. After a timeout or a cancel (calls stopped first), this is
     /// what lets the step's totals include every call that was paid. Returns whether all did.
@@ -493,6 +508,15 @@ impl StepContext {
 
     pub(crate) fn totals(&self) -> CallTotals {
         self.totals.lock().unwrap().clone()
+    }
+}
+
+/// Takes a call out of [`StepContext::running`] when it ends (or is dropped).
+struct RunningCall<'a>(&'a Mutex<std::collections::HashSet<String>>, String);
+
+impl Drop for RunningCall<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().remove(&self.1);
     }
 }
 

@@ -177,6 +177,31 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// Runs a step's future with its timeout, which does not count the time its Claude calls
+/// spend parked by a subscription limit (the deadline moves past the reset). `Err` on timeout.
+async fn run_within<T>(
+    timeout: Duration,
+    run: impl std::future::Future<Output = T>,
+    ctx: &super::StepContext,
+) -> Result<T, ()> {
+    tokio::pin!(run);
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            r = &mut run => return Ok(r),
+            _ = tokio::time::sleep_until(deadline) => {
+                match ctx.quota_parked_until() {
+                    Some(until) => {
+                        let wait = Duration::from_millis((until - now_ms()).max(0) as u64);
+                        deadline = tokio::time::Instant::now() + wait + timeout;
+                    }
+                    None => return Err(()),
+                }
+            }
+        }
+    }
+}
+
 /// How long a step that timed out or was cancelled waits for its stopped Claude calls to
 /// settle before it commits (a kill takes milliseconds; SIGTERM escalates to SIGKILL).
 const CALLS_SETTLE: Duration = Duration::from_secs(15);
@@ -951,9 +976,9 @@ impl Engine {
         let run = inner.runner.run(resolved.clone(), input, ctx.clone());
         let timeout = Duration::from_millis(step.timeout_ms);
         let outcome = tokio::select! {
-            r = tokio::time::timeout(timeout, run) => match r {
+            r = run_within(timeout, run, &ctx) => match r {
                 Ok(r) => Some(r),
-                Err(_) => {
+                Err(()) => {
                     // The step is over: its Claude calls stop now, as on a cancel (their
                     // process groups are killed), and the step commits only once they have
                     // settled, so a call paid before the kill is in its totals and the retry

@@ -188,6 +188,12 @@ pub trait ClaudeApi: Send + Sync {
     fn cancel(&self, _process_id: &str) -> bool {
         false
     }
+
+    /// Until when (epoch ms) a running call waits for a subscription limit to reset; its step's
+    /// timeout does not run meanwhile. `None`: it is not parked.
+    fn parked_until(&self, _process_id: &str) -> Option<i64> {
+        None
+    }
 }
 
 /// A [`ClaudeApi`] for engines that run no Claude call (benchmarks, admin commands): every
