@@ -1940,7 +1940,8 @@ async fn a_cli_that_only_retries_its_connection_is_stopped_and_classed_as_networ
     assert_eq!(err.class, "transient.network", "{err:?}");
     assert!(err.transient);
     assert!(
-        err.message.contains("could not reach the API") && err.message.contains("connection retries"),
+        err.message.contains("could not reach the API")
+            && err.message.contains("connection retries"),
         "{}",
         err.message
     );
@@ -1966,4 +1967,87 @@ fn with_the_default_settings_a_cli_without_network_is_dead_in_under_five_minutes
         backoffs,
         worst
     );
+}
+
+fn unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn a_call_that_hits_a_usage_limit_is_parked_until_the_reset_then_runs_by_itself() -> Result<()>
+{
+    use ksi_host::cli::claude as cli;
+    let marker_dir = tempfile::tempdir()?;
+    let marker = marker_dir.path().join("once").display().to_string();
+    let reset = unix_secs() + 2;
+    let reset_s = reset.to_string();
+    let f = fixture(&[
+        ("FAKE_CLAUDE_FAULT", "usage_limit"),
+        ("FAKE_CLAUDE_FAULT_ONCE", marker.as_str()),
+        ("FAKE_CLAUDE_RESET_AT", reset_s.as_str()),
+    ])?;
+    let exec = f.exec.clone();
+    let call = tokio::spawn(async move {
+        exec.complete("quota-1".into(), None, req("a call over the limit"))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let parked = loop {
+        let r = row_opt(&f, "quota-1");
+        if let Some(r) = r.filter(|r| r.status == "RETRY") {
+            break r;
+        }
+        ensure!(Instant::now() < deadline, "the call was not parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(parked.error_class.as_deref(), Some("quota.usage_limit"));
+    let until = parked.quota_until.context("parked until")?;
+    assert!(until >= reset * 1000, "until {until}, reset {reset}");
+    assert!(
+        parked
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("usage limit reached") && e.contains("parked until")),
+        "{:?}",
+        parked.error
+    );
+    assert!(cli::render_ps(&[parked]).contains("waiting for quota until"));
+    assert!(f.exec.parked_until("quota-1").is_some());
+    let answer = call.await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(answer.text.starts_with("[simulated]"));
+    let r = row(&f, "quota-1");
+    assert_eq!((r.status.as_str(), r.attempts), ("COMPLETED", 2));
+    assert_eq!(r.quota_until, None, "no longer waiting");
+    let runs = invocations(&f.log);
+    assert_eq!(runs.len(), 2);
+    assert!(
+        runs[1]["time_unix_ms"].as_i64().unwrap() >= reset * 1000,
+        "the second run waited for the reset"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_quota_on_limit_fail_a_usage_limit_ends_the_call_with_the_clis_message() -> Result<()>
+{
+    let f = fixture(&[("FAKE_CLAUDE_FAULT", "usage_limit")])?;
+    settings::set(&f.store, "claude.quota.on_limit", json!("fail"), None).await?;
+    let err = f
+        .exec
+        .complete("quota-fail".into(), None, req("over the limit, no parking"))
+        .await
+        .err()
+        .context("the call fails")?;
+    assert_eq!(err.class, "quota.usage_limit");
+    assert!(
+        err.message.contains("usage limit reached"),
+        "{}",
+        err.message
+    );
+    assert_eq!(row(&f, "quota-fail").status, "DEAD");
+    assert_eq!(invocations(&f.log).len(), 1, "not retried");
+    Ok(())
 }

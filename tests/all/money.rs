@@ -263,19 +263,28 @@ fn a_client_never_runs_a_second_executor_on_a_data_dir_a_starting_daemon_holds()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(t0.elapsed() >= Duration::from_secs(2), "it waited for the daemon");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "it waited for the daemon"
+    );
     let pid = std::process::id();
     assert!(
-        stderr.contains(&format!("waiting up to 2 s for the KSI daemon (pid {pid}) that is starting")),
+        stderr.contains(&format!(
+            "waiting up to 2 s for the KSI daemon (pid {pid}) that is starting"
+        )),
         "{stderr}"
     );
     assert!(
-        stderr.contains(&format!("another KSI process (pid {pid}) holds the data directory"))
-            && stderr.contains("Nothing was run"),
+        stderr.contains(&format!(
+            "another KSI process (pid {pid}) holds the data directory"
+        )) && stderr.contains("Nothing was run"),
         "{stderr}"
     );
     assert!(!log.exists(), "no CLI ran");
-    assert!(!dir.path().join("ksi.db").exists(), "the data dir was not opened");
+    assert!(
+        !dir.path().join("ksi.db").exists(),
+        "the data dir was not opened"
+    );
     drop(lock);
 }
 
@@ -299,7 +308,10 @@ async fn the_spawn_rate_limit_holds_across_a_restart() {
         let d = Daemon::start(dir.path(), &env).await;
         for i in 0..3 {
             let (s, b) = d
-                .post("/spawn", &json!({"prompt": format!("rate {i}"), "wait": true}))
+                .post(
+                    "/spawn",
+                    &json!({"prompt": format!("rate {i}"), "wait": true}),
+                )
                 .await
                 .unwrap();
             assert_eq!(s, 201, "{b}");
@@ -315,10 +327,101 @@ async fn the_spawn_rate_limit_holds_across_a_restart() {
     // 3 a minute were used up just before the restart: the next token comes ~20 s after the
     // first of them, so for the next seconds the fourth call waits.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(calls(&log), 3, "the restarted daemon spawned at once, over the rate");
+    assert_eq!(
+        calls(&log),
+        3,
+        "the restarted daemon spawned at once, over the rate"
+    );
     let (_, p) = d
         .get(&format!("/processes/{}", b["process_id"].as_str().unwrap()))
         .await
         .unwrap();
     assert_eq!(p["status"], "PENDING", "{p}");
+}
+
+#[tokio::test]
+async fn a_step_parked_by_a_usage_limit_survives_a_restart_and_resumes_after_the_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = dir.path().join("limit-once");
+    let invocations = dir.path().join("fake-invocations.jsonl");
+    let reset = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 6;
+    let reset_s = reset.to_string();
+    let env = [
+        ("KSI_CLAUDE_ENV_FAKE_CLAUDE_FAULT", "usage_limit"),
+        (
+            "KSI_CLAUDE_ENV_FAKE_CLAUDE_FAULT_ONCE",
+            once.to_str().unwrap(),
+        ),
+        ("KSI_CLAUDE_ENV_FAKE_CLAUDE_RESET_AT", reset_s.as_str()),
+        (
+            "KSI_CLAUDE_ENV_FAKE_CLAUDE_LOG",
+            invocations.to_str().unwrap(),
+        ),
+    ];
+    let d = Daemon::start(dir.path(), &env).await;
+    let (s, b) = d
+        .post(
+            "/workflows",
+            &json!({"type": "debate", "params": {"topic": "Limits", "rounds": 0}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    let waiting = loop {
+        let (_, list) = d.get("/workflows").await.unwrap();
+        if let Some(until) = list["workflows"][0]["waiting_for_quota_until"].as_i64() {
+            break until;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never parked: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(waiting >= reset as i64 * 1000);
+    let out = std::process::Command::new(crate::support::bin("ksi"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("workflows")
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("waiting for quota until"), "{listing}");
+    drop(d); // SIGKILL while the step waits
+
+    let d = Daemon::start(dir.path(), &env).await;
+    let wf = wait_workflow(&d, &id, Duration::from_secs(120)).await;
+    assert_eq!(wf["status"], "completed", "{wf}");
+    drop(d);
+    // The parked call ran again only after the reset, once; nothing else ran twice.
+    let runs: Vec<Value> = std::fs::read_to_string(&invocations)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let limited = runs
+        .iter()
+        .find(|r| r["fault"] == "usage_limit")
+        .expect("the call that hit the limit");
+    let again: Vec<&Value> = runs
+        .iter()
+        .filter(|r| r["prompt_sha256"] == limited["prompt_sha256"] && r["fault"].is_null())
+        .collect();
+    assert_eq!(again.len(), 1, "{runs:#?}");
+    assert!(again[0]["time_unix_ms"].as_u64().unwrap() >= reset * 1000);
+    let mut prompts: Vec<&str> = runs
+        .iter()
+        .filter(|r| r["fault"].is_null())
+        .map(|r| r["prompt_sha256"].as_str().unwrap())
+        .collect();
+    let n = prompts.len();
+    prompts.sort();
+    prompts.dedup();
+    assert_eq!(prompts.len(), n, "a call ran twice: {runs:#?}");
 }

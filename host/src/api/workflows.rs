@@ -124,7 +124,9 @@ async fn list(
             json!({"id": v.id, "type": v.workflow_type, "status": v.status, "current_step": v.current_step,
                    "cost_usd": v.cost_usd, "tokens_in": v.tokens_in, "tokens_out": v.tokens_out,
                    "claude_calls": v.claude_calls, "created_at": v.created_at,
-                   "updated_at": v.updated_at, "error": v.error})
+                   "updated_at": v.updated_at, "error": v.error,
+                   "simulated": v.simulated, "simulated_usd": v.simulated_usd,
+                   "waiting_for_quota_until": quota_wait(&s, &v)})
         })
         .collect();
     Ok(Json(json!({ "workflows": rows })))
@@ -135,7 +137,19 @@ async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<
     let steps = s.engine.history(&id)?;
     let mut body = serde_json::to_value(&v).map_err(|e| ApiError::internal(e.to_string()))?;
     body["steps"] = serde_json::to_value(&steps).map_err(|e| ApiError::internal(e.to_string()))?;
+    body["waiting_for_quota_until"] = json!(quota_wait(&s, &v));
     Ok(Json(body))
+}
+
+/// Until when (epoch ms) a running instance waits for a subscription limit to reset, if one of
+/// its Claude calls is parked.
+fn quota_wait(s: &AppState, v: &crate::workflow::InstanceView) -> Option<i64> {
+    if v.status != "running" {
+        return None;
+    }
+    crate::claude::Executor::workflow_quota_wait(&s.store, &v.id)
+        .ok()
+        .flatten()
 }
 
 /// The agents' turns of an instance: every Claude call of its steps, in order, with the text

@@ -438,12 +438,30 @@ const TEXT_PATTERNS: &[(&str, FailureClass)] = {
         ("overloaded", Transient(T::Overloaded)),
         ("api error: 529", Transient(T::Overloaded)),
         // Subscription limits: parked until they reset, not failed.
-        ("hit your session limit", FailureClass::Quota(QuotaKind::SessionLimit)),
-        ("session limit", FailureClass::Quota(QuotaKind::SessionLimit)),
-        ("monthly usage limit", FailureClass::Quota(QuotaKind::MonthlyCredit)),
-        ("monthly limit", FailureClass::Quota(QuotaKind::MonthlyCredit)),
-        ("monthly credit", FailureClass::Quota(QuotaKind::MonthlyCredit)),
-        ("usage limit reached", FailureClass::Quota(QuotaKind::UsageLimit)),
+        (
+            "hit your session limit",
+            FailureClass::Quota(QuotaKind::SessionLimit),
+        ),
+        (
+            "session limit",
+            FailureClass::Quota(QuotaKind::SessionLimit),
+        ),
+        (
+            "monthly usage limit",
+            FailureClass::Quota(QuotaKind::MonthlyCredit),
+        ),
+        (
+            "monthly limit",
+            FailureClass::Quota(QuotaKind::MonthlyCredit),
+        ),
+        (
+            "monthly credit",
+            FailureClass::Quota(QuotaKind::MonthlyCredit),
+        ),
+        (
+            "usage limit reached",
+            FailureClass::Quota(QuotaKind::UsageLimit),
+        ),
         ("weekly limit", FailureClass::Quota(QuotaKind::UsageLimit)),
         ("hit your limit", FailureClass::Quota(QuotaKind::UsageLimit)),
         ("api error: 429", Transient(T::RateLimited)),
@@ -475,6 +493,72 @@ pub fn classify_text(text: &str) -> Option<FailureClass> {
         .iter()
         .find(|(pattern, _)| lower.contains(pattern))
         .map(|(_, class)| *class)
+}
+
+/// When a subscription limit resets (epoch ms), from what the CLI said: the rejected
+/// `rate_limit_event`'s `resetsAt`, the legacy `usage limit reached|<unix time>` text, or
+/// "resets 2pm" / "resets 14:30" (UTC, or no zone, taken as UTC). `None` when it did not say
+/// (a zone KSI cannot resolve included): the caller waits its fallback time and tries again.
+pub fn quota_resets_at(run: &ParsedRun, message: &str, now_ms: i64) -> Option<i64> {
+    let to_ms = |t: i64| if t > 100_000_000_000 { t } else { t * 1000 };
+    if let Some(t) = run
+        .rate_limit
+        .as_ref()
+        .filter(|r| r.status.as_deref() == Some("rejected"))
+        .and_then(|r| r.resets_at)
+        .map(to_ms)
+        .filter(|t| *t > now_ms)
+    {
+        return Some(t);
+    }
+    let lower = message.to_lowercase();
+    if let Some(i) = lower.find("limit reached|") {
+        let digits: String = lower[i + "limit reached|".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Ok(t) = digits.parse::<i64>() {
+            return Some(to_ms(t));
+        }
+    }
+    let i = lower.find("resets ")?;
+    let rest = &lower[i + "resets ".len()..];
+    let zone = rest
+        .split_once('(')
+        .map(|(_, z)| z.trim_end_matches(')').trim());
+    if zone.is_some_and(|z| !matches!(z.split(')').next(), Some("utc" | "gmt" | "etc/utc"))) {
+        return None;
+    }
+    let clock: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == ':')
+        .collect();
+    let (hm, pm) = match clock.strip_suffix("pm") {
+        Some(hm) => (hm, Some(true)),
+        None => match clock.strip_suffix("am") {
+            Some(hm) => (hm, Some(false)),
+            None => (clock.as_str(), None),
+        },
+    };
+    let (h, m) = match hm.split_once(':') {
+        Some((h, m)) => (h.parse::<i64>().ok()?, m.parse::<i64>().ok()?),
+        None => (hm.parse::<i64>().ok()?, 0),
+    };
+    let h = match pm {
+        Some(true) if h < 12 => h + 12,
+        Some(false) if h == 12 => 0,
+        _ => h,
+    };
+    if !(0..24).contains(&h) || !(0..60).contains(&m) {
+        return None;
+    }
+    let day = 86_400_000;
+    let midnight = now_ms - now_ms.rem_euclid(day);
+    let mut at = midnight + (h * 3600 + m * 60) * 1000;
+    if at <= now_ms {
+        at += day;
+    }
+    Some(at)
 }
 
 #[cfg(test)]
@@ -586,68 +670,71 @@ mod tests {
             "transient.rate_limited"
         );
     }
-}
 
-/// When a subscription limit resets (epoch ms), from what the CLI said: the rejected
-/// `rate_limit_event`'s `resetsAt`, the legacy `usage limit reached|<unix time>` text, or
-/// "resets 2pm" / "resets 14:30" (UTC, or no zone, taken as UTC). `None` when it did not say
-/// (a zone KSI cannot resolve included): the caller waits its fallback time and tries again.
-pub fn quota_resets_at(run: &ParsedRun, message: &str, now_ms: i64) -> Option<i64> {
-    let to_ms = |t: i64| if t > 100_000_000_000 { t } else { t * 1000 };
-    if let Some(t) = run
-        .rate_limit
-        .as_ref()
-        .filter(|r| r.status.as_deref() == Some("rejected"))
-        .and_then(|r| r.resets_at)
-        .map(to_ms)
-        .filter(|t| *t > now_ms)
-    {
-        return Some(t);
+    #[test]
+    fn subscription_limit_texts_are_quota_with_their_reset_time() {
+        let run = ParsedRun::default();
+        let now = 1_749_900_000_000;
+        let legacy = "Claude AI usage limit reached|1749924000";
+        assert_eq!(
+            classify_text(legacy),
+            Some(FailureClass::Quota(QuotaKind::UsageLimit))
+        );
+        assert_eq!(quota_resets_at(&run, legacy, now), Some(1_749_924_000_000));
+        let session = "You've hit your session limit · resets 2pm (UTC)";
+        assert_eq!(
+            classify_text(session),
+            Some(FailureClass::Quota(QuotaKind::SessionLimit))
+        );
+        // 1_749_900_000_000 is 11:20 UTC: the next 14:00 UTC is the same day.
+        let day = 86_400_000;
+        let midnight = now - now % day;
+        assert_eq!(
+            quota_resets_at(&run, session, now),
+            Some(midnight + 14 * 3_600_000)
+        );
+        assert_eq!(
+            quota_resets_at(&run, "You've hit your session limit · resets 9:30am", now),
+            Some(midnight + day + 9 * 3_600_000 + 30 * 60_000),
+            "a time already past today is tomorrow's"
+        );
+        // A zone KSI cannot resolve: no guess (the fallback wait applies).
+        assert_eq!(
+            quota_resets_at(
+                &run,
+                "You've hit your session limit · resets 2pm (Europe/Helsinki)",
+                now
+            ),
+            None
+        );
+        assert_eq!(
+            classify_text("You've used your monthly usage limit for claude -p"),
+            Some(FailureClass::Quota(QuotaKind::MonthlyCredit))
+        );
+        assert!(is_retryable(&FailureClass::Quota(QuotaKind::SessionLimit)));
+        // A plain API rate limit stays a short transient retry.
+        assert_eq!(
+            classify_text("API Error: 429 rate_limit_error"),
+            Some(FailureClass::Transient(TransientKind::RateLimited))
+        );
     }
-    let lower = message.to_lowercase();
-    if let Some(i) = lower.find("limit reached|") {
-        let digits: String = lower[i + "limit reached|".len()..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        if let Ok(t) = digits.parse::<i64>() {
-            return Some(to_ms(t));
-        }
+
+    #[test]
+    fn a_rejected_rate_limit_event_with_a_reset_makes_a_429_a_quota() {
+        let now = 1_790_000_000_000;
+        let stdout = r#"{"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1790161200,"rateLimitType":"five_hour"}}
+{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"API Error: 429"}"#;
+        let run = ParsedRun::from_stdout(stdout);
+        let f = classify(Evidence {
+            run: &run,
+            stderr: "",
+            termination: Termination::Exited(1),
+        })
+        .unwrap();
+        assert_eq!(f.class, FailureClass::Quota(QuotaKind::UsageLimit));
+        assert_eq!(
+            quota_resets_at(&run, &f.message, now),
+            Some(1_790_161_200_000)
+        );
     }
-    let i = lower.find("resets ")?;
-    let rest = &lower[i + "resets ".len()..];
-    let zone = rest.split_once('(').map(|(_, z)| z.trim_end_matches(')').trim());
-    if zone.is_some_and(|z| !matches!(z.split(')').next(), Some("utc" | "gmt" | "etc/utc"))) {
-        return None;
-    }
-    let clock: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == ':')
-        .collect();
-    let (hm, pm) = match clock.strip_suffix("pm") {
-        Some(hm) => (hm, Some(true)),
-        None => match clock.strip_suffix("am") {
-            Some(hm) => (hm, Some(false)),
-            None => (clock.as_str(), None),
-        },
-    };
-    let (h, m) = match hm.split_once(':') {
-        Some((h, m)) => (h.parse::<i64>().ok()?, m.parse::<i64>().ok()?),
-        None => (hm.parse::<i64>().ok()?, 0),
-    };
-    let h = match pm {
-        Some(true) if h < 12 => h + 12,
-        Some(false) if h == 12 => 0,
-        _ => h,
-    };
-    if !(0..24).contains(&h) || !(0..60).contains(&m) {
-        return None;
-    }
-    let day = 86_400_000;
-    let midnight = now_ms - now_ms.rem_euclid(day);
-    let mut at = midnight + (h * 3600 + m * 60) * 1000;
-    if at <= now_ms {
-        at += day;
-    }
-    Some(at)
 }

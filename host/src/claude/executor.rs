@@ -141,7 +141,9 @@ impl ExecutorConfig {
                 "claude.quota.on_limit" => match value.as_str() {
                     Some("park") => self.quota_park = true,
                     Some("fail") => self.quota_park = false,
-                    _ => tracing::warn!(%value, "claude.quota.on_limit is \"park\" or \"fail\"; keeping the current choice"),
+                    _ => {
+                        tracing::warn!(%value, "claude.quota.on_limit is \"park\" or \"fail\"; keeping the current choice")
+                    }
                 },
                 "claude.quota.fallback_wait_secs" => {
                     if let Some(v) = value.as_f64().filter(|x| *x > 0.0) {
@@ -1127,10 +1129,7 @@ impl Executor {
     ///
     /// # Errors
     /// A database error.
-    pub fn workflow_quota_wait(
-        store: &Store,
-        workflow_id: &str,
-    ) -> Result<Option<i64>, BusError> {
+    pub fn workflow_quota_wait(store: &Store, workflow_id: &str) -> Result<Option<i64>, BusError> {
         let id = workflow_id.to_string();
         store.read(move |c| {
             Ok(c.prepare_cached(
@@ -1470,11 +1469,10 @@ impl Executor {
                     let (delay, message) = match class {
                         FailureClass::Quota(_) if eff.quota_park => {
                             let now = now_ms();
-                            let until = quota_resets_at(&outcome.run, &message, now).unwrap_or(
-                                now + eff.quota_fallback_wait.as_millis() as i64,
-                            );
-                            let wait = Duration::from_millis((until - now).max(0) as u64)
-                                + QUOTA_MARGIN;
+                            let until = quota_resets_at(&outcome.run, &message, now)
+                                .unwrap_or(now + eff.quota_fallback_wait.as_millis() as i64);
+                            let wait =
+                                Duration::from_millis((until - now).max(0) as u64) + QUOTA_MARGIN;
                             self.set_parked(&id, now + wait.as_millis() as i64);
                             let text = format!(
                                 "{message} — parked until {}; it runs again by itself (claude.quota.on_limit = park)",
@@ -2680,7 +2678,9 @@ impl Executor {
                 |r| r.get(0),
             )?)
         })?;
-        self.inner.admission.seed_recent_spawns(recent.max(0) as u64);
+        self.inner
+            .admission
+            .seed_recent_spawns(recent.max(0) as u64);
         Ok(report)
     }
 

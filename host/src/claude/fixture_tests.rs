@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 
 use super::classify::{
-    Evidence, FailureClass, PermanentKind, Termination, TransientKind, classify, classify_code,
-    classify_status, classify_text,
+    Evidence, FailureClass, PermanentKind, QuotaKind, Termination, TransientKind, classify,
+    classify_code, classify_status, classify_text, quota_resets_at,
 };
 use super::command::ClaudeInvocation;
 use super::stream::{Outcome, ParsedRun, StreamEvent, StreamParser, TokenUsage};
@@ -587,20 +587,33 @@ fn check_fixture(name: &str) {
             assert_eq!(classify_status(529), overloaded);
         }
         "text_legacy_usage_limit_reached_1.0.x.txt" => {
-            let limited = Some(FailureClass::Transient(TransientKind::RateLimited));
+            // A subscription limit: parked until it resets, not failed.
+            let quota = Some(FailureClass::Quota(QuotaKind::UsageLimit));
+            let legacy = line_starting(&text, "Claude AI usage limit reached|");
+            assert_eq!(classify_text(&legacy), quota);
             assert_eq!(
-                classify_text(&line_starting(&text, "Claude AI usage limit reached|")),
-                limited
+                quota_resets_at(&ParsedRun::default(), &legacy, 1_749_900_000_000),
+                Some(1_749_924_000_000),
+                "the unix time after the pipe"
             );
             assert_eq!(
                 classify_text(&line_starting(&text, "Claude usage limit reached.")),
-                limited
+                quota
             );
         }
         "transcript_rate_limit_session_limit_synthetic_FRAGMENT.txt" => {
             let limited = Some(FailureClass::Transient(TransientKind::RateLimited));
             let message = line_starting(&text, "\"model\":\"<synthetic>\"");
-            assert_eq!(classify_text(&message), limited);
+            assert_eq!(
+                classify_text(&message),
+                Some(FailureClass::Quota(QuotaKind::SessionLimit))
+            );
+            // "resets 2pm (Europe/Helsinki)": a zone KSI does not resolve, so no guessed time.
+            assert_eq!(
+                quota_resets_at(&ParsedRun::default(), &message, 1_790_000_000_000),
+                None
+            );
+            // The code and status alone are an ordinary rate limit.
             assert!(text.contains("\"error\":\"rate_limit\""));
             assert_eq!(classify_code("rate_limit"), limited);
             assert_eq!(classify_status(429), limited);

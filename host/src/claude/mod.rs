@@ -35,7 +35,7 @@ pub mod supervise;
 mod fixture_tests;
 
 pub use classify::{
-    Failure, FailureClass, PermanentKind, Termination, TransientKind, is_retryable,
+    Failure, FailureClass, PermanentKind, QuotaKind, Termination, TransientKind, is_retryable,
 };
 pub use command::{ClaudeInvocation, SessionMode, default_binary};
 pub use executor::{Executor, ExecutorConfig, ProcessRow, ReconcileReport};

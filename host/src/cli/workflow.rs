@@ -238,7 +238,14 @@ pub async fn list(
         t.add_row(vec![
             text(&v["id"]),
             text(&v["type"]),
-            text(&v["status"]),
+            match v["waiting_for_quota_until"].as_i64() {
+                Some(until) => format!(
+                    "{}, waiting for quota until {}",
+                    text(&v["status"]),
+                    super::claude::hour_minute_utc(until)
+                ),
+                None => text(&v["status"]),
+            },
             text(&v["current_step"]),
             v["claude_calls"].to_string(),
             format!("${:.4}", v["cost_usd"].as_f64().unwrap_or(0.0)),
