@@ -182,6 +182,7 @@ handler = "debate.judge@^0.1"
     let id = b["id"].as_str().unwrap().to_string();
     let wf = wait_workflow(&d, &id, Duration::from_secs(120)).await;
     assert_eq!(wf["status"], "completed", "{wf}");
+    let (_, transcript) = d.get(&format!("/workflows/{id}/transcript")).await.unwrap();
     // Give a CLI that was not stopped time to finish and print its result.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     drop(d);
@@ -238,9 +239,27 @@ handler = "debate.judge@^0.1"
         "the workflow's total {} is the sum of its paid calls {sum}",
         wf["cost_usd"]
     );
-    assert!(
-        paid.iter().any(|r| r.id.contains(&format!("{id}_1_1_"))),
+    let answered_before_timeout: Vec<&&&ProcessRow> = paid
+        .iter()
+        .filter(|r| r.id.contains(&format!("{id}_1_1_")))
+        .collect();
+    assert_eq!(
+        answered_before_timeout.len(),
+        1,
         "the timed-out attempt's answered call is among them"
+    );
+    // ... and in the transcript.
+    let turns = transcript["turns"].as_array().unwrap();
+    assert!(
+        turns
+            .iter()
+            .any(|t| t["process_id"] == answered_before_timeout[0].id.as_str()),
+        "{transcript}"
+    );
+    assert_eq!(
+        turns.len(),
+        paid.len(),
+        "every paid call is in the transcript"
     );
 }
 
@@ -424,4 +443,44 @@ async fn a_step_parked_by_a_usage_limit_survives_a_restart_and_resumes_after_the
     prompts.sort();
     prompts.dedup();
     assert_eq!(prompts.len(), n, "a call ran twice: {runs:#?}");
+}
+
+#[test]
+fn ksi_run_on_fake_claude_says_its_cost_is_simulated() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = crate::support::bin("fake-claude");
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(crate::support::bin("ksi"));
+        cmd.arg("--data-dir")
+            .arg(dir.path())
+            .args([
+                "run",
+                "debate",
+                "--topic",
+                "Simulated money",
+                "--param",
+                "rounds=0",
+            ])
+            .arg("--claude-bin")
+            .arg(&fake);
+        if json {
+            cmd.arg("--json");
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let v: Value = serde_json::from_str(&run(true)).unwrap();
+    assert_eq!(v["simulated"], true, "{v}");
+    let cost = v["cost_usd"].as_f64().unwrap();
+    assert!(cost > 0.0);
+    assert!(
+        (v["simulated_usd"].as_f64().unwrap() - cost).abs() < 1e-12,
+        "{v}"
+    );
+    let text = run(false);
+    assert!(
+        text.contains("simulated (no money spent)"),
+        "the summary says the money is simulated: {text}"
+    );
 }

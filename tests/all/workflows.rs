@@ -163,11 +163,14 @@ fn transcripts(dir: &Path) -> BTreeMap<String, Vec<(String, String, String)>> {
 }
 
 const DEBATES: usize = 20;
-const KILLS: usize = 10;
+const KILLS: usize = 15;
+const ROUNDS: usize = 3;
+/// Claude calls of one debate: 2 openings, 2 rebuttals a round, 2 closings, 1 judge.
+const CALLS_PER_DEBATE: usize = 2 + 2 * ROUNDS + 2 + 1;
 
 async fn start_debates(d: &Daemon) {
     for i in 0..DEBATES {
-        let (s, b) = d.post("/workflows", &json!({"type": "debate", "params": {"topic": format!("Motion number {i}"), "rounds": 1}})).await.unwrap();
+        let (s, b) = d.post("/workflows", &json!({"type": "debate", "params": {"topic": format!("Motion number {i}"), "rounds": ROUNDS}})).await.unwrap();
         assert_eq!(s, 201, "{b}");
     }
 }
@@ -203,7 +206,7 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
     {
         let d = Daemon::start(calm.path(), &delay).await;
         start_debates(&d).await;
-        wait_all_completed(&d, Duration::from_secs(180)).await;
+        wait_all_completed(&d, Duration::from_secs(300)).await;
     }
 
     // The chaos run: SIGKILL at random moments, restart, repeat.
@@ -233,8 +236,23 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
         drop(d);
         d = Daemon::start(chaos.path(), &env).await;
     }
-    wait_all_completed(&d, Duration::from_secs(180)).await;
+    wait_all_completed(&d, Duration::from_secs(300)).await;
     drop(d);
+
+    // The money: the same total as the undisturbed run, to the cent; every row's cost is what
+    // the CLI reported on the result line it points at; no call counted twice.
+    let (calm_total, calm_calls) = money_check(calm.path());
+    let (chaos_total, chaos_calls) = money_check(chaos.path());
+    assert_eq!(calm_calls, DEBATES * CALLS_PER_DEBATE);
+    assert_eq!(
+        chaos_calls,
+        DEBATES * CALLS_PER_DEBATE,
+        "each call counted once"
+    );
+    assert!(
+        (calm_total - chaos_total).abs() < 0.005,
+        "the chaos run cost {chaos_total}, the undisturbed run {calm_total}"
+    );
 
     // Same transcripts as the undisturbed run.
     let (a, b) = (transcripts(calm.path()), transcripts(chaos.path()));
@@ -275,8 +293,8 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
     );
     assert_eq!(
         ran.len(),
-        DEBATES * 7,
-        "7 calls per debate (2 opening, 2 rebuttal, 2 closing, 1 judge)"
+        DEBATES * CALLS_PER_DEBATE,
+        "calls per debate: 2 opening, 2 per rebuttal round, 2 closing, 1 judge"
     );
     let unlogged: Vec<_> = ran.iter().filter(|(k, _)| !paid.contains_key(*k)).collect();
     assert!(
@@ -293,6 +311,69 @@ async fn chaos_sigkill_during_twenty_debates_changes_nothing_and_pays_each_call_
         unlogged.len(),
         ran.values().sum::<usize>()
     );
+}
+
+/// Checks a finished data dir's accounting and returns (total cost, paid calls): each completed
+/// row's cost equals the `total_cost_usd` of the result line it references; the workflows'
+/// totals, `ksi cost` and the rows agree, so nothing is counted twice.
+fn money_check(dir: &Path) -> (f64, usize) {
+    use ksi_host::claude::executor::list_processes;
+    use ksi_host::store::{Store, StoreOptions};
+    let cost: Value = serde_json::from_slice(&ksi(dir, &["cost", "--json"]).stdout).unwrap();
+    let list: Value =
+        serde_json::from_slice(&ksi(dir, &["workflows", "--json", "--limit", "100"]).stdout)
+            .unwrap();
+    let workflows_total: f64 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["cost_usd"].as_f64().unwrap())
+        .sum();
+    let store = Store::open_path(&dir.join("ksi.db"), &StoreOptions::default()).unwrap();
+    let rows = list_processes(&store, None, 100_000).unwrap();
+    let mut rows_total = 0.0;
+    let mut paid = 0;
+    for r in &rows {
+        rows_total += r.cost_usd.unwrap_or(0.0);
+        if r.status != "COMPLETED" {
+            assert_eq!(
+                r.counted_attempt, 0,
+                "{}: a cut-off call has no spend",
+                r.id
+            );
+            continue;
+        }
+        paid += 1;
+        let log = std::fs::read_to_string(dir.join(r.response_file.as_ref().unwrap())).unwrap();
+        let line: Value = serde_json::from_str(
+            log.lines()
+                .nth(r.response_line.unwrap() as usize - 1)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.cost_usd,
+            line["total_cost_usd"].as_f64(),
+            "{}: the row's cost is the CLI's",
+            r.id
+        );
+    }
+    let approx = |a: f64, b: f64| (a - b).abs() < 1e-6;
+    assert!(
+        approx(rows_total, workflows_total),
+        "rows {rows_total}, workflows {workflows_total}"
+    );
+    // fake-claude's money is simulated: `ksi cost` keeps it apart, each call once.
+    assert!(
+        approx(cost["total"]["simulated_usd"].as_f64().unwrap(), rows_total),
+        "{cost}"
+    );
+    assert_eq!(
+        cost["total"]["simulated_calls"].as_u64().unwrap() as usize,
+        paid,
+        "{cost}"
+    );
+    (rows_total, paid)
 }
 
 async fn wait_status(d: &Daemon, id: &str, want: &str, within: Duration) -> Value {
