@@ -156,7 +156,7 @@ async fn each_api_fault_is_classified_with_the_clis_message() -> Result<()> {
         (
             "rate_limited",
             Transient(TransientKind::RateLimited),
-            "You've hit your session limit",
+            "API Error: 429",
         ),
         (
             "unknown_model",

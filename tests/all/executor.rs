@@ -234,7 +234,7 @@ const FAULTS: &[(&str, &str, u32, &str, &str)] = &[
         "DEAD",
         3,
         "transient.rate_limited",
-        "session limit",
+        "rate limit for your organization",
     ),
     (
         "auth",

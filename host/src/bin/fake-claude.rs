@@ -9,12 +9,13 @@
 //!
 //! Environment knobs:
 //! - `FAKE_CLAUDE_FAULT`: `hang` (init, then silence), `slow`, `crash` (abort mid-stream),
-//!   `garbage`, `no_result`, `auth`, `billing`, `overloaded`, `rate_limited`, `unknown_model`,
-//!   `bad_resume`, `linger` (a full successful run that then does not exit); and shapes real
-//!   CLIs print: `empty_result` (the answer in the stream, `"result":""`), `subagents` (a
-//!   `Task` subagent and a haiku side model, counted in `modelUsage` only), `array_output`
-//!   (the whole run as one JSON array line), `pretty_result` (the result spread over several
-//!   lines), `credit_after_work` (54 turns and $2.00 spent, then "Credit balance is too low"),
+//!   `garbage`, `no_result`, `auth`, `billing`, `overloaded`, `rate_limited` (the API's
+//!   per-minute 429, not a subscription limit), `unknown_model`, `bad_resume`, `linger` (a
+//!   full successful run that then does not exit); and shapes real CLIs print:
+//!   `empty_result` (the answer in the stream, `"result":""`), `subagents` (a `Task` subagent
+//!   and a haiku side model, counted in `modelUsage` only), `array_output` (the whole run
+//!   as one JSON array line), `pretty_result` (the result spread over several lines),
+//!   `credit_after_work` (54 turns and $2.00 spent, then "Credit balance is too low"),
 //!   `usage_limit` ("Claude AI usage limit reached|<unix time>", the time from
 //!   `FAKE_CLAUDE_RESET_AT`, default in 60 s), `session_limit` ("You've hit your session limit
 //!   · resets <time>"), `no_network` (`api_retry` lines with a connection error, forever).
@@ -162,6 +163,7 @@ fn main() {
                 text: "Invalid API key · Please run /login",
                 status: Some(401),
                 retries: 0,
+                quota: false,
             },
         ),
         Some("billing") => run.api_failure(
@@ -171,6 +173,7 @@ fn main() {
                 text: "Credit balance is too low",
                 status: Some(400),
                 retries: 0,
+                quota: false,
             },
         ),
         Some("overloaded") => run.api_failure(
@@ -180,15 +183,17 @@ fn main() {
                 text: "API Error: 529 Overloaded. This is a server-side issue, usually temporary — try again in a moment. If it persists, check https://status.claude.com.",
                 status: Some(529),
                 retries: 2,
+                quota: false,
             },
         ),
         Some("rate_limited") => run.api_failure(
             &mut out,
             ApiFailure {
                 code: "rate_limit",
-                text: "You've hit your session limit · resets 2pm (UTC)",
+                text: "API Error: 429 {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"This request would exceed the rate limit for your organization of 50 requests per minute. Please retry after a moment.\"}}",
                 status: Some(429),
-                retries: 0,
+                retries: 2,
+                quota: false,
             },
         ),
         Some("unknown_model") => {
@@ -203,6 +208,7 @@ fn main() {
                     text: &text,
                     status: Some(404),
                     retries: 0,
+                    quota: false,
                 },
             )
         }
@@ -227,6 +233,7 @@ fn main() {
                     text: &format!("Claude AI usage limit reached|{reset}"),
                     status: Some(429),
                     retries: 0,
+                    quota: true,
                 },
             )
         }
@@ -239,6 +246,7 @@ fn main() {
                     text: &format!("You've hit your session limit · resets {reset} (UTC)"),
                     status: Some(429),
                     retries: 0,
+                    quota: true,
                 },
             )
         }
@@ -606,6 +614,9 @@ struct ApiFailure<'a> {
     status: Option<u16>,
     /// `api_retry` lines printed before giving up.
     retries: u32,
+    /// A subscription limit: a rejected `rate_limit_event` precedes the error, as the CLI
+    /// prints it for session and usage limits (not for the API's per-minute rate limits).
+    quota: bool,
 }
 
 struct Run {
@@ -945,10 +956,10 @@ impl Run {
                 "uuid": self.uuid(&format!("retry-{attempt}")),
             }));
         }
-        if failure.code == "rate_limit" {
+        if failure.quota {
             out.emit(json!({
                 "type": "rate_limit_event",
-                "rate_limit_info": {"status": "rejected", "resetsAt": 1790161200, "rateLimitType": "five_hour"},
+                "rate_limit_info": {"status": "rejected", "resetsAt": reset_at_unix(), "rateLimitType": "five_hour"},
                 "uuid": self.uuid("rate-limit"),
                 "session_id": self.session,
             }));

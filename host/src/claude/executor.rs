@@ -260,6 +260,14 @@ impl Drop for UnusedSessionLog<'_> {
     }
 }
 
+/// The attempt whose answer a COMPLETED commit records, for its spend (counted once).
+struct Counted {
+    attempt: u32,
+    spend: AttemptSpend,
+    /// Completed by start-up recovery from a log, not by the attempt's own task.
+    recovered: bool,
+}
+
 /// When a COMPLETED commit reaches the disk, relative to the answer going back to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Durability {
@@ -1762,7 +1770,11 @@ impl Executor {
                 response,
                 archived,
                 metrics,
-                None,
+                Counted {
+                    attempt,
+                    spend: AttemptSpend::of_run(&o.run),
+                    recovered: false,
+                },
                 durability,
             )
             .await;
@@ -1823,7 +1835,7 @@ impl Executor {
         response: Option<FileRef>,
         archived: Option<FileRef>,
         mut metrics: Value,
-        recovered: Option<(u32, AttemptSpend)>,
+        counted: Counted,
         durability: Durability,
     ) -> Outcome {
         let inner = &self.inner;
@@ -1842,18 +1854,18 @@ impl Executor {
             model.to_string(),
         );
         let metrics_s = metrics.to_string();
-        let is_recovered = recovered.is_some();
+        let is_recovered = counted.recovered;
         let job = move |tx: &crate::store::Tx<'_>| {
             let now = now_ms();
-            // A recovered answer may already be counted (SUCCESS committed before the crash):
-            // `count_attempt` adds it only if not.
-            if let Some((attempt, spend)) = &recovered {
+            // The answer's spend is usually counted already (with SUCCESS, or before a crash);
+            // `count_attempt` adds it only if not, so a lost SUCCESS commit loses no money.
+            if counted.recovered {
                 tx.exec(
                     "UPDATE processes SET attempts = MAX(attempts, ?2) WHERE id = ?1",
-                    params![idc, attempt],
+                    params![idc, counted.attempt],
                 )?;
-                accounting::count_attempt(tx, &idc, *attempt, &r, spend)?;
             }
+            accounting::count_attempt(tx, &idc, counted.attempt, &r, &counted.spend)?;
             tx.exec(
                 "UPDATE processes SET status = 'COMPLETED', error = NULL, error_class = NULL,
                         session_id = COALESCE(?2, session_id),
@@ -2319,7 +2331,11 @@ impl Executor {
                 response,
                 self.archive_prompt(&row.id),
                 metrics,
-                Some((attempt, spend)),
+                Counted {
+                    attempt,
+                    spend,
+                    recovered: true,
+                },
                 Durability::BeforeAnswer,
             )
             .await;
