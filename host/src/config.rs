@@ -66,6 +66,11 @@ pub struct Config {
     pub api_rate_per_s: u32,
     /// Requests a client may make in a burst above its rate (the size of its token bucket).
     pub api_rate_burst: u32,
+    /// Host names, besides loopback ones, that the TCP listener answers for without a token,
+    /// and whose web pages may call the API (e.g. `["ksi.example.com"]` behind a reverse
+    /// proxy). Empty by default: only `localhost`, `127.0.0.0/8` and `[::1]`, and only the
+    /// daemon's own pages.
+    pub api_allowed_hosts: Vec<String>,
     /// Entries of the audit log (mutating API calls) older than this many days are pruned.
     pub audit_retention_days: u64,
     /// How often `ksi-host serve` backs up the database, e.g. `30m`, `6h`, `1d`; unset = never.
@@ -189,6 +194,7 @@ impl Default for Config {
             log_keep: 14,
             api_rate_per_s: 1000,
             api_rate_burst: 2000,
+            api_allowed_hosts: Vec::new(),
             audit_retention_days: 90,
             backup_interval: None,
             backup_dir: PathBuf::from("backups"),

@@ -9,6 +9,7 @@ mod cli;
 mod client;
 mod compat;
 mod crash;
+mod crosssite;
 mod dashboard;
 mod disk;
 mod executor;

@@ -373,6 +373,24 @@ fn money_check(dir: &Path) -> (f64, usize) {
         paid,
         "{cost}"
     );
+    // Attempts cut off by a kill are shown apart, never as calls.
+    let cut_off = rows
+        .iter()
+        .filter(|r| {
+            r.status == "DEAD"
+                && r.counted_attempt == 0
+                && r.error_class.as_deref() == Some("transient.crash")
+        })
+        .count();
+    assert_eq!(
+        cost["total"]["cut_off"].as_u64().unwrap() as usize,
+        cut_off,
+        "{cost}"
+    );
+    assert_eq!(
+        cost["total"]["calls"], 0,
+        "simulated calls are not paid calls"
+    );
     (rows_total, paid)
 }
 

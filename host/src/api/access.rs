@@ -26,6 +26,7 @@ use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use serde_json::Value;
 
+use super::origin;
 use super::token::{TokenFile, Verdict};
 use super::{ApiError, MAX_BODY_BYTES};
 use crate::audit::{AuditEntry, AuditLog};
@@ -86,6 +87,9 @@ pub struct Access {
     pub token: Arc<TokenFile>,
     pub rate: Option<Arc<RateLimit>>,
     pub audit: AuditLog,
+    /// Host names besides loopback ones the TCP listener answers for, and whose pages may call
+    /// it (`api_allowed_hosts`; see [`super::origin`]).
+    pub allowed_hosts: Arc<Vec<String>>,
 }
 
 impl Access {
@@ -194,6 +198,8 @@ struct Caller {
     rate_key: String,
     /// Why the request is refused, if it is.
     refusal: Option<ApiError>,
+    /// Over TCP without a token configured: the `Host` must be a loopback (or allowed) name.
+    check_host: bool,
 }
 
 fn identify(access: &Access, req: &mut Request, peer: Option<SocketAddr>) -> Caller {
@@ -203,6 +209,7 @@ fn identify(access: &Access, req: &mut Request, peer: Option<SocketAddr>) -> Cal
                 client: "unix socket".into(),
                 rate_key: "unix socket".into(),
                 refusal: None,
+                check_host: false,
             };
         }
         Listener::Tcp { beyond_loopback } => beyond_loopback,
@@ -213,6 +220,7 @@ fn identify(access: &Access, req: &mut Request, peer: Option<SocketAddr>) -> Cal
         client: ip.clone(),
         rate_key: ip.clone(),
         refusal: (!open).then_some(refusal),
+        check_host: false,
     };
     let presented = match presented_token(req) {
         Ok(p) => p,
@@ -223,6 +231,7 @@ fn identify(access: &Access, req: &mut Request, peer: Option<SocketAddr>) -> Cal
             client: id.clone(),
             rate_key: id,
             refusal: None,
+            check_host: false,
         },
         Verdict::Open if beyond_loopback => refused(unauthorized(
             "token_missing",
@@ -235,6 +244,7 @@ fn identify(access: &Access, req: &mut Request, peer: Option<SocketAddr>) -> Cal
             client: "anonymous".into(),
             rate_key: ip.clone(),
             refusal: None,
+            check_host: true,
         },
         Verdict::Missing => refused(unauthorized(
             "token_required",
@@ -262,7 +272,26 @@ async fn guard(State(access): State<Arc<Access>>, mut req: Request, next: Next) 
         client,
         rate_key,
         refusal,
+        check_host,
     } = identify(&access, &mut req, peer);
+    // A browser's cross-site request is refused before anything else looks at it; then the
+    // token; then a POST that does not say it is JSON.
+    let refusal = {
+        let h = req.headers();
+        let tcp = matches!(access.listener, Listener::Tcp { .. });
+        let cross_site = if check_host {
+            origin::check_host(h, &access.allowed_hosts).err()
+        } else {
+            None
+        }
+        .or_else(|| {
+            tcp.then(|| origin::check_origin(h, &access.allowed_hosts).err())
+                .flatten()
+        });
+        cross_site
+            .or(refusal)
+            .or_else(|| origin::check_content_type(&method, h).err())
+    };
     let path = req
         .uri()
         .path_and_query()

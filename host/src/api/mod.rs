@@ -12,6 +12,7 @@ mod audit;
 pub mod claude;
 pub mod compat;
 mod events;
+pub mod origin;
 pub mod reference;
 pub mod token;
 mod workflows;

@@ -219,6 +219,7 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
         token: token.clone(),
         rate: rate.clone(),
         audit: audit.clone(),
+        allowed_hosts: Arc::new(config.api_allowed_hosts.clone()),
     };
     let tcp_app = access(api::access::Listener::Tcp {
         beyond_loopback: !args.listen.ip().is_loopback(),
