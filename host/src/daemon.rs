@@ -19,6 +19,26 @@ use crate::refs::Refs;
 use crate::store::Store;
 use crate::workflow::{ClaudeApi, Engine, EngineOptions, PluginRunner};
 
+/// Warns, naming them, about files and directories of the data dir that other local users may
+/// read or write: everything in it is private (prompts, answers, the token, the socket).
+fn warn_about_wide_permissions(data_dir: &Path) {
+    let (wide, _) = crate::store::wider_than_private(data_dir, 20);
+    if wide.is_empty() {
+        return;
+    }
+    let list: Vec<String> = wide
+        .iter()
+        .map(|(p, mode)| format!("{} ({mode:o})", p.display()))
+        .collect();
+    tracing::warn!(
+        "{} entr{} of the data dir can be read or written by other users: {}. Everything in it is private (prompts, answers, the API token); fix with `chmod -R go-rwx {}`",
+        wide.len(),
+        if wide.len() == 1 { "y" } else { "ies" },
+        list.join(", "),
+        data_dir.display()
+    );
+}
+
 /// Holds the data directory exclusively (an `flock` on `ksi.lock`) for the life of the
 /// process, so a second daemon (or a `ksi run` beside a daemon) on the same data is refused.
 pub struct DataDirLock {
@@ -289,6 +309,7 @@ impl Host {
     ) -> anyhow::Result<Host> {
         crate::store::prepare_data_dir(&config.data_dir)?;
         let lock = DataDirLock::acquire(&config.data_dir)?;
+        warn_about_wide_permissions(&config.data_dir);
         let store = Store::open(&config)?;
         let bus = Bus::new(store.clone());
         let refs = Refs::open(&config.data_dir)?;

@@ -514,3 +514,60 @@ async fn a_failing_scheduled_backup_publishes_system_backup_failed() {
     let err = failed[0]["event"]["data"]["error"].as_str().unwrap();
     assert!(err.contains("creating the backup directory"), "{err}");
 }
+
+#[test]
+fn whatever_the_umask_the_data_dir_its_files_and_its_socket_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A debate run under umask 022 writes the database, session logs, archived prompts and
+    // checkpoints: none of them may be readable by another user.
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$0\" --data-dir \"$1\" run debate --topic Privacy --param rounds=0 --claude-bin \"$2\"")
+        .arg(crate::support::bin("ksi"))
+        .arg(&data)
+        .arg(crate::support::bin("fake-claude"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data dir");
+    let logs: Vec<_> = std::fs::read_dir(data.join("claude_logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(!logs.is_empty(), "the debate wrote session logs");
+    let (wide, seen) = ksi_host::store::wider_than_private(&data, 50);
+    assert!(seen > logs.len() + 5, "looked at {seen} entries");
+    assert!(wide.is_empty(), "readable by others: {wide:?}");
+
+    // A file someone made wider is named at the next start; under umask 002 the socket is
+    // still the owner's only.
+    std::fs::set_permissions(&logs[0], std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 002; exec \"$0\" --data-dir \"$1\" --log-level warn serve --listen 127.0.0.1:0 --claude-bin \"$2\"")
+        .arg(crate::support::bin("ksi-host"))
+        .arg(&data)
+        .arg(crate::support::bin("fake-claude"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = data.join("ksi.sock");
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(mode(&sock), 0o600, "ksi.sock");
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{} (644)", logs[0].display())) && err.contains("chmod -R go-rwx"),
+        "the start-up check names the wide file: {err}"
+    );
+}

@@ -96,6 +96,8 @@ async fn connect(
 }
 
 fn main() {
+    // Everything KSI writes is private (prompts, answers, the token), whatever the umask.
+    ksi_host::store::private_umask();
     let cli = Cli::parse();
     if let Cmd::Completions { shell } = cli.cmd {
         std::process::exit(match ksi_host::cli::print_completions::<Cli>(shell) {

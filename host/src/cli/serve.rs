@@ -238,6 +238,12 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     let _ = std::fs::remove_file(&sock); // a stale socket of a dead daemon (the data-dir lock is ours)
     let unix = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("binding {}", sock.display()))?;
+    // The socket grants the whole API without a token: its owner only, whatever the umask.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private (0600)", sock.display()))?;
+    }
     let compat =
         match api::compat::socket_path(&config, args.compat_socket.as_deref(), args.no_compat) {
             Some(path) => {
@@ -258,12 +264,10 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
             }
             None => None,
         };
-    tracing::info!(listen = %args.listen, socket = %sock.display(), compat = ?compat, "ksi-host serving");
-    eprintln!(
-        "ksi-host serving on http://{} and {}",
-        args.listen,
-        sock.display()
-    );
+    // The address bound (`--listen 127.0.0.1:0` picks a free port).
+    let listen = tcp.local_addr().unwrap_or(args.listen);
+    tracing::info!(listen = %listen, socket = %sock.display(), compat = ?compat, "ksi-host serving");
+    eprintln!("ksi-host serving on http://{listen} and {}", sock.display());
 
     let shutdown = {
         let mut rx = stop_rx.clone();

@@ -310,7 +310,13 @@ impl std::fmt::Debug for Store {
 }
 
 /// Makes sure `dir` exists and that we can create files in it.
+///
+/// The data dir holds every prompt and answer, so from here on this process creates private
+/// files whatever the umask it was started with: it sets the umask to 077 (files 0600,
+/// directories 0700, the CLIs it runs inherit it) and creates the data dir 0700. A data dir or
+/// file that is already wider is reported by [`wider_than_private`] at start-up.
 pub fn prepare_data_dir(dir: &Path) -> Result<()> {
+    private_umask();
     let err = |source| StoreError::DataDir {
         path: dir.to_path_buf(),
         source,
@@ -320,6 +326,43 @@ pub fn prepare_data_dir(dir: &Path) -> Result<()> {
     std::fs::write(&probe, b"").map_err(err)?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
+}
+
+/// Sets this process's umask to 077: what it creates is readable by its user only.
+pub fn private_umask() {
+    // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Entries under `dir` (itself included) that other users may read or write (any group or
+/// other permission bit), at most `max` of them, and how many entries were looked at. Symbolic
+/// links are not followed (their own mode means nothing).
+pub fn wider_than_private(dir: &Path, max: usize) -> (Vec<(PathBuf, u32)>, usize) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut wide = Vec::new();
+    let mut seen = 0usize;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        seen += 1;
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if mode & 0o077 != 0 && wide.len() < max {
+            wide.push((p.clone(), mode));
+        }
+        if meta.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&p)
+        {
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    (wide, seen)
 }
 
 /// Checks that an existing, non-empty file starts with the SQLite header.
