@@ -510,6 +510,22 @@ async fn cost_sessions_schedules_messages_and_results_answer_and_refuse_bad_inpu
         .await
         .unwrap();
     assert_eq!(s, 404, "removed twice: {b}");
+    // A seconds field would start a paid debate every second: five fields only.
+    let (s, b) = d
+        .post(
+            "/schedules",
+            &json!({"cron": "* * * * * *", "type": "debate", "params": {"topic": "t"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exactly 5"),
+        "{b}"
+    );
     let (s, b) = d
         .post(
             "/schedules",

@@ -2055,3 +2055,32 @@ async fn with_quota_on_limit_fail_a_usage_limit_ends_the_call_with_the_clis_mess
     assert_eq!(invocations(&f.log).len(), 1, "not retried");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_session_id_that_is_not_one_is_refused_before_anything_runs() -> Result<()> {
+    let f = fixture(&[])?;
+    for (i, bad) in ["../../etc/passwd", "a b", "", "x/../../y"]
+        .iter()
+        .enumerate()
+    {
+        let r = f
+            .exec
+            .complete(
+                format!("bad-session-{i}"),
+                None,
+                ClaudeRequest {
+                    prompt: "hello".into(),
+                    session: Some((*bad).into()),
+                    ..ClaudeRequest::default()
+                },
+            )
+            .await;
+        let e = format!("{:?}", r.err().context("a bad session id is refused")?);
+        ensure!(e.contains("is not a session id"), "{bad:?}: {e}");
+    }
+    ensure!(
+        invocations(&f.log).is_empty(),
+        "no CLI ran for a bad session id"
+    );
+    Ok(())
+}

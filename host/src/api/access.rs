@@ -111,12 +111,22 @@ fn mutating(method: &Method) -> bool {
 /// The token a request presents: the `Authorization: Bearer` header, or, for the live
 /// stream only, the `access_token` query parameter (which is then removed from the URI, so
 /// the route never sees it and the audit log never stores it).
-fn presented_token(req: &mut Request) -> Result<Option<String>, ApiError> {
+///
+/// The scheme is case-insensitive (`bearer` works, as RFC 9110 says). With no token configured
+/// (`open`), an `Authorization` header that is not a Bearer token (a proxy's `Basic`, say) is
+/// ignored rather than refused: there is nothing for it to prove.
+fn presented_token(req: &mut Request, open: bool) -> Result<Option<String>, ApiError> {
     if let Some(h) = req.headers().get(header::AUTHORIZATION) {
-        let value = h.to_str().unwrap_or_default();
-        return match value.strip_prefix("Bearer ").map(str::trim) {
-            Some(t) if !t.is_empty() => Ok(Some(t.to_string())),
-            _ => Err(unauthorized(
+        let value = h.to_str().unwrap_or_default().trim();
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let token = rest.trim();
+        return match (
+            scheme.eq_ignore_ascii_case("bearer") && !token.is_empty(),
+            open,
+        ) {
+            (true, _) => Ok(Some(token.to_string())),
+            (false, true) => Ok(None),
+            (false, false) => Err(unauthorized(
                 "bad_authorization",
                 "the Authorization header must be `Bearer <token>`".into(),
             )),
@@ -222,7 +232,8 @@ fn identify(access: &Access, req: &mut Request, peer: Option<SocketAddr>) -> Cal
         refusal: (!open).then_some(refusal),
         check_host: false,
     };
-    let presented = match presented_token(req) {
+    let configured = !matches!(access.token.verify(None), Verdict::Open);
+    let presented = match presented_token(req, !configured) {
         Ok(p) => p,
         Err(e) => return refused(e),
     };
@@ -462,7 +473,10 @@ mod tests {
             .uri("/events/stream?topic=%3E&access_token=ab%2Bc&named=false")
             .body(Body::empty())
             .unwrap();
-        assert_eq!(presented_token(&mut req).unwrap().as_deref(), Some("ab+c"));
+        assert_eq!(
+            presented_token(&mut req, false).unwrap().as_deref(),
+            Some("ab+c")
+        );
         assert_eq!(
             req.uri().to_string(),
             "/events/stream?topic=%3E&named=false"
@@ -472,7 +486,7 @@ mod tests {
             .uri("/workflows?access_token=x")
             .body(Body::empty())
             .unwrap();
-        assert_eq!(presented_token(&mut req).unwrap(), None);
+        assert_eq!(presented_token(&mut req, false).unwrap(), None);
     }
 
     #[test]
@@ -482,8 +496,31 @@ mod tests {
             .header("authorization", "Token abc")
             .body(Body::empty())
             .unwrap();
-        let e = presented_token(&mut req).unwrap_err();
+        let e = presented_token(&mut req, false).unwrap_err();
         assert!(e.message.contains("Bearer <token>"), "{}", e.message);
+        // Without a token configured there is nothing to prove: the header is ignored.
+        let mut req = Request::builder()
+            .uri("/workflows")
+            .header("authorization", "Basic dXNlcjpwYXNz")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(presented_token(&mut req, true).unwrap(), None);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for h in ["Bearer abc", "bearer abc", "BEARER  abc "] {
+            let mut req = Request::builder()
+                .uri("/workflows")
+                .header("authorization", h)
+                .body(Body::empty())
+                .unwrap();
+            assert_eq!(
+                presented_token(&mut req, false).unwrap().as_deref(),
+                Some("abc"),
+                "{h}"
+            );
+        }
     }
 
     #[test]

@@ -695,6 +695,19 @@ impl Executor {
                 false,
             ));
         }
+        // The session id names a log file and goes to `--resume`: only the shape session ids
+        // have (a client's `../../etc/passwd` is refused here, before anything runs).
+        if let Some(s) = request.session.as_deref()
+            && !responses::safe_session_id(s)
+        {
+            return Err(failure_of(
+                "invalid_request",
+                format!(
+                    "{s:?} is not a session id: a session id is at most 128 letters, digits, '-' or '_' (the CLI's are UUIDs); `ksi sessions` lists them"
+                ),
+                false,
+            ));
+        }
         let asked_at = Instant::now();
         // Claim the id in memory first, so two concurrent spawns of one id cannot both run it.
         let (done_tx, done_rx) = watch::channel(None);

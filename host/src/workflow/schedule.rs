@@ -29,11 +29,20 @@ pub struct Schedule {
     pub created_at: i64,
 }
 
-/// Parses a cron expression (5 fields, or 6 with seconds first).
+/// Parses a cron expression: exactly 5 fields (minute hour day-of-month month day-of-week), so
+/// a schedule fires at most once a minute. Seconds and years fields are refused: `* * * * * *`
+/// would start a workflow (and pay for its calls) every second.
 ///
 /// # Errors
 /// A message naming the expression and what is wrong with it.
 pub fn parse_cron(expr: &str) -> Result<Cron, String> {
+    let fields = expr.split_whitespace().count();
+    if fields != 5 {
+        return Err(format!(
+            "cron expression {expr:?} has {fields} field{}; a schedule takes exactly 5 (minute hour day-of-month month day-of-week, e.g. \"*/15 * * * *\" for every 15 minutes), so it fires at most once a minute",
+            if fields == 1 { "" } else { "s" }
+        ));
+    }
     Cron::from_str(expr).map_err(|e| {
         format!("cron expression {expr:?} is invalid ({e}); use 5 fields, e.g. \"*/15 * * * *\" for every 15 minutes")
     })
@@ -217,4 +226,21 @@ pub fn get(store: &Store, id: &str) -> Result<Option<Schedule>, WorkflowError> {
         )
         .optional()?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_five_field_expressions_are_schedules() {
+        assert!(parse_cron("*/15 * * * *").is_ok());
+        assert!(parse_cron("0 9 * * MON-FRI").is_ok());
+        for expr in ["* * * * * *", "* * * * * * *", "* * * *", ""] {
+            let e = parse_cron(expr).unwrap_err();
+            assert!(e.contains("exactly 5"), "{expr}: {e}");
+        }
+        let e = parse_cron("* * * * * *").unwrap_err();
+        assert!(e.contains("has 6 fields"), "{e}");
+    }
 }
