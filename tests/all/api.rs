@@ -653,8 +653,12 @@ fn bench_api_reports_every_endpoint_and_the_daemons_footprint() {
     assert!(r["after_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
     assert!(r["idle_cpu_percent"].as_f64().unwrap() >= 0.0, "{r}");
     assert!(r["idle_wakeups_per_s"].as_f64().unwrap() >= 0.0, "{r}");
-    for k in ["idle_rss", "idle_cpu", "paced_p99"] {
+    for k in ["idle_rss", "idle_cpu", "paced_p99", "publish_with_streams"] {
         assert!(r["meets_targets"][k].is_boolean(), "{r}");
+    }
+    // Publishing with and without a crowd of idle stream clients was measured.
+    for k in ["publish_p99_ms", "publish_p99_ms_with_1000_streams"] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
     }
     // Its temporary data dir is gone; the daemon was stopped.
     let left: Vec<_> = std::fs::read_dir(dir.path())

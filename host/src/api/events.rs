@@ -16,7 +16,139 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, ApiQuery, AppState, limit};
-use crate::bus::{DeliveryStatus, EventQuery, NewEvent, validate_pattern};
+use crate::bus::{Bus, DeliveryStatus, Event, EventQuery, NewEvent, matches, validate_pattern};
+use crate::store::Store;
+
+/// Events a stream client gets per query when it catches up from the database.
+const PAGE: usize = 500;
+/// Batches of committed events kept for slow stream clients; one that falls further behind
+/// catches up from the database.
+const FANOUT_BUFFER: usize = 1024;
+
+/// Committed events, read from the database once per commit by one task and handed to every
+/// live stream client (each filters them by its topic pattern). A client that resumes from an
+/// old id, or lags more than [`FANOUT_BUFFER`] batches behind, reads the database until it has
+/// caught up, then follows the broadcast again. So a commit costs one query, not one per client.
+#[derive(Clone)]
+pub struct Fanout {
+    store: Store,
+    bus: Bus,
+    tx: std::sync::Arc<
+        std::sync::OnceLock<tokio::sync::broadcast::Sender<std::sync::Arc<[Event]>>>,
+    >,
+}
+
+impl Fanout {
+    /// A fan-out over `bus`; its reader task starts with the first stream client.
+    pub fn new(store: Store, bus: Bus) -> Fanout {
+        Fanout {
+            store,
+            bus,
+            tx: std::sync::Arc::default(),
+        }
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<[Event]>> {
+        self.tx
+            .get_or_init(|| {
+                let (tx, _) = tokio::sync::broadcast::channel(FANOUT_BUFFER);
+                tokio::spawn(Self::read(self.store.clone(), self.bus.clone(), tx.clone()));
+                tx
+            })
+            .subscribe()
+    }
+
+    /// The reader: after each commit (or each second, for commits by other processes), the
+    /// events after the last one it read.
+    async fn read(
+        store: Store,
+        bus: Bus,
+        tx: tokio::sync::broadcast::Sender<std::sync::Arc<[Event]>>,
+    ) {
+        let mut published = store.published();
+        let mut last = store.published_id();
+        loop {
+            published.borrow_and_update();
+            loop {
+                match bus.events_after(last, None, PAGE) {
+                    Ok(evs) if !evs.is_empty() => {
+                        last = evs[evs.len() - 1].id;
+                        let full = evs.len() == PAGE;
+                        // No receiver: nobody is following right now; nothing is lost (a
+                        // client that subscribes later reads the database first).
+                        let _ = tx.send(evs.into());
+                        if !full {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            tokio::select! {
+                _ = published.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// One stream client's position: it reads the database until it has caught up, then the
+/// fan-out's batches.
+struct Follower {
+    rx: tokio::sync::broadcast::Receiver<std::sync::Arc<[Event]>>,
+    catching_up: bool,
+}
+
+impl Follower {
+    fn new(s: &AppState) -> Follower {
+        // Subscribe before the first query, so nothing committed in between is missed (what
+        // both deliver is dropped by id).
+        Follower {
+            rx: s.fanout.subscribe(),
+            catching_up: true,
+        }
+    }
+
+    /// The next events after `last` matching `pattern`, in order (waits for some).
+    async fn next(&mut self, s: &AppState, pattern: Option<&str>, last: i64) -> Vec<Event> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            if self.catching_up {
+                match s.bus.events_after(last, pattern, PAGE) {
+                    Ok(evs) if evs.len() == PAGE => return evs,
+                    Ok(evs) => {
+                        self.catching_up = false;
+                        if !evs.is_empty() {
+                            return evs;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading events for a stream client failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            match self.rx.recv().await {
+                Ok(batch) => {
+                    let evs: Vec<Event> = batch
+                        .iter()
+                        .filter(|e| e.id > last && pattern.is_none_or(|p| matches(p, &e.topic)))
+                        .cloned()
+                        .collect();
+                    if !evs.is_empty() {
+                        return evs;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => self.catching_up = true,
+                Err(RecvError::Closed) => {
+                    self.rx = s.fanout.subscribe();
+                    self.catching_up = true;
+                }
+            }
+        }
+    }
+}
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -136,14 +268,10 @@ async fn stream(
             .into_response());
     }
     let named = q.named;
+    let follower = Follower::new(&s);
     let stream = futures_util::stream::unfold(
-        (
-            s,
-            pattern,
-            start,
-            Vec::<crate::bus::Event>::new().into_iter(),
-        ),
-        move |(s, pattern, mut last, mut buf)| async move {
+        (s, pattern, start, Vec::<Event>::new().into_iter(), follower),
+        move |(s, pattern, mut last, mut buf, mut follower)| async move {
             loop {
                 if let Some(e) = buf.next() {
                     last = e.id;
@@ -152,9 +280,9 @@ async fn stream(
                         ev = ev.event(e.topic.clone());
                     }
                     let ev = ev.json_data(&e).unwrap_or_default();
-                    return Some((Ok::<_, Infallible>(ev), (s, pattern, last, buf)));
+                    return Some((Ok::<_, Infallible>(ev), (s, pattern, last, buf, follower)));
                 }
-                let batch = next_events(&s, pattern.as_deref(), last).await;
+                let batch = follower.next(&s, pattern.as_deref(), last).await;
                 buf = batch.into_iter();
             }
         },
@@ -164,28 +292,11 @@ async fn stream(
         .into_response())
 }
 
-/// Waits until events after `last` matching `pattern` exist, and returns them in order.
-async fn next_events(s: &AppState, pattern: Option<&str>, last: i64) -> Vec<crate::bus::Event> {
-    let mut published = s.store.published();
-    loop {
-        published.borrow_and_update();
-        if let Ok(evs) = s.bus.events_after(last, pattern, 500)
-            && !evs.is_empty()
-        {
-            return evs;
-        }
-        // In-process commits wake us at once; the timer covers writes by other processes.
-        tokio::select! {
-            _ = published.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
-
 async fn ws_loop(s: AppState, mut socket: WebSocket, pattern: Option<String>, mut last: i64) {
+    let mut follower = Follower::new(&s);
     loop {
         tokio::select! {
-            evs = next_events(&s, pattern.as_deref(), last) => {
+            evs = follower.next(&s, pattern.as_deref(), last) => {
                 for e in evs {
                     last = e.id;
                     let text = serde_json::to_string(&e).unwrap_or_default();

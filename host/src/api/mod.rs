@@ -11,7 +11,7 @@ pub mod access;
 mod audit;
 pub mod claude;
 pub mod compat;
-mod events;
+pub mod events;
 pub mod origin;
 pub mod reference;
 pub mod token;
@@ -50,6 +50,8 @@ pub struct AppState {
     pub data_dir: std::path::PathBuf,
     /// Extra parts (executor, plugins) that register their own routes and health checks.
     pub parts: Arc<Vec<Arc<dyn ApiPart>>>,
+    /// Committed events for the live streams, read once per commit.
+    pub fanout: events::Fanout,
 }
 
 /// A part of the daemon with its own routes, health and metrics.

@@ -83,8 +83,34 @@ pub struct ApiBenchReport {
     /// VmRSS after the load, once the daemon is idle again.
     pub after_rss_mb: f64,
     pub endpoints: Vec<EndpointReport>,
+    /// `POST /events` at [`CROWD_RATE`] req/s with no stream client open.
+    pub publish_p99_ms: f64,
+    /// The same with [`CROWD`] idle stream clients open (following a topic nobody publishes):
+    /// what each commit costs them.
+    pub publish_p99_ms_with_1000_streams: f64,
     pub targets: Value,
     pub meets_targets: Value,
+}
+
+/// Idle stream clients of the crowded publish phase.
+const CROWD: usize = 1000;
+/// Publish rate of the crowded and quiet publish phases.
+const CROWD_RATE: u32 = 200;
+
+/// Opens `n` Server-Sent-Events streams on a topic nobody publishes, each drained by a task.
+async fn open_streams(port: u16, n: usize) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET /events/stream?topic=idle.%3E HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        out.push(tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        }));
+    }
+    Ok(out)
 }
 
 /// VmRSS of process `pid` in MiB.
@@ -457,6 +483,15 @@ pub async fn run(
                 paced,
             });
         }
+        // What idle stream clients cost each commit.
+        let publish = &requests[1].1;
+        let quiet = phase(port, publish, 4, opts.seconds, Some(CROWD_RATE)).await?;
+        let streams = open_streams(port, CROWD).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let crowded = phase(port, publish, 4, opts.seconds, Some(CROWD_RATE)).await?;
+        for s in &streams {
+            s.abort();
+        }
         stop.store(true, Ordering::Relaxed);
         sampler.await?;
         let load_rss_mb = *peak.lock().unwrap();
@@ -481,12 +516,16 @@ pub async fn run(
                 "idle_rss_mb": "< 40",
                 "idle_cpu_percent": "≈ 0 (< 1)",
                 "paced_p99_ms": "< 10 at 5,000 req/s",
+                "publish_p99_ms_with_1000_streams": "< 2 × publish_p99_ms",
             }),
             meets_targets: json!({
                 "idle_rss": idle_rss_mb < 40.0,
                 "idle_cpu": idle_cpu_percent < 1.0,
                 "paced_p99": paced_ok && opts.rate >= 5_000,
+                "publish_with_streams": crowded.errors == 0 && crowded.p99_ms < 2.0 * quiet.p99_ms.max(0.5),
             }),
+            publish_p99_ms: quiet.p99_ms,
+            publish_p99_ms_with_1000_streams: crowded.p99_ms,
             endpoints,
         })
     }

@@ -463,6 +463,7 @@ pub async fn local_api(config: Config) -> anyhow::Result<axum::Router> {
         refs: o.refs.clone(),
         engine,
         started: std::time::Instant::now(),
+        fanout: api::events::Fanout::new(o.store.clone(), o.bus.clone()),
         data_dir: o.config.data_dir.clone(),
         parts: std::sync::Arc::new(vec![
             std::sync::Arc::new(api::claude::ExecutorPart(executor))

@@ -587,6 +587,12 @@ fn print_api_bench(r: &bench::api::ApiBenchReport) {
         "p99 < 10 ms at 5,000 req/s on every endpoint: {}",
         yes(&r.meets_targets["paced_p99"])
     );
+    println!(
+        "POST /events p99 at 200 req/s: {:.2} ms, with 1,000 idle stream clients {:.2} ms (target < 2×: {})",
+        r.publish_p99_ms,
+        r.publish_p99_ms_with_1000_streams,
+        yes(&r.meets_targets["publish_with_streams"])
+    );
 }
 
 fn migrate(config: &crate::config::Config, status_only: bool, json: bool) -> anyhow::Result<()> {

@@ -200,6 +200,7 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
         refs: host.refs.clone(),
         engine: host.engine.clone(),
         started: Instant::now(),
+        fanout: api::events::Fanout::new(host.store.clone(), host.bus.clone()),
         data_dir: config.data_dir.clone(),
         parts: Arc::new(vec![
             Arc::new(api::claude::ExecutorPart(host.executor.clone())) as Arc<dyn api::ApiPart>,
