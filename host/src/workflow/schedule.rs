@@ -39,7 +39,7 @@ pub fn parse_cron(expr: &str) -> Result<Cron, String> {
     let fields = expr.split_whitespace().count();
     if fields != 5 {
         return Err(format!(
-            "cron expression {expr:?} has {fields} field{}; a schedule takes exactly 5 (minute hour day-of-month month day-of-week, e.g. \"*/15 * * * *\" for every 15 minutes), so it fires at most once a minute",
+            "cron expression {expr:?} is invalid: it has {fields} field{}; a schedule takes exactly 5 (minute hour day-of-month month day-of-week, e.g. \"*/15 * * * *\" for every 15 minutes), so it fires at most once a minute",
             if fields == 1 { "" } else { "s" }
         ));
     }
