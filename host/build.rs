@@ -42,12 +42,21 @@ fn main() {
          /// `summarize`.\n\
          pub const SUMMARIZE: &str = {};\n\
          /// A plain wasi:cli command component: the wrong world for a step handler.\n\
-         pub const NOT_A_PLUGIN: &str = {};\n",
+         pub const NOT_A_PLUGIN: &str = {};\n\
+         /// Faults: describe() writes to stdout and stderr (and must load).\n\
+         pub const FAULT_DESCRIBE_PRINTS: &str = {};\n\
+         /// Faults: describe() panics.\n\
+         pub const FAULT_DESCRIBE_PANICS: &str = {};\n\
+         /// Faults: describe() never returns.\n\
+         pub const FAULT_DESCRIBE_LOOPS: &str = {};\n",
         path(staged.join("echo-0.1.0.wasm")),
         path(staged.join("echo-0.2.0.wasm")),
         path(out_dir.join("debate.wasm")),
         path(out_dir.join("summarize.wasm")),
         path(out_dir.join("not-a-plugin.wasm")),
+        path(out_dir.join("fault_describe_prints.wasm")),
+        path(out_dir.join("fault_describe_panics.wasm")),
+        path(out_dir.join("fault_describe_loops.wasm")),
     );
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     std::fs::write(out.join("bundled_plugins.rs"), generated).unwrap();

@@ -320,7 +320,12 @@ impl Host {
             bus_sink(bus.clone()),
         )
         .context("starting the plugin runtime")?;
-        for (path, result) in plugins.load_dir() {
+        // Off the async runtime: loading compiles and runs guests' describe().
+        let loading = plugins.clone();
+        let loaded = tokio::task::spawn_blocking(move || loading.load_dir())
+            .await
+            .context("loading the plugins directory")?;
+        for (path, result) in loaded {
             if let Err(e) = result {
                 tracing::error!(file = %path.display(), error = %e, "plugin not loaded");
             }

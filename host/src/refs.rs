@@ -50,7 +50,7 @@ pub enum RefError {
     )]
     Escapes { path: String, why: &'static str },
     #[error(
-        "{path} does not match its reference: expected sha256 {expected}, found {found}. The file was changed or corrupted after it was written"
+        "{path} does not match its reference (sha256 {expected}): the reference is wrong, or the file was changed or corrupted after it was written"
     )]
     HashMismatch {
         path: String,

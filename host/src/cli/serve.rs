@@ -48,10 +48,12 @@ fn watch_definitions(host: &Host) -> anyhow::Result<notify::RecommendedWatcher> 
     let dir = host.refs.root().join("definitions");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        // Content changes only: loading the definitions opens and reads them.
         if ev.is_ok_and(|e| {
-            e.paths
-                .iter()
-                .any(|p| p.extension().is_some_and(|x| x == "toml"))
+            crate::plugins::watch::is_content_change(&e.kind)
+                && e.paths
+                    .iter()
+                    .any(|p| p.extension().is_some_and(|x| x == "toml"))
         }) {
             let _ = tx.send(());
         }
@@ -314,6 +316,9 @@ pub async fn serve(config: Config, args: ServeArgs, host: Host) -> anyhow::Resul
     {
         tracing::warn!("grace period over: steps still running will be re-run after restart");
     }
+    // A plugin still running (in wasm, or looping on host calls) stops now: its thread must
+    // not keep the process alive after the store closes.
+    host.plugins.engine().interrupt_all();
     let _ = scheduler.await;
     // No Claude process outlives the daemon: what still runs is killed; its rows are
     // reconciled (retried, or completed from their log) at the next start.

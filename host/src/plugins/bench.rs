@@ -72,7 +72,7 @@ pub fn try_bench_plugins() -> anyhow::Result<Value> {
             limits: echo.limits,
             grants: &[],
         };
-        let (times, _) = inst
+        let (times, ..) = inst
             .call(StepScope::default(), host.clone(), |store, handler| {
                 let mut times = Vec::with_capacity(ITERATIONS);
                 for i in 0..WARMUP + ITERATIONS {

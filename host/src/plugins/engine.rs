@@ -59,6 +59,9 @@ pub struct PluginEngine {
     allocator: AllocatorKind,
     config: EngineConfig,
     ticker: EpochTicker,
+    /// Set by [`PluginEngine::interrupt_all`]: every running guest stops at its next host call
+    /// or epoch check, and no new one starts.
+    shutdown: Arc<AtomicBool>,
 }
 
 impl PluginEngine {
@@ -92,6 +95,7 @@ impl PluginEngine {
             allocator,
             config,
             ticker,
+            shutdown: Arc::new(AtomicBool::new(false)),
         }))
     }
 
@@ -113,6 +117,22 @@ impl PluginEngine {
     /// The settings the engine was created with.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Stop every running guest wherever it is (in wasm, at its next epoch check; in a host
+    /// call, when the call returns) and refuse new ones: the daemon is shutting down.
+    pub fn interrupt_all(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.engine.increment_epoch();
+    }
+
+    /// Whether [`PluginEngine::interrupt_all`] was called.
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
     }
 
     /// Epoch ticks covering `d` (at least one).

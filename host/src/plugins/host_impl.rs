@@ -6,6 +6,7 @@
 //! [`RecordingEvents`] are in-memory ones for tests, `ksi-host plugin run` and benchmarks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,8 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 use super::bindings::TokenUsage;
 use super::bindings::ksi::plugin::{bus, claude, config, files, logging, state, templates, types};
 use super::bindings::{ClaudeError, ClaudeErrorKind, ClaudeRequest, ClaudeResponse, FileRef};
-use super::limits::StepLimiter;
+use super::limits::{StepLimiter, StepLimits};
+use super::step::StepFailure;
 
 /// Which step a host call comes from: enough to scope state and files, tag logs and journal
 /// the call.
@@ -146,6 +148,13 @@ pub trait HostServices: Send + Sync {
         name: &str,
         vars: serde_json::Value,
     ) -> Result<String, String>;
+
+    /// Why the calling step must stop now (its workflow was cancelled, its wall-clock timeout
+    /// passed), if it must. Checked at every host-call entry and every epoch check: a guest
+    /// that loops on host calls stops at its next call.
+    fn stop_reason(&self) -> Option<String> {
+        None
+    }
 
     /// `logging.log`.
     fn log(&self, scope: &StepScope, level: LogLevel, message: &str) {
@@ -384,8 +393,21 @@ impl HostServices for MemoryHost {
     }
 }
 
+/// What one step has used of its host-call limits so far.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct HostUsage {
+    pub calls: u32,
+    /// Events published and state set: part of the step's output.
+    pub output_bytes: usize,
+    pub file_bytes: usize,
+    pub log_bytes: usize,
+    pub journal_bytes: usize,
+    /// Whether the "log limit reached" warning was written.
+    pub log_capped: bool,
+}
+
 /// The data of one step's `Store`: WASI (no env, args, network or preopens unless granted),
-/// the limiter, the host services, and the CPU-time accounting.
+/// the limiter, the host services, and the CPU-time and host-call accounting.
 pub(crate) struct StepState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
@@ -396,8 +418,14 @@ pub(crate) struct StepState {
     pub started: Instant,
     /// Time spent inside host calls (not charged to the CPU limit).
     pub host_time: Duration,
-    /// The CPU-time limit.
-    pub cpu_limit: Duration,
+    /// The limits of this step.
+    pub limits: StepLimits,
+    /// Host-call usage against [`StepLimits`].
+    pub usage: HostUsage,
+    /// Set when the engine shuts down ([`super::PluginEngine::interrupt_all`]).
+    pub shutdown: Arc<AtomicBool>,
+    /// Why the step was stopped from outside, once it was.
+    pub stopped: Option<String>,
     /// The guest's stdout and stderr (a panic message lands here).
     pub output: MemoryOutputPipe,
 }
@@ -408,14 +436,92 @@ impl StepState {
         self.started.elapsed().saturating_sub(self.host_time)
     }
 
-    /// Run a host call, keeping its duration off the guest's CPU budget.
-    fn host_call<R>(&mut self, f: impl FnOnce(&dyn HostServices, &StepScope) -> R) -> R {
+    /// Why the step must stop now, if it must (shutdown, cancel, wall-clock timeout).
+    pub fn must_stop(&mut self) -> Option<String> {
+        if self.stopped.is_none() {
+            self.stopped = if self.shutdown.load(Ordering::Relaxed) {
+                Some("the daemon is shutting down".to_string())
+            } else {
+                self.services.stop_reason()
+            };
+        }
+        self.stopped.clone()
+    }
+
+    /// The entry of every host call: stop if the step must stop, count the call, and refuse an
+    /// argument over [`StepLimits::call_bytes`]. `Err` traps the guest with a [`StepFailure`].
+    fn enter(&mut self, what: &str, arg_bytes: usize) -> wasmtime::Result<()> {
+        if let Some(reason) = self.must_stop() {
+            return Err(StepFailure::Stopped { reason }.into());
+        }
+        self.usage.calls += 1;
+        if self.usage.calls > self.limits.host_calls {
+            return Err(exceeded(format!(
+                "it made more than {} host calls (the last one {what}); a step that needs more \
+                 raises limits.host_calls",
+                self.limits.host_calls
+            )));
+        }
+        if arg_bytes > self.limits.call_bytes {
+            return Err(exceeded(format!(
+                "{what} was given {arg_bytes} bytes; one host call takes at most {} \
+                 (limits.call_bytes) — large data goes through files.write",
+                self.limits.call_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Count `bytes` against one of the step's totals; `Err` traps the guest.
+    fn charge(
+        used: &mut usize,
+        bytes: usize,
+        limit: usize,
+        what: &str,
+        setting: &str,
+    ) -> wasmtime::Result<()> {
+        *used = used.saturating_add(bytes);
+        if *used > limit {
+            return Err(exceeded(format!(
+                "{what} reached {used} bytes, over its limit of {limit} bytes ({setting})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run a host call's service, keeping its duration off the guest's CPU budget (after
+    /// [`StepState::enter`] admitted it).
+    fn call<R>(&mut self, f: impl FnOnce(&dyn HostServices, &StepScope) -> R) -> R {
         let start = Instant::now();
         let r = f(self.services.as_ref(), &self.scope);
         self.scope.call += 1;
         self.host_time += start.elapsed();
         r
     }
+
+    fn charge_output(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        Self::charge(
+            &mut self.usage.output_bytes,
+            bytes,
+            self.limits.output_bytes,
+            "the events and state this step produced",
+            "limits.output_bytes",
+        )
+    }
+
+    fn charge_journal(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        Self::charge(
+            &mut self.usage.journal_bytes,
+            bytes,
+            self.limits.journal_bytes,
+            "what the step journaled",
+            "limits.journal_bytes",
+        )
+    }
+}
+
+fn exceeded(what: String) -> wasmtime::Error {
+    StepFailure::LimitExceeded { what }.into()
 }
 
 impl WasiView for StepState {
@@ -431,40 +537,84 @@ fn parse_json(what: &str, s: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(s).map_err(|e| format!("{what} is not valid JSON: {e}"))
 }
 
+fn request_bytes(r: &ClaudeRequest) -> usize {
+    r.prompt.len() + r.system_prompt.as_ref().map_or(0, String::len)
+}
+
+fn answer_bytes(r: &Result<ClaudeResponse, ClaudeError>) -> usize {
+    match r {
+        Ok(a) => a.text.len(),
+        Err(e) => e.message.len(),
+    }
+}
+
 impl types::Host for StepState {}
 
 impl claude::Host for StepState {
-    fn complete(&mut self, request: ClaudeRequest) -> Result<ClaudeResponse, ClaudeError> {
-        self.host_call(|h, s| h.claude_complete(s, request))
+    fn complete(
+        &mut self,
+        request: ClaudeRequest,
+    ) -> wasmtime::Result<Result<ClaudeResponse, ClaudeError>> {
+        let bytes = request_bytes(&request);
+        self.enter("claude.complete", bytes)?;
+        let r = self.call(|h, s| h.claude_complete(s, request));
+        self.charge_journal(bytes + answer_bytes(&r))?;
+        Ok(r)
     }
 
     fn complete_all(
         &mut self,
         requests: Vec<ClaudeRequest>,
-    ) -> Vec<Result<ClaudeResponse, ClaudeError>> {
-        self.host_call(|h, s| h.claude_complete_all(s, requests))
+    ) -> wasmtime::Result<Vec<Result<ClaudeResponse, ClaudeError>>> {
+        let bytes: usize = requests.iter().map(request_bytes).sum();
+        self.enter("claude.complete-all", bytes)?;
+        // Each further request counts as a host call of its own.
+        for _ in 1..requests.len() {
+            self.enter("claude.complete-all", 0)?;
+        }
+        let r = self.call(|h, s| h.claude_complete_all(s, requests));
+        self.charge_journal(bytes + r.iter().map(answer_bytes).sum::<usize>())?;
+        Ok(r)
     }
 }
 
 impl bus::Host for StepState {
-    fn publish(&mut self, topic: String, data: String) -> Result<u64, String> {
-        let data = parse_json("the event data", &data)?;
-        self.host_call(|h, s| h.publish(s, &topic, data))
+    fn publish(&mut self, topic: String, data: String) -> wasmtime::Result<Result<u64, String>> {
+        let bytes = topic.len() + data.len();
+        self.enter("bus.publish", bytes)?;
+        self.charge_output(bytes)?;
+        Ok(match parse_json("the event data", &data) {
+            Ok(data) => self.call(|h, s| h.publish(s, &topic, data)),
+            Err(e) => Err(e),
+        })
     }
 }
 
 impl files::Host for StepState {
-    fn read(&mut self, file: FileRef) -> Result<Vec<u8>, String> {
-        self.host_call(|h, s| h.read_file(s, &file))
+    fn read(&mut self, file: FileRef) -> wasmtime::Result<Result<Vec<u8>, String>> {
+        self.enter("files.read", file.path.len() + file.sha256.len())?;
+        Ok(self.call(|h, s| h.read_file(s, &file)))
     }
 
-    fn write(&mut self, name: String, contents: Vec<u8>) -> Result<FileRef, String> {
-        self.host_call(|h, s| h.write_file(s, &name, &contents))
+    fn write(
+        &mut self,
+        name: String,
+        contents: Vec<u8>,
+    ) -> wasmtime::Result<Result<FileRef, String>> {
+        self.enter("files.write", name.len())?;
+        Self::charge(
+            &mut self.usage.file_bytes,
+            contents.len(),
+            self.limits.file_bytes,
+            "what this step wrote with files.write",
+            "limits.file_bytes",
+        )?;
+        Ok(self.call(|h, s| h.write_file(s, &name, &contents)))
     }
 }
 
 impl logging::Host for StepState {
-    fn log(&mut self, level: logging::Level, message: String) {
+    fn log(&mut self, level: logging::Level, message: String) -> wasmtime::Result<()> {
         let level = match level {
             logging::Level::Trace => LogLevel::Trace,
             logging::Level::Debug => LogLevel::Debug,
@@ -472,30 +622,59 @@ impl logging::Host for StepState {
             logging::Level::Warn => LogLevel::Warn,
             logging::Level::Error => LogLevel::Error,
         };
-        self.host_call(|h, s| h.log(s, level, &message))
+        self.enter("logging.log", message.len())?;
+        self.usage.log_bytes = self.usage.log_bytes.saturating_add(message.len());
+        if self.usage.log_bytes <= self.limits.log_bytes {
+            self.call(|h, s| h.log(s, level, &message));
+        } else if !std::mem::replace(&mut self.usage.log_capped, true) {
+            let warning = format!(
+                "this step logged more than {} bytes (limits.log_bytes); its further log lines \
+                 are dropped",
+                self.limits.log_bytes
+            );
+            self.call(|h, s| h.log(s, LogLevel::Warn, &warning));
+        }
+        Ok(())
     }
 }
 
 impl config::Host for StepState {
-    fn get(&mut self, key: String) -> Option<String> {
-        self.host_call(|h, s| h.config_get(s, &key))
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        self.enter("config.get", key.len())?;
+        let r = self.call(|h, s| h.config_get(s, &key));
+        self.charge_journal(key.len() + r.as_ref().map_or(0, String::len))?;
+        Ok(r)
     }
 }
 
 impl state::Host for StepState {
-    fn get(&mut self, key: String) -> Option<String> {
-        self.host_call(|h, s| h.state_get(s, &key))
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        self.enter("state.get", key.len())?;
+        Ok(self.call(|h, s| h.state_get(s, &key)))
     }
 
-    fn set(&mut self, key: String, value: String) -> Result<(), String> {
-        let value = parse_json(&format!("the value of state key {key}"), &value)?;
-        self.host_call(|h, s| h.state_set(s, &key, value))
+    fn set(&mut self, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
+        let bytes = key.len() + value.len();
+        self.enter("state.set", bytes)?;
+        self.charge_output(bytes)?;
+        Ok(
+            match parse_json(&format!("the value of state key {key}"), &value) {
+                Ok(value) => self.call(|h, s| h.state_set(s, &key, value)),
+                Err(e) => Err(e),
+            },
+        )
     }
 }
 
 impl templates::Host for StepState {
-    fn render(&mut self, name: String, vars: String) -> Result<String, String> {
-        let vars = parse_json("the template variables", &vars)?;
-        self.host_call(|h, s| h.render_template(s, &name, vars))
+    fn render(&mut self, name: String, vars: String) -> wasmtime::Result<Result<String, String>> {
+        let bytes = name.len() + vars.len();
+        self.enter("templates.render", bytes)?;
+        let r = match parse_json("the template variables", &vars) {
+            Ok(vars) => self.call(|h, s| h.render_template(s, &name, vars)),
+            Err(e) => return Ok(Err(e)),
+        };
+        self.charge_journal(bytes + r.as_ref().map_or_else(String::len, String::len))?;
+        Ok(r)
     }
 }

@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The limits one step runs under.
+/// The limits one step runs under (and `describe()`, which gets the defaults). Every field has a
+/// default and can be set for all plugins (`plugin_limits` in the config file) or one plugin
+/// (`plugin_limits_by_name.<plugin>`); `docs/plugins.md` lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StepLimits {
     /// Time the guest may spend executing wasm. Time inside host calls (a Claude call that takes
     /// a minute) does not count. Exceeding it interrupts the guest: [`super::StepFailure::Timeout`].
@@ -21,7 +24,22 @@ pub struct StepLimits {
     pub table_elements: usize,
     /// Largest step output (result + state patch + events), in bytes:
     /// [`super::StepFailure::OutputTooLarge`].
+    /// Events it publishes with `bus.publish` and the state it sets with `state.set` count
+    /// too: the whole of what the step commits.
     pub output_bytes: usize,
+    /// Host calls one step may make (every import of `ksi:plugin` counts; WASI's do not):
+    /// [`super::StepFailure::LimitExceeded`]. A loop on `config.get` ends here.
+    pub host_calls: u32,
+    /// Largest argument of one host call (a prompt, event data, a state value, template
+    /// variables, a log line), in bytes; `files.write` is bounded by `file_bytes` instead.
+    pub call_bytes: usize,
+    /// Bytes one step may write with `files.write`, in all.
+    pub file_bytes: usize,
+    /// Bytes of log lines one step may write; later lines are dropped (one warning says so).
+    pub log_bytes: usize,
+    /// Bytes one step may add to the journal (Claude prompts and answers, config values,
+    /// rendered templates), in all.
+    pub journal_bytes: usize,
 }
 
 impl Default for StepLimits {
@@ -31,6 +49,11 @@ impl Default for StepLimits {
             memory_bytes: 128 << 20,
             table_elements: 100_000,
             output_bytes: 1 << 20,
+            host_calls: 10_000,
+            call_bytes: 4 << 20,
+            file_bytes: 64 << 20,
+            log_bytes: 1 << 20,
+            journal_bytes: 64 << 20,
         }
     }
 }
@@ -50,6 +73,21 @@ pub struct LimitOverrides {
     /// See [`StepLimits::output_bytes`].
     #[serde(default)]
     pub output_bytes: Option<usize>,
+    /// See [`StepLimits::host_calls`].
+    #[serde(default)]
+    pub host_calls: Option<u32>,
+    /// See [`StepLimits::call_bytes`].
+    #[serde(default)]
+    pub call_bytes: Option<usize>,
+    /// See [`StepLimits::file_bytes`].
+    #[serde(default)]
+    pub file_bytes: Option<usize>,
+    /// See [`StepLimits::log_bytes`].
+    #[serde(default)]
+    pub log_bytes: Option<usize>,
+    /// See [`StepLimits::journal_bytes`].
+    #[serde(default)]
+    pub journal_bytes: Option<usize>,
 }
 
 impl StepLimits {
@@ -60,6 +98,11 @@ impl StepLimits {
             memory_bytes: overrides.memory_bytes.unwrap_or(self.memory_bytes),
             table_elements: overrides.table_elements.unwrap_or(self.table_elements),
             output_bytes: overrides.output_bytes.unwrap_or(self.output_bytes),
+            host_calls: overrides.host_calls.unwrap_or(self.host_calls),
+            call_bytes: overrides.call_bytes.unwrap_or(self.call_bytes),
+            file_bytes: overrides.file_bytes.unwrap_or(self.file_bytes),
+            log_bytes: overrides.log_bytes.unwrap_or(self.log_bytes),
+            journal_bytes: overrides.journal_bytes.unwrap_or(self.journal_bytes),
         }
     }
 }

@@ -137,8 +137,10 @@ impl LoadedPlugin {
 pub struct LoadOptions {
     /// Longest a compile may take.
     pub compile_timeout: Duration,
-    /// Limits by plugin name (`describe()` runs under the defaults).
+    /// Limits by plugin name (`describe()` runs under the defaults, with `describe_cpu_time`).
     pub limits: LimitPolicy,
+    /// CPU time `describe()` may use: it only lists steps, so a looping one is refused soon.
+    pub describe_cpu_time: Duration,
     /// Directories granted by plugin name.
     pub grants: std::collections::HashMap<String, Vec<DirGrant>>,
 }
@@ -148,6 +150,7 @@ impl Default for LoadOptions {
         LoadOptions {
             compile_timeout: Duration::from_secs(60),
             limits: LimitPolicy::default(),
+            describe_cpu_time: Duration::from_secs(1),
             grants: Default::default(),
         }
     }
@@ -211,11 +214,12 @@ pub fn load_bytes(
             path: path.clone(),
             reason: format!("{e:#}"),
         })?;
-    let defaults = options.limits.defaults;
+    let mut limits = options.limits.defaults;
+    limits.cpu_time = limits.cpu_time.min(options.describe_cpu_time);
     let info = step::describe(&Instantiator {
         engine,
         pre: &pre,
-        limits: defaults,
+        limits,
         grants: &[],
     })
     .map_err(|failure| PluginError::Describe {

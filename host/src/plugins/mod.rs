@@ -134,6 +134,29 @@ pub enum PluginError {
         /// What is wrong with the description.
         reason: String,
     },
+    /// Another file already provides this name and version.
+    #[error(
+        "{path} is {id}, which {other} already provides: two files cannot be one plugin \
+         version — give this one a new version in describe(), or remove one of the files"
+    )]
+    Duplicate {
+        /// The refused file.
+        path: PathBuf,
+        /// `name@version`.
+        id: String,
+        /// The file that provides it.
+        other: PathBuf,
+    },
+    /// The file failed to load before and its bytes have not changed since.
+    #[error("{message} (unchanged since it was refused)")]
+    Unchanged {
+        /// The plugin file.
+        path: PathBuf,
+        /// The kind of the original failure.
+        kind: &'static str,
+        /// The original failure.
+        message: String,
+    },
     /// No plugin with this name is loaded.
     #[error("no plugin named {name} is loaded")]
     NotFound {
@@ -177,6 +200,8 @@ impl PluginError {
             PluginError::IncompatibleWit { .. } => "incompatible_wit",
             PluginError::Describe { .. } => "describe_failed",
             PluginError::BadInfo { .. } => "bad_info",
+            PluginError::Duplicate { .. } => "duplicate",
+            PluginError::Unchanged { kind, .. } => kind,
             PluginError::NotFound { .. } => "not_found",
             PluginError::NoMatchingVersion { .. } => "no_matching_version",
             PluginError::BadReference { .. } => "bad_reference",

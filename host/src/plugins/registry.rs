@@ -84,13 +84,28 @@ impl PluginRegistry {
         PluginRegistry::default()
     }
 
-    /// Install `plugin` atomically. It replaces the version its file provided before (if any)
-    /// and any loaded plugin with the same name and version. Returns the versions taken out of
-    /// service; steps running on them finish undisturbed.
-    pub fn swap(&self, plugin: Arc<LoadedPlugin>) -> Vec<Arc<LoadedPlugin>> {
+    /// Install `plugin` atomically. It replaces the version its file provided before (if any),
+    /// and a plugin with the same name and version whose file is gone (a rename). Returns the
+    /// versions taken out of service; steps running on them finish undisturbed.
+    ///
+    /// # Errors
+    ///
+    /// [`PluginError::Duplicate`] when another file that is still there provides the same
+    /// name and version: the version serving keeps serving.
+    pub fn swap(&self, plugin: Arc<LoadedPlugin>) -> Result<Vec<Arc<LoadedPlugin>>> {
         let mut inner = self.inner.write().unwrap();
         let mut removed = Vec::new();
         let key = (plugin.info.name.clone(), plugin.version.clone());
+        if let Some(holder) = inner.by_name.get(&key.0).and_then(|v| v.get(&key.1))
+            && holder.path != plugin.path
+            && holder.path.exists()
+        {
+            return Err(PluginError::Duplicate {
+                path: plugin.path.clone(),
+                id: plugin.id(),
+                other: holder.path.clone(),
+            });
+        }
         if let Some(old_key) = inner.by_path.get(&plugin.path).cloned()
             && old_key != key
             && let Some(old) = remove_if_from(&mut inner, &old_key, &plugin.path)
@@ -105,7 +120,7 @@ impl PluginRegistry {
             removed.push(old);
         }
         inner.by_path.insert(plugin.path.clone(), key);
-        removed
+        Ok(removed)
     }
 
     /// Take the version loaded from `path` out of service. Returns it, if there was one;

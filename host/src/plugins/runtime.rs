@@ -1,8 +1,9 @@
 //! [`PluginRuntime`]: the engine, the cache, the registry and the event sink together; where a
 //! file becomes a serving plugin version (or a `plugin.load_failed` event).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
@@ -54,8 +55,35 @@ pub struct PluginRuntime {
     services: Arc<dyn HostServices>,
     events: Arc<dyn EventSink>,
     config: RuntimeConfig,
-    /// Serialises loads so that two events for one file cannot race their swaps.
-    load_lock: std::sync::Mutex<()>,
+    /// One lock per file, so that two events for one file cannot race their swaps while
+    /// different files load independently.
+    load_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// The files that failed to load, with the content they failed with.
+    failed: Mutex<HashMap<PathBuf, FailedLoad>>,
+    /// Files read to be loaded (see [`PluginRuntime::files_read`]).
+    files_read: std::sync::atomic::AtomicU64,
+}
+
+/// A file read and loaded, not yet installed.
+enum Prepared {
+    /// Its bytes are those already serving.
+    Current(Arc<LoadedPlugin>),
+    /// Compiled, type-checked and described.
+    Loaded(Box<LoadedPlugin>),
+    /// Refused (with the bytes' hash, when they could be read).
+    Failed(PluginError, Option<String>),
+}
+
+/// A file's last failed load.
+#[derive(Debug, Clone)]
+struct FailedLoad {
+    sha256: String,
+    kind: &'static str,
+    message: String,
+    /// Whether the failure depends only on the file's bytes (so the same bytes fail again).
+    content_only: bool,
+    /// The file that holds the name@version this one claimed too.
+    duplicate_of: Option<PathBuf>,
 }
 
 impl PluginRuntime {
@@ -91,8 +119,15 @@ impl PluginRuntime {
             services,
             events,
             config,
-            load_lock: std::sync::Mutex::new(()),
+            load_locks: Mutex::default(),
+            failed: Mutex::default(),
+            files_read: Default::default(),
         }))
+    }
+
+    /// How many times a plugin file was read to be loaded: what the watcher costs.
+    pub fn files_read(&self) -> u64 {
+        self.files_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The engine.
@@ -115,7 +150,8 @@ impl PluginRuntime {
         &self.services
     }
 
-    /// Load every `.wasm` in the plugins directory. Failures are reported (log line and
+    /// Load every `.wasm` in the plugins directory, in parallel where the cores allow (a slow
+    /// file does not hold up the others). Failures are reported (log line and
     /// `plugin.load_failed`) and returned; they do not stop the others.
     pub fn load_dir(&self) -> Vec<(PathBuf, Result<Arc<LoadedPlugin>>)> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.config.plugins_dir)
@@ -125,19 +161,45 @@ impl PluginRuntime {
                     .collect()
             })
             .unwrap_or_default();
+        // Sorted, so that of two files claiming one name@version the first by name wins.
         files.sort();
+        // Compile and describe in parallel; install one by one in name order, so that of two
+        // files claiming one name@version the first by name serves, on every start.
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(files.len());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let prepared: Vec<Mutex<Option<Prepared>>> =
+            files.iter().map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|threads| {
+            for _ in 0..workers {
+                threads.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(path) = files.get(i) else { return };
+                        *prepared[i].lock().unwrap() = Some(self.prepare(path));
+                    }
+                });
+            }
+        });
         files
             .into_iter()
-            .map(|path| {
-                let loaded = self.load_file(&path);
-                (path, loaded)
+            .zip(prepared)
+            .map(|(path, p)| {
+                let p = p.into_inner().unwrap().expect("every file was prepared");
+                let lock = self.path_lock(&path);
+                let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let r = self.finish(&path, p);
+                (path, r)
             })
             .collect()
     }
 
     /// Load (or reload) the plugin file `path` and swap it in. On failure the versions already
-    /// serving keep serving, and the failure is logged and emitted as `plugin.load_failed`.
-    /// Loading a file whose bytes did not change is a no-op.
+    /// serving keep serving, and the failure is logged and emitted as `plugin.load_failed` —
+    /// once per distinct content: a file whose bytes did not change is neither loaded nor
+    /// reported again (a file that loaded is a no-op; one that failed fails with the same
+    /// error). Loads of different files run independently.
     ///
     /// Blocks while compiling: call it from a blocking thread.
     ///
@@ -145,44 +207,140 @@ impl PluginRuntime {
     ///
     /// The [`PluginError`] that made the load fail.
     pub fn load_file(&self, path: &Path) -> Result<Arc<LoadedPlugin>> {
-        let _serial = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let outcome = std::fs::read(path)
-            .map_err(|source| PluginError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-            .and_then(|bytes| {
-                let sha256 = hex::encode(Sha256::digest(&bytes));
-                match self.registry.by_path(path) {
-                    Some(current) if current.sha256 == sha256 => Ok(current),
-                    _ => loader::load_bytes(
-                        &self.engine,
-                        self.cache.as_ref(),
-                        path,
-                        bytes,
-                        &self.config.load,
-                    )
-                    .map(|plugin| self.install(Arc::new(plugin))),
-                }
-            });
-        if let Err(e) = &outcome {
-            let serving = self.registry.by_path(path).map(|p| p.id());
-            tracing::warn!(file = %path.display(), error = %e, ?serving, "plugin failed to load");
-            self.events.emit(
-                "plugin.load_failed",
-                json!({
-                    "file": path.display().to_string(),
-                    "error": e.to_string(),
-                    "kind": e.kind(),
-                    "still_serving": serving,
-                }),
-            );
-        }
-        outcome
+        let lock = self.path_lock(path);
+        let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let prepared = self.prepare(path);
+        self.finish(path, prepared)
     }
 
-    fn install(&self, plugin: Arc<LoadedPlugin>) -> Arc<LoadedPlugin> {
-        let removed = self.registry.swap(plugin.clone());
+    /// Read, compile and describe `path`, unless its bytes are those already serving or
+    /// already refused.
+    fn prepare(&self, path: &Path) -> Prepared {
+        self.files_read
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(source) => {
+                let error = PluginError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                };
+                return Prepared::Failed(error, None);
+            }
+        };
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if let Some(current) = self.registry.by_path(path)
+            && current.sha256 == sha256
+        {
+            return Prepared::Current(current);
+        }
+        if let Some(failed) = self.failed.lock().unwrap().get(path)
+            && failed.sha256 == sha256
+            && failed.content_only
+        {
+            let error = PluginError::Unchanged {
+                path: path.to_path_buf(),
+                kind: failed.kind,
+                message: failed.message.clone(),
+            };
+            return Prepared::Failed(error, Some(sha256));
+        }
+        // A bad file must never take the daemon or a CLI command down: a panic anywhere in
+        // loading it is that file's load failure.
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            loader::load_bytes(
+                &self.engine,
+                self.cache.as_ref(),
+                path,
+                bytes,
+                &self.config.load,
+            )
+        }))
+        .unwrap_or_else(|panic| {
+            Err(PluginError::Engine(format!(
+                "loading {} failed: {}",
+                path.display(),
+                super::step::panic_message(&*panic)
+            )))
+        });
+        match loaded {
+            Ok(plugin) => Prepared::Loaded(Box::new(plugin)),
+            Err(e) => Prepared::Failed(e, Some(sha256)),
+        }
+    }
+
+    /// Install what [`PluginRuntime::prepare`] loaded, or report why it did not load.
+    fn finish(&self, path: &Path, prepared: Prepared) -> Result<Arc<LoadedPlugin>> {
+        let (error, sha256) = match prepared {
+            Prepared::Current(current) => return Ok(current),
+            Prepared::Loaded(plugin) => {
+                let sha256 = plugin.sha256.clone();
+                match self.install(Arc::new(*plugin)) {
+                    Ok(plugin) => {
+                        self.failed.lock().unwrap().remove(path);
+                        return Ok(plugin);
+                    }
+                    Err(e) => (e, Some(sha256)),
+                }
+            }
+            Prepared::Failed(e, sha256) => (e, sha256),
+        };
+        if !matches!(error, PluginError::Unchanged { .. }) {
+            self.report_failure(path, sha256.as_deref(), &error);
+        }
+        Err(error)
+    }
+
+    fn path_lock(&self, path: &Path) -> Arc<Mutex<()>> {
+        let mut locks = self.load_locks.lock().unwrap();
+        if locks.len() > 4096 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(path.to_path_buf()).or_default().clone()
+    }
+
+    /// Log and emit `plugin.load_failed`, unless this file already failed this way with these
+    /// bytes.
+    fn report_failure(&self, path: &Path, sha256: Option<&str>, e: &PluginError) {
+        let message = e.to_string();
+        let record = FailedLoad {
+            sha256: sha256.unwrap_or_default().to_string(),
+            kind: e.kind(),
+            message: message.clone(),
+            // A file that cannot be read, or a host-side failure, is tried again on its next
+            // change event; one refused for what it contains, only when its content changes.
+            content_only: sha256.is_some() && !matches!(e, PluginError::Engine(_)),
+            duplicate_of: match e {
+                PluginError::Duplicate { other, .. } => Some(other.clone()),
+                _ => None,
+            },
+        };
+        let repeated = self
+            .failed
+            .lock()
+            .unwrap()
+            .insert(path.to_path_buf(), record.clone())
+            .is_some_and(|before| before.sha256 == record.sha256 && before.message == message);
+        if repeated {
+            tracing::debug!(file = %path.display(), "plugin still fails to load the same way");
+            return;
+        }
+        let serving = self.registry.by_path(path).map(|p| p.id());
+        tracing::warn!(file = %path.display(), error = %e, ?serving, "plugin failed to load");
+        self.events.emit(
+            "plugin.load_failed",
+            json!({
+                "file": path.display().to_string(),
+                "error": message,
+                "kind": e.kind(),
+                "sha256": sha256,
+                "still_serving": serving,
+            }),
+        );
+    }
+
+    fn install(&self, plugin: Arc<LoadedPlugin>) -> Result<Arc<LoadedPlugin>> {
+        let removed = self.registry.swap(plugin.clone())?;
         tracing::info!(
             plugin = %plugin.id(),
             file = %plugin.path.display(),
@@ -207,15 +365,34 @@ impl PluginRuntime {
         for old in removed {
             self.emit_unloaded(&old, &format!("replaced by {}", plugin.id()));
         }
-        plugin
+        Ok(plugin)
     }
 
     /// Take the version loaded from `path` out of service (its file was deleted). Steps
     /// running on it finish; new steps no longer find it. Emits `plugin.unloaded`.
+    /// A file that was refused because it claimed the name@version of this one is loaded
+    /// now.
     pub fn unload_file(&self, path: &Path) -> Option<Arc<LoadedPlugin>> {
-        let _serial = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let old = self.registry.unload(path)?;
-        self.emit_unloaded(&old, "file removed");
+        let old = {
+            let lock = self.path_lock(path);
+            let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.failed.lock().unwrap().remove(path);
+            let old = self.registry.unload(path)?;
+            self.emit_unloaded(&old, "file removed");
+            old
+        };
+        let waiting: Vec<PathBuf> = self
+            .failed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, f)| f.duplicate_of.as_deref() == Some(path))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for other in waiting {
+            self.failed.lock().unwrap().remove(&other);
+            let _ = self.load_file(&other);
+        }
         Some(old)
     }
 
@@ -268,9 +445,23 @@ impl PluginRuntime {
         let services = services.unwrap_or_else(|| self.services.clone());
         // The step's log lines (and the Claude calls it starts) stay in the caller's span.
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(|| plugin.run_step(&input, services)))
-            .await
-            .map_err(|e| StepFailure::Host(format!("the step's thread failed: {e}")))?
+        // A thread of its own, outside the runtime: a guest's host calls block it (never a
+        // runtime worker), WASI's synchronous calls can run their own runtime, and a guest
+        // that does not stop can never keep the runtime from shutting down.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("ksi-step".into())
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    span.in_scope(|| plugin.run_step(&input, services))
+                }));
+                let _ = tx.send(outcome.unwrap_or_else(|panic| {
+                    Err(StepFailure::Host(super::step::panic_message(&*panic)))
+                }));
+            })
+            .map_err(|e| StepFailure::Host(format!("cannot start the step's thread: {e}")))?;
+        rx.await
+            .map_err(|_| StepFailure::Host("the step's thread ended without an answer".into()))?
     }
 
     /// Every loaded version.

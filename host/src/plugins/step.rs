@@ -15,8 +15,11 @@ use super::bindings::{
     StepHandler, StepHandlerPre, StepInput, StepOutput,
 };
 use super::engine::PluginEngine;
-use super::host_impl::{HostServices, StepScope, StepState};
+use super::host_impl::{HostServices, HostUsage, StepScope, StepState};
 use super::limits::{StepLimiter, StepLimits};
+
+/// Longest a guest runs in wasm between two checks of whether it must stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// Bytes of guest stdout/stderr kept for error messages.
 const GUEST_OUTPUT_BYTES: usize = 16 << 10;
@@ -98,6 +101,21 @@ pub enum StepFailure {
         /// The steps it handles, comma separated.
         known: String,
     },
+    /// The step went over one of its host-call limits ([`StepLimits::host_calls`],
+    /// `call_bytes`, `file_bytes`, `journal_bytes`, or its output through `bus.publish` and
+    /// `state.set`).
+    #[error("the step went over a limit: {what}")]
+    LimitExceeded {
+        /// Which limit, by how much, and the setting that raises it.
+        what: String,
+    },
+    /// The step was stopped from outside while it ran: its workflow was cancelled, its
+    /// timeout passed, or the daemon is shutting down.
+    #[error("the step was stopped: {reason}")]
+    Stopped {
+        /// Why.
+        reason: String,
+    },
     /// The host could not run the step (instance pool exhausted, grant missing, ...).
     #[error("the host could not run the step: {0}")]
     Host(String),
@@ -108,7 +126,7 @@ impl StepFailure {
     pub fn is_retryable(&self) -> bool {
         match self {
             StepFailure::Failed { retryable, .. } => *retryable,
-            StepFailure::Host(_) => true,
+            StepFailure::Host(_) | StepFailure::Stopped { .. } => true,
             _ => false,
         }
     }
@@ -123,6 +141,8 @@ impl StepFailure {
             StepFailure::OutputTooLarge { .. } => "output_too_large",
             StepFailure::InvalidOutput(_) => "invalid_output",
             StepFailure::UnknownStep { .. } => "unknown_step",
+            StepFailure::LimitExceeded { .. } => "limit_exceeded",
+            StepFailure::Stopped { .. } => "stopped",
             StepFailure::Host(_) => "host",
         }
     }
@@ -147,12 +167,41 @@ pub(crate) struct Instantiator<'a> {
 
 impl Instantiator<'_> {
     /// Instantiate in a fresh store and run `f`; classify whatever goes wrong.
-    pub fn call<R>(
+    ///
+    /// On a thread that is inside a tokio runtime (a daemon loading plugins at start-up, a CLI
+    /// command) the guest runs on a thread of its own: WASI's synchronous host calls (a guest
+    /// writing to stdout, as every panic does) block on a runtime of their own, which tokio
+    /// refuses inside another ("Cannot start a runtime from within a runtime").
+    pub fn call<R: Send>(
+        &self,
+        scope: StepScope,
+        services: Arc<dyn HostServices>,
+        f: impl FnOnce(&mut Store<StepState>, &StepHandler) -> wasmtime::Result<R> + Send,
+    ) -> Result<(R, Duration, HostUsage), StepFailure> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.call_here(scope, services, f);
+        }
+        std::thread::scope(|threads| {
+            std::thread::Builder::new()
+                .name("ksi-plugin-guest".into())
+                .spawn_scoped(threads, || self.call_here(scope, services, f))
+                .map_err(|e| StepFailure::Host(format!("cannot start the guest's thread: {e}")))?
+                .join()
+                .unwrap_or_else(|panic| Err(StepFailure::Host(panic_message(&*panic))))
+        })
+    }
+
+    fn call_here<R>(
         &self,
         scope: StepScope,
         services: Arc<dyn HostServices>,
         f: impl FnOnce(&mut Store<StepState>, &StepHandler) -> wasmtime::Result<R>,
-    ) -> Result<(R, Duration), StepFailure> {
+    ) -> Result<(R, Duration, HostUsage), StepFailure> {
+        if self.engine.shutting_down() {
+            return Err(StepFailure::Stopped {
+                reason: "the daemon is shutting down".into(),
+            });
+        }
         let output = MemoryOutputPipe::new(GUEST_OUTPUT_BYTES);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(output.clone())
@@ -177,25 +226,30 @@ impl Instantiator<'_> {
             scope,
             started: Instant::now(),
             host_time: Duration::ZERO,
-            cpu_limit: self.limits.cpu_time,
+            limits: self.limits,
+            usage: HostUsage::default(),
+            shutdown: self.engine.shutdown_flag(),
+            stopped: None,
             output,
         };
         let mut store = Store::new(self.engine.engine(), state);
         store.limiter(|s| &mut s.limiter);
         let tick = self.engine.config().epoch_tick;
-        store.set_epoch_deadline(self.engine.ticks(self.limits.cpu_time));
         // Wall time passes during host calls (a Claude call takes seconds): when the deadline
-        // arrives, charge only guest time and extend the deadline by what is left.
-        store.epoch_deadline_callback(move |cx| {
-            let state = cx.data();
-            let used = state.guest_time();
-            if used >= state.cpu_limit {
+        // arrives, charge only guest time and extend the deadline by what is left, but by no
+        // more than STOP_CHECK, so that a cancel, timeout or shutdown stops a guest spinning
+        // in wasm within that time.
+        let check_every = self.engine.ticks(STOP_CHECK);
+        store.set_epoch_deadline(self.engine.ticks(self.limits.cpu_time).min(check_every));
+        store.epoch_deadline_callback(move |mut cx| {
+            let state = cx.data_mut();
+            if state.must_stop().is_some() || state.guest_time() >= state.limits.cpu_time {
                 return Ok(UpdateDeadline::Interrupt);
             }
-            let left = state.cpu_limit - used;
+            let left = state.limits.cpu_time - state.guest_time();
             let tick = tick.as_nanos().max(1);
             Ok(UpdateDeadline::Continue(
-                (left.as_nanos().div_ceil(tick) as u64).max(1),
+                (left.as_nanos().div_ceil(tick) as u64).clamp(1, check_every),
             ))
         });
 
@@ -207,13 +261,28 @@ impl Instantiator<'_> {
             .and_then(|handler| f(&mut store, &handler));
         let guest_time = store.data().guest_time();
         match outcome {
-            Ok(r) => Ok((r, guest_time)),
+            Ok(r) => Ok((r, guest_time, store.data().usage)),
             Err(e) => Err(classify(e, store.data(), &self.limits)),
         }
     }
 }
 
+/// What a caught panic said.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    format!("the host panicked while running the guest: {what}")
+}
+
 fn classify(error: wasmtime::Error, state: &StepState, limits: &StepLimits) -> StepFailure {
+    // A host call that ended the guest says why.
+    let error = match error.downcast::<StepFailure>() {
+        Ok(failure) => return failure,
+        Err(error) => error,
+    };
     if let Some(requested) = state.limiter.memory_denied {
         return StepFailure::OutOfMemory {
             limit: limits.memory_bytes,
@@ -221,8 +290,13 @@ fn classify(error: wasmtime::Error, state: &StepState, limits: &StepLimits) -> S
         };
     }
     match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => StepFailure::Timeout {
-            limit: limits.cpu_time,
+        Some(Trap::Interrupt) => match &state.stopped {
+            Some(reason) => StepFailure::Stopped {
+                reason: reason.clone(),
+            },
+            None => StepFailure::Timeout {
+                limit: limits.cpu_time,
+            },
         },
         Some(trap) => {
             let guest_output = String::from_utf8_lossy(&state.output.contents()).into_owned();
@@ -254,7 +328,7 @@ pub(crate) fn describe(inst: &Instantiator<'_>) -> Result<PluginInfo, StepFailur
     inst.call(scope, Arc::new(NoServices), |store, handler| {
         handler.ksi_plugin_handler().call_describe(store)
     })
-    .map(|(info, _)| info)
+    .map(|(info, ..)| info)
 }
 
 /// Run one step and check its output.
@@ -287,14 +361,14 @@ pub(crate) fn run(
         attempt: input.attempt,
         call: 0,
     };
-    let (outcome, guest_time) = inst.call(scope, services, |store, handler| {
+    let (outcome, guest_time, usage) = inst.call(scope, services, |store, handler| {
         handler.ksi_plugin_handler().call_run(store, input)
     })?;
     let output = outcome.map_err(|e| StepFailure::Failed {
         retryable: e.kind == ErrorKind::Retryable,
         message: e.message,
     })?;
-    check_output(output, info, inst.limits.output_bytes, guest_time)
+    check_output(output, info, inst.limits.output_bytes, guest_time, usage)
 }
 
 fn check_output(
@@ -302,8 +376,11 @@ fn check_output(
     info: &PluginInfo,
     limit: usize,
     guest_time: Duration,
+    usage: HostUsage,
 ) -> Result<StepResult, StepFailure> {
-    let bytes = output.result.len()
+    // What the step published and set through host calls is part of its output.
+    let bytes = usage.output_bytes
+        + output.result.len()
         + output.state_patch.len()
         + output
             .events

@@ -2,6 +2,8 @@
 //!
 //! A new or changed `.wasm` is loaded and swapped in once its file has been quiet for the
 //! debounce time (so a file being copied is loaded once, complete); a deleted one is unloaded.
+//! Only content changes count ([`is_content_change`]), and a file whose bytes did not change
+//! is not loaded again (see [`super::PluginRuntime::load_file`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,11 +38,12 @@ impl PluginWatcher {
         let (tx, rx) = channel::<PathBuf>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(event) => {
+                Ok(event) if is_content_change(&event.kind) => {
                     for path in event.paths {
                         let _ = tx.send(path);
                     }
                 }
+                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "plugin directory watch error"),
             })
             .map_err(io_error)?;
@@ -70,6 +73,22 @@ impl Drop for PluginWatcher {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Whether a notify event can mean that a file's content changed: created, written (and
+/// closed after writing), renamed or removed. Opening, reading or closing a file that was only
+/// read — as loading it does — and metadata changes (`touch`, `chmod`) are not: reacting to
+/// them made every load queue the next one.
+pub fn is_content_change(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        EventKind::Any | EventKind::Other => true,
     }
 }
 

@@ -56,6 +56,22 @@ pub struct StepContext {
     /// Process ids of the step's Claude calls that are running.
     running: Mutex<std::collections::HashSet<String>>,
     templates_dir: std::path::PathBuf,
+    /// The step's params (see [`Self::with_params`]).
+    params: Value,
+}
+
+/// Whether `v` holds the reference `r` (an object with its path, line and sha256) anywhere.
+fn mentions_ref(v: &Value, r: &FileRef) -> bool {
+    match v {
+        Value::Object(m) => {
+            let same = m.get("path").and_then(Value::as_str) == Some(r.path.as_str())
+                && m.get("sha256").and_then(Value::as_str) == Some(r.sha256.as_str())
+                && m.get("line").and_then(Value::as_u64) == r.line;
+            same || m.values().any(|v| mentions_ref(v, r))
+        }
+        Value::Array(a) => a.iter().any(|v| mentions_ref(v, r)),
+        _ => false,
+    }
 }
 
 #[derive(Debug)]
@@ -99,6 +115,7 @@ impl StepContext {
             in_flight: tokio::sync::watch::channel(0).0,
             running: Mutex::default(),
             templates_dir,
+            params: Value::Null,
         }
     }
 
@@ -455,9 +472,70 @@ impl StepContext {
             .map_err(|e| e.to_string())
     }
 
-    /// Reads a file by reference (hash-checked, inside the data dir only).
+    /// The step's params: references in them may be read with [`Self::files_read`].
+    pub(crate) fn with_params(mut self, params: Value) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// Reads a file by reference (hash-checked, inside the data dir only), if the step may:
+    /// files its workflow wrote (`state/workflows/<id>/`), prompt templates, and the exact
+    /// references it was given — in its params, its workflow's state, or the answers of its
+    /// workflow's Claude calls. Nothing else (the database, the token, other workflows'
+    /// files), and the refusal is the same whether the file exists or not. No error shows a
+    /// hash or content the step may not read.
     pub fn files_read(&self, r: &FileRef) -> Result<Vec<u8>, String> {
+        if !self.may_read(r)? {
+            return Err(format!(
+                "file reference {:?} is not readable by this step: a step reads the files its \
+                 workflow wrote, prompt templates, and the references it was given (in its \
+                 params, its workflow's state and its workflow's Claude answers)",
+                r.path
+            ));
+        }
         self.refs.read(r).map_err(|e| e.to_string())
+    }
+
+    fn may_read(&self, r: &FileRef) -> Result<bool, String> {
+        let plain = !r.path.is_empty()
+            && !r.path.starts_with('/')
+            && r.path
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..");
+        if !plain {
+            return Ok(false);
+        }
+        let own = format!("state/workflows/{}/", self.workflow_id);
+        if r.path.starts_with(&own) || r.path.starts_with("prompts/templates/") {
+            return Ok(true);
+        }
+        if mentions_ref(&self.params, r)
+            || mentions_ref(&self.state.lock().unwrap(), r)
+            || self
+                .patch
+                .lock()
+                .unwrap()
+                .values()
+                .any(|v| mentions_ref(v, r))
+        {
+            return Ok(true);
+        }
+        let wf = self.workflow_id.clone();
+        let answers: Vec<String> = self
+            .store
+            .read(|c| {
+                let mut q = c.prepare_cached(
+                    "SELECT response FROM step_calls
+                     WHERE workflow_id = ?1 AND kind LIKE 'claude%' AND status = 'completed'
+                       AND response IS NOT NULL",
+                )?;
+                let rows = q.query_map(params![wf], |row| row.get::<_, String>(0))?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(BusError::from)
+            })
+            .map_err(|e| format!("reading the step journal: {e}"))?;
+        Ok(answers
+            .iter()
+            .any(|a| serde_json::from_str::<Value>(a).is_ok_and(|v| mentions_ref(&v, r))))
     }
 
     /// Logs a line attributed to the step.
@@ -476,6 +554,15 @@ impl StepContext {
     /// new ones: the workflow was cancelled.
     pub fn cancel_calls(&self) {
         self.cancelled.send_replace(true);
+    }
+
+    /// Why the step must stop, once its workflow was cancelled or its timeout passed: a
+    /// plugin still running is interrupted at its next host call or epoch check.
+    pub fn stop_reason(&self) -> Option<String> {
+        self.cancelled.borrow().then(|| {
+            "its workflow was cancelled or its timeout passed, and its Claude calls were stopped"
+                .to_string()
+        })
     }
 
     /// Until when (epoch ms) the latest of the step's running Claude calls is parked by a

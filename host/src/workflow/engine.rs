@@ -939,16 +939,19 @@ impl Engine {
                     .await;
             })
         };
-        let ctx = Arc::new(StepContext::new(
-            inner.store.clone(),
-            inner.refs.clone(),
-            inner.claude.clone(),
-            ev.workflow_id.clone(),
-            def.name.clone(),
-            ev.seq,
-            ev.attempt,
-            view.state.clone(),
-        ));
+        let ctx = Arc::new(
+            StepContext::new(
+                inner.store.clone(),
+                inner.refs.clone(),
+                inner.claude.clone(),
+                ev.workflow_id.clone(),
+                def.name.clone(),
+                ev.seq,
+                ev.attempt,
+                view.state.clone(),
+            )
+            .with_params(input.params.clone()),
+        );
         let (cancel_tx, mut cancel_rx) = watch::channel(false);
         let cancel_key = (ev.workflow_id.clone(), ev.seq);
         inner

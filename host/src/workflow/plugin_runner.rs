@@ -272,6 +272,10 @@ impl HostServices for ContextHost {
             .map_err(|e| e.message)
     }
 
+    fn stop_reason(&self) -> Option<String> {
+        self.ctx.stop_reason()
+    }
+
     fn log(&self, _scope: &StepScope, level: LogLevel, message: &str) {
         let level = match level {
             LogLevel::Trace => "trace",

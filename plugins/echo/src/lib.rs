@@ -2,7 +2,9 @@
 //! misbehave: burn CPU, loop forever, allocate, panic, produce huge output, or poke at
 //! files and environment variables it was not granted.
 
-use ksi_sdk::{Plugin, PluginInfo, StepError, StepInput, StepOutput, claude, log};
+use ksi_sdk::{
+    FileRef, Plugin, PluginInfo, StepError, StepInput, StepOutput, bus, claude, config, files, log,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -35,6 +37,38 @@ struct Params {
     fail: Option<String>,
     /// Recurse this deep (to overflow the wasm stack).
     recurse: u64,
+    /// Call `config.get` this many times (a host-call loop; huge means forever).
+    config_loop: u64,
+    /// Read this file reference through the host (`files.read`).
+    read_ref: Option<Ref>,
+    /// Write a file, then read it back by the reference the host returned.
+    write_then_read: bool,
+    /// Publish this many events of `flood_bytes` each (`bus.publish`).
+    publish_count: u64,
+    /// Write this many files of `flood_bytes` each (`files.write`).
+    write_count: u64,
+    /// Log this many lines of `flood_bytes` each.
+    log_count: u64,
+    /// The size of each flooded event, file or log line.
+    flood_bytes: usize,
+}
+
+/// A file reference as params carry it.
+#[derive(Deserialize)]
+struct Ref {
+    path: String,
+    #[serde(default)]
+    line: Option<u64>,
+    sha256: String,
+    #[serde(default)]
+    bytes: u64,
+}
+
+fn read_outcome(file: &FileRef) -> Value {
+    match files::read(file) {
+        Ok(bytes) => json!({ "ok": String::from_utf8_lossy(&bytes) }),
+        Err(e) => json!({ "error": e }),
+    }
 }
 
 /// Recursion the optimiser cannot flatten: each frame keeps a value live across the call.
@@ -100,6 +134,39 @@ impl Plugin for Echo {
             };
             extra.insert("env_var".into(), outcome);
             extra.insert("env_count".into(), json!(std::env::vars().count()));
+        }
+        for i in 0..params.config_loop {
+            std::hint::black_box(config::get(&format!("key-{}", i % 8)));
+        }
+        if let Some(r) = &params.read_ref {
+            let file = FileRef {
+                path: r.path.clone(),
+                line: r.line,
+                sha256: r.sha256.clone(),
+                bytes: r.bytes,
+            };
+            extra.insert("read_ref".into(), read_outcome(&file));
+        }
+        if params.write_then_read {
+            let written = files::write("note.txt", b"written by echo")
+                .map_err(|e| StepError::fatal(format!("files.write: {e}")))?;
+            extra.insert("write_then_read".into(), read_outcome(&written));
+        }
+        let payload = "x".repeat(params.flood_bytes);
+        for i in 0..params.publish_count {
+            if let Err(e) = bus::publish("echo.flood", &payload) {
+                extra.insert("publish_error".into(), json!({ "at": i, "error": e }));
+                break;
+            }
+        }
+        for i in 0..params.write_count {
+            if let Err(e) = files::write(&format!("flood-{i}.bin"), payload.as_bytes()) {
+                extra.insert("write_error".into(), json!({ "at": i, "error": e }));
+                break;
+            }
+        }
+        for _ in 0..params.log_count {
+            log::info!("{payload}");
         }
         if let Some(prompt) = params.claude_prompt {
             let answer = claude::complete(claude::Request::new(prompt).agent("echo"))?;

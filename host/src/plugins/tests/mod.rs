@@ -4,6 +4,7 @@
 mod faults;
 mod load;
 mod reload;
+mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
