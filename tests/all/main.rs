@@ -15,4 +15,5 @@ mod disk;
 mod executor;
 mod money;
 mod ops;
+mod sandbox;
 mod workflows;

@@ -39,8 +39,9 @@ struct Params {
     recurse: u64,
     /// Call `config.get` this many times (a host-call loop; huge means forever).
     config_loop: u64,
-    /// Read this file reference through the host (`files.read`).
-    read_ref: Option<Ref>,
+    /// Read a file through the host (`files.read`) by a reference the plugin makes itself
+    /// from these fields (a guess, not a reference it was given).
+    read: Option<Guess>,
     /// Write a file, then read it back by the reference the host returned.
     write_then_read: bool,
     /// Publish this many events of `flood_bytes` each (`bus.publish`).
@@ -53,15 +54,15 @@ struct Params {
     flood_bytes: usize,
 }
 
-/// A file reference as params carry it.
+/// The parts of a file reference the plugin puts together itself.
 #[derive(Deserialize)]
-struct Ref {
-    path: String,
+struct Guess {
+    file: String,
     #[serde(default)]
     line: Option<u64>,
-    sha256: String,
+    hash: String,
     #[serde(default)]
-    bytes: u64,
+    size: u64,
 }
 
 fn read_outcome(file: &FileRef) -> Value {
@@ -138,14 +139,14 @@ impl Plugin for Echo {
         for i in 0..params.config_loop {
             std::hint::black_box(config::get(&format!("key-{}", i % 8)));
         }
-        if let Some(r) = &params.read_ref {
+        if let Some(guess) = &params.read {
             let file = FileRef {
-                path: r.path.clone(),
-                line: r.line,
-                sha256: r.sha256.clone(),
-                bytes: r.bytes,
+                path: guess.file.clone(),
+                line: guess.line,
+                sha256: guess.hash.clone(),
+                bytes: guess.size,
             };
-            extra.insert("read_ref".into(), read_outcome(&file));
+            extra.insert("read".into(), read_outcome(&file));
         }
         if params.write_then_read {
             let written = files::write("note.txt", b"written by echo")
