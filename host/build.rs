@@ -48,7 +48,9 @@ fn main() {
          /// Faults: describe() panics.\n\
          pub const FAULT_DESCRIBE_PANICS: &str = {};\n\
          /// Faults: describe() never returns.\n\
-         pub const FAULT_DESCRIBE_LOOPS: &str = {};\n",
+         pub const FAULT_DESCRIBE_LOOPS: &str = {};\n\
+         /// Faults: a function table of over 30,000 elements.\n\
+         pub const FAULT_BIG_TABLE: &str = {};\n",
         path(staged.join("echo-0.1.0.wasm")),
         path(staged.join("echo-0.2.0.wasm")),
         path(out_dir.join("debate.wasm")),
@@ -57,6 +59,7 @@ fn main() {
         path(out_dir.join("fault_describe_prints.wasm")),
         path(out_dir.join("fault_describe_panics.wasm")),
         path(out_dir.join("fault_describe_loops.wasm")),
+        path(out_dir.join("fault_big_table.wasm")),
     );
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     std::fs::write(out.join("bundled_plugins.rs"), generated).unwrap();

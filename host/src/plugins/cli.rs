@@ -28,9 +28,10 @@ pub struct CheckReport {
 }
 
 fn standalone_engine() -> Result<Arc<PluginEngine>, PluginError> {
-    // One-shot commands need no instance pool.
+    // The daemon's engine, with the daemon's per-instance limits (a pool of a few slots is
+    // enough for one command): what loads here loads there.
     PluginEngine::new(EngineConfig {
-        pooling: false,
+        pool_instances: 4,
         ..EngineConfig::default()
     })
 }

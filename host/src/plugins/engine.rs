@@ -28,6 +28,10 @@ pub struct EngineConfig {
     pub pool_instances: u32,
     /// Largest linear memory the pool can hold; per-plugin memory limits above it are capped.
     pub pool_max_memory_bytes: usize,
+    /// Largest table the pool can hold, in elements; per-plugin table limits above it are
+    /// capped. The default is the default table limit of a step, so the pool never refuses a
+    /// table the limits allow.
+    pub pool_max_table_elements: usize,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +42,7 @@ impl Default for EngineConfig {
             pooling: true,
             pool_instances: 128,
             pool_max_memory_bytes: 512 << 20,
+            pool_max_table_elements: super::limits::StepLimits::default().table_elements,
         }
     }
 }
@@ -174,6 +179,7 @@ fn wasm_config(config: &EngineConfig, pooling: bool) -> Config {
             .max_tables_per_component(8)
             .max_core_instances_per_component(16)
             .max_memory_size(config.pool_max_memory_bytes)
+            .table_elements(config.pool_max_table_elements)
             .total_stacks(0)
             // Reset a reused slot with memset instead of madvise + page faults: a step touches
             // little memory (stack and a small heap at the bottom), so this is the fast path.

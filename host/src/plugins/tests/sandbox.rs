@@ -370,3 +370,25 @@ fn the_watcher_ignores_reads_and_reloads_only_changed_content() -> anyhow::Resul
     })?;
     Ok(())
 }
+
+/// `plugin check` runs the daemon's checks and limits: a table within the documented limit
+/// (100,000 elements) loads in both, and one over a configured limit is refused.
+#[test]
+fn plugin_check_and_the_daemon_agree_on_a_30000_element_table() -> anyhow::Result<()> {
+    let report = crate::plugins::cli::check_file(std::path::Path::new(bundled::FAULT_BIG_TABLE))?;
+    assert_eq!(report.summary.name, "big-table");
+    let fx = Fixture::new()?;
+    let plugin = fx
+        .runtime
+        .load_file(&fx.install(bundled::FAULT_BIG_TABLE, "big.wasm")?)?;
+    let out = plugin.run_step(&StepInput::new("call", json!({})), fx.services())?;
+    assert_eq!(out.result, json!(42));
+
+    let strict = Fixture::with(|c| c.load.limits.defaults.table_elements = 10_000)?;
+    let refused = strict
+        .runtime
+        .load_file(&strict.install(bundled::FAULT_BIG_TABLE, "big.wasm")?)
+        .unwrap_err();
+    assert!(matches!(refused, PluginError::Describe { .. }), "{refused}");
+    Ok(())
+}
