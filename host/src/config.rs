@@ -4,12 +4,17 @@
 //! Every knob lives here with its default and a line on what it does. Settings that can change
 //! while the daemon runs live in the `config` table instead (see [`crate::store::config`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+
+use crate::plugins::limits::{LimitOverrides, LimitPolicy};
+use crate::plugins::loader::LoadOptions;
+use crate::plugins::StepLimits;
 
 /// The data directory used when neither `--data-dir` nor `KSI_DATA_DIR` says otherwise.
 pub const DEFAULT_DATA_DIR: &str = "./var";
@@ -80,6 +85,17 @@ pub struct Config {
     /// Scheduled backups kept (the newest plain, the others gzip-compressed); older ones are
     /// deleted.
     pub backup_keep: usize,
+    /// The limits every plugin step runs under (CPU time, memory, table, output, host calls
+    /// and their bytes), e.g. `[plugin_limits]` `cpu_time_ms = 30000`; `docs/plugins.md`
+    /// lists them with their defaults.
+    pub plugin_limits: StepLimits,
+    /// Overrides of `plugin_limits` for one plugin, by name:
+    /// `[plugin_limits_by_name.debate]` `host_calls = 50000`.
+    pub plugin_limits_by_name: HashMap<String, LimitOverrides>,
+    /// Longest a plugin file may take to compile, in seconds; a file over it is refused.
+    pub plugin_compile_timeout_secs: u64,
+    /// CPU time a plugin's `describe()` may use, in milliseconds; a file over it is refused.
+    pub plugin_describe_cpu_ms: u64,
 }
 
 /// When a log file is rotated.
@@ -199,6 +215,26 @@ impl Default for Config {
             backup_interval: None,
             backup_dir: PathBuf::from("backups"),
             backup_keep: 7,
+            plugin_limits: StepLimits::default(),
+            plugin_limits_by_name: HashMap::new(),
+            plugin_compile_timeout_secs: 60,
+            plugin_describe_cpu_ms: 1000,
+        }
+    }
+}
+
+impl Config {
+    /// How the daemon, `ksi plugins list` and `ksi-host plugin check|run` load plugins: all
+    /// three with these same limits.
+    pub fn plugin_load_options(&self) -> LoadOptions {
+        LoadOptions {
+            compile_timeout: Duration::from_secs(self.plugin_compile_timeout_secs),
+            limits: LimitPolicy {
+                defaults: self.plugin_limits,
+                plugins: self.plugin_limits_by_name.clone(),
+            },
+            describe_cpu_time: Duration::from_millis(self.plugin_describe_cpu_ms),
+            grants: Default::default(),
         }
     }
 }
@@ -304,6 +340,29 @@ mod tests {
         assert_eq!(c.bus_max_attempts, 9, "file overrides default");
         assert_eq!(c.log_level, "warn", "flag overrides file");
         assert_eq!(c.bus_lease_ms, 30_000, "default kept");
+    }
+
+    #[test]
+    fn plugin_limits_come_from_the_file_for_all_plugins_and_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "plugin_describe_cpu_ms = 250\n[plugin_limits]\ncpu_time_ms = 30000\nhost_calls = 500\n\
+             [plugin_limits_by_name.debate]\nhost_calls = 50000\n",
+        )
+        .unwrap();
+        let c = Config::load_from(dir.path(), &ConfigOverrides::default()).unwrap();
+        let options = c.plugin_load_options();
+        let echo = options.limits.for_plugin("echo");
+        assert_eq!(echo.cpu_time, Duration::from_secs(30));
+        assert_eq!(echo.host_calls, 500);
+        assert_eq!(echo.output_bytes, StepLimits::default().output_bytes);
+        assert_eq!(options.limits.for_plugin("debate").host_calls, 50_000);
+        assert_eq!(options.describe_cpu_time, Duration::from_millis(250));
+        // A misspelt limit is an error that names it, not a silent default.
+        std::fs::write(dir.path().join(CONFIG_FILE), "[plugin_limits]\nhost_call = 5\n").unwrap();
+        let e = Config::load_from(dir.path(), &ConfigOverrides::default()).unwrap_err();
+        assert!(e.to_string().contains("host_call"), "{e}");
     }
 
     #[test]

@@ -315,7 +315,10 @@ impl Host {
         let refs = Refs::open(&config.data_dir)?;
         install_bundled(&refs)?;
         let plugins = PluginRuntime::new(
-            RuntimeConfig::for_data_dir(refs.root()),
+            RuntimeConfig {
+                load: config.plugin_load_options(),
+                ..RuntimeConfig::for_data_dir(refs.root())
+            },
             Arc::new(NoStep),
             bus_sink(bus.clone()),
         )

@@ -152,7 +152,7 @@ fn main() {
                     }
                 }
                 // Works on files only: no daemon, no database.
-                Cmd::Plugin(cmd) => ksi_host::cli::plugins::run(cmd),
+                Cmd::Plugin(cmd) => ksi_host::cli::plugins::run(cmd, &config),
                 Cmd::Completions { .. } => unreachable!("handled before start-up"),
                 cmd => {
                     let c = connect(&args, &config, &cmd).await?;

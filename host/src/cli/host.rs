@@ -253,7 +253,7 @@ fn run(cli: HostCli) -> anyhow::Result<()> {
                 let host = crate::daemon::Host::open(config.clone(), bin, true).await?;
                 super::serve::serve(config, args, host).await
             }
-            HostCmd::Plugin(cmd) => super::plugins::run(cmd),
+            HostCmd::Plugin(cmd) => super::plugins::run(cmd, &config),
             HostCmd::Token(cmd) => token_cmd(&config, cmd),
             HostCmd::Audit { since, limit, json } => audit_cmd(open(config)?, since, limit, json),
             HostCmd::Openapi { markdown } => {

@@ -8,7 +8,9 @@ use clap::Subcommand;
 
 use super::parse_json_arg;
 use crate::config::Config;
-use crate::plugins::cli::{SdkSource, check_file, list_table, run_step_file, scaffold_plugin};
+use crate::plugins::cli::{
+    SdkSource, check_file_with, list_table, run_step_file_with, scaffold_plugin,
+};
 use crate::plugins::{PluginRuntime, RecordingEvents, RuntimeConfig, StepInput};
 
 /// `ksi-host plugin ...`: work on a component file without a daemon.
@@ -46,11 +48,12 @@ pub enum PluginCmd {
     },
 }
 
-/// Runs a plugin command.
-pub fn run(cmd: PluginCmd) -> anyhow::Result<()> {
+/// Runs a plugin command, with the limits of `config` (the daemon's).
+pub fn run(cmd: PluginCmd, config: &Config) -> anyhow::Result<()> {
+    let options = config.plugin_load_options();
     match cmd {
         PluginCmd::Check { file, json } => {
-            let report = check_file(&file)
+            let report = check_file_with(&file, &options)
                 .with_context(|| format!("{} cannot be loaded", file.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -79,7 +82,7 @@ pub fn run(cmd: PluginCmd) -> anyhow::Result<()> {
             input.state = state.to_string();
             input.workflow_id = "wf_cli".into();
             input.workflow_type = "cli".into();
-            let r = run_step_file(&file, &input, None)?;
+            let r = run_step_file_with(&file, &input, None, &options)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -142,7 +145,10 @@ pub fn list(config: &Config, json: bool) -> anyhow::Result<()> {
     let dir = &config.data_dir;
     crate::store::prepare_data_dir(dir)?;
     let rt = PluginRuntime::new(
-        RuntimeConfig::for_data_dir(dir),
+        RuntimeConfig {
+            load: config.plugin_load_options(),
+            ..RuntimeConfig::for_data_dir(dir)
+        },
         Arc::new(crate::daemon::NoStep),
         Arc::new(RecordingEvents::default()),
     )?;

@@ -43,7 +43,16 @@ fn standalone_engine() -> Result<Arc<PluginEngine>, PluginError> {
 ///
 /// The precise reason the daemon would refuse the file ([`PluginError`]).
 pub fn check_file(path: &Path) -> Result<CheckReport, PluginError> {
-    let plugin = load_standalone(path)?;
+    check_file_with(path, &LoadOptions::default())
+}
+
+/// [`check_file`] with the limits of `options` (the daemon's: `Config::plugin_load_options`).
+///
+/// # Errors
+///
+/// The precise reason the daemon would refuse the file ([`PluginError`]).
+pub fn check_file_with(path: &Path, options: &LoadOptions) -> Result<CheckReport, PluginError> {
+    let plugin = load_standalone(path, options)?;
     Ok(CheckReport {
         summary: plugin.summary(),
         step_details: plugin.info.steps.clone(),
@@ -51,9 +60,19 @@ pub fn check_file(path: &Path) -> Result<CheckReport, PluginError> {
     })
 }
 
-fn load_standalone(path: &Path) -> Result<LoadedPlugin, PluginError> {
+fn load_standalone(path: &Path, options: &LoadOptions) -> Result<LoadedPlugin, PluginError> {
     let engine = standalone_engine()?;
-    loader::load_file(&engine, None, path, &LoadOptions::default())
+    // As the daemon does it: a panic while loading a bad file is that file's failure.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        loader::load_file(&engine, None, path, options)
+    }))
+    .unwrap_or_else(|panic| {
+        Err(PluginError::Engine(format!(
+            "loading {} failed: {}",
+            path.display(),
+            super::step::panic_message(&*panic)
+        )))
+    })
 }
 
 /// Run one step of the plugin file `path` with `input`, against `services` (an in-memory
@@ -67,7 +86,21 @@ pub fn run_step_file(
     input: &StepInput,
     services: Option<Arc<dyn HostServices>>,
 ) -> anyhow::Result<StepResult> {
-    let plugin = load_standalone(path)?;
+    run_step_file_with(path, input, services, &LoadOptions::default())
+}
+
+/// [`run_step_file`] with the limits of `options`.
+///
+/// # Errors
+///
+/// The file cannot be loaded, or the step fails.
+pub fn run_step_file_with(
+    path: &Path,
+    input: &StepInput,
+    services: Option<Arc<dyn HostServices>>,
+    options: &LoadOptions,
+) -> anyhow::Result<StepResult> {
+    let plugin = load_standalone(path, options)?;
     let services = services.unwrap_or_else(|| MemoryHost::new() as Arc<dyn HostServices>);
     plugin.run_step(input, services).with_context(|| {
         format!(

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub struct StepLimits {
     /// Time the guest may spend executing wasm. Time inside host calls (a Claude call that takes
     /// a minute) does not count. Exceeding it interrupts the guest: [`super::StepFailure::Timeout`].
-    #[serde(with = "millis")]
+    #[serde(rename = "cpu_time_ms", with = "millis")]
     pub cpu_time: Duration,
     /// Largest linear memory of any one instance, in bytes: [`super::StepFailure::OutOfMemory`].
     pub memory_bytes: usize,
@@ -60,9 +60,10 @@ impl Default for StepLimits {
 
 /// Per-plugin overrides of [`StepLimits`]; unset fields keep the defaults.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitOverrides {
     /// See [`StepLimits::cpu_time`].
-    #[serde(default, with = "opt_millis")]
+    #[serde(default, rename = "cpu_time_ms", with = "opt_millis")]
     pub cpu_time: Option<Duration>,
     /// See [`StepLimits::memory_bytes`].
     #[serde(default)]
