@@ -12,9 +12,9 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::plugins::StepLimits;
 use crate::plugins::limits::{LimitOverrides, LimitPolicy};
 use crate::plugins::loader::LoadOptions;
-use crate::plugins::StepLimits;
 
 /// The data directory used when neither `--data-dir` nor `KSI_DATA_DIR` says otherwise.
 pub const DEFAULT_DATA_DIR: &str = "./var";
@@ -360,7 +360,11 @@ mod tests {
         assert_eq!(options.limits.for_plugin("debate").host_calls, 50_000);
         assert_eq!(options.describe_cpu_time, Duration::from_millis(250));
         // A misspelt limit is an error that names it, not a silent default.
-        std::fs::write(dir.path().join(CONFIG_FILE), "[plugin_limits]\nhost_call = 5\n").unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "[plugin_limits]\nhost_call = 5\n",
+        )
+        .unwrap();
         let e = Config::load_from(dir.path(), &ConfigOverrides::default()).unwrap_err();
         assert!(e.to_string().contains("host_call"), "{e}");
     }

@@ -156,6 +156,15 @@ pub trait HostServices: Send + Sync {
         None
     }
 
+    /// What the guest's WASI clocks and random numbers derive from, so that a re-run of the
+    /// step after a crash sees the values the first run saw: the time the step was asked for
+    /// (its clocks start there and advance 1 µs per reading) and a 32-byte seed. `None`
+    /// gives real clocks and OS randomness (one-off runs, tests).
+    fn guest_determinism(&self, scope: &StepScope) -> Option<GuestDeterminism> {
+        let _ = scope;
+        None
+    }
+
     /// `logging.log`.
     fn log(&self, scope: &StepScope, level: LogLevel, message: &str) {
         let (plugin, step, workflow) = (&scope.plugin, &scope.step, &scope.workflow_id);
@@ -166,6 +175,74 @@ pub trait HostServices: Send + Sync {
             LogLevel::Warn => tracing::warn!(plugin, step, workflow, "{message}"),
             LogLevel::Error => tracing::error!(plugin, step, workflow, "{message}"),
         }
+    }
+}
+
+/// See [`HostServices::guest_determinism`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestDeterminism {
+    /// Where the guest's wall clock starts.
+    pub clock_origin: std::time::SystemTime,
+    /// The seed of its `wasi:random` generators.
+    pub seed: [u8; 32],
+}
+
+impl GuestDeterminism {
+    /// Derived from what identifies a step attempt (the journal's replay key) and the time
+    /// its step was asked for: the same on every re-run of that attempt, different for every
+    /// other. Not a secret: guests must not make keys from `wasi:random`.
+    pub fn for_attempt(workflow_id: &str, step_index: u64, attempt: u32, asked_at_ms: i64) -> Self {
+        let seed = Sha256::digest(format!(
+            "ksi guest random\n{workflow_id}\n{step_index}\n{attempt}\n{asked_at_ms}"
+        ));
+        GuestDeterminism {
+            clock_origin: std::time::UNIX_EPOCH
+                + Duration::from_millis(u64::try_from(asked_at_ms).unwrap_or(0)),
+            seed: seed.into(),
+        }
+    }
+}
+
+/// The guest's wall and monotonic clocks when they are deterministic: they start at an origin
+/// and advance one microsecond per reading, whatever the real time.
+#[derive(Clone)]
+pub(crate) struct StepClock {
+    origin: Duration,
+    readings: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StepClock {
+    pub fn new(origin: std::time::SystemTime) -> Self {
+        StepClock {
+            origin: origin
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+            readings: Arc::default(),
+        }
+    }
+
+    fn tick(&self) -> Duration {
+        Duration::from_micros(self.readings.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for StepClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_micros(1)
+    }
+
+    fn now(&self) -> Duration {
+        self.origin + self.tick()
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for StepClock {
+    fn resolution(&self) -> u64 {
+        1_000
+    }
+
+    fn now(&self) -> u64 {
+        self.tick().as_nanos() as u64
     }
 }
 

@@ -42,7 +42,9 @@ use std::time::Duration;
 pub use bindings::{ClaudeError, ClaudeErrorKind, ClaudeRequest, ClaudeResponse, FileRef};
 pub use bindings::{PluginInfo, StepInfo, StepInput, TokenUsage};
 pub use engine::{AllocatorKind, EngineConfig, PluginEngine};
-pub use host_impl::{EventSink, HostServices, LogLevel, MemoryHost, RecordingEvents, StepScope};
+pub use host_impl::{
+    EventSink, GuestDeterminism, HostServices, LogLevel, MemoryHost, RecordingEvents, StepScope,
+};
 pub use limits::{LimitOverrides, StepLimits};
 pub use loader::LoadedPlugin;
 pub use registry::{PluginRegistry, PluginRequest};

@@ -15,7 +15,9 @@ use super::bindings::{
     StepHandler, StepHandlerPre, StepInput, StepOutput,
 };
 use super::engine::PluginEngine;
-use super::host_impl::{HostServices, HostUsage, StepScope, StepState};
+use super::host_impl::{
+    GuestDeterminism, HostServices, HostUsage, StepClock, StepScope, StepState,
+};
 use super::limits::{StepLimiter, StepLimits};
 
 /// Longest a guest runs in wasm between two checks of whether it must stop.
@@ -217,6 +219,17 @@ impl Instantiator<'_> {
                         grant.host_path.display()
                     ))
                 })?;
+        }
+        if let Some(d) = services.guest_determinism(&scope) {
+            use rand_guest::SeedableRng;
+            let clock = StepClock::new(d.clock_origin);
+            let mut insecure = d.seed;
+            insecure[0] ^= 0xff;
+            wasi.wall_clock(clock.clone())
+                .monotonic_clock(clock)
+                .secure_random(rand_guest::rngs::StdRng::from_seed(d.seed))
+                .insecure_random(rand_guest::rngs::StdRng::from_seed(insecure))
+                .insecure_random_seed(u128::from_le_bytes(d.seed[..16].try_into().unwrap()));
         }
         let state = StepState {
             wasi: wasi.build(),
@@ -460,6 +473,14 @@ impl HostServices for NoServices {
 
     fn state_set(&self, _: &StepScope, _: &str, _: serde_json::Value) -> Result<(), String> {
         Err(NOT_IN_DESCRIBE.into())
+    }
+
+    /// `describe()` is pure: the same clocks and numbers on every load.
+    fn guest_determinism(&self, _: &StepScope) -> Option<GuestDeterminism> {
+        Some(GuestDeterminism {
+            clock_origin: std::time::UNIX_EPOCH,
+            seed: [0; 32],
+        })
     }
 
     fn render_template(

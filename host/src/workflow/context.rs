@@ -58,6 +58,7 @@ pub struct StepContext {
     templates_dir: std::path::PathBuf,
     /// The step's params (see [`Self::with_params`]).
     params: Value,
+    asked_at_ms: i64,
 }
 
 /// Whether `v` holds the reference `r` (an object with its path, line and sha256) anywhere.
@@ -116,6 +117,7 @@ impl StepContext {
             running: Mutex::default(),
             templates_dir,
             params: Value::Null,
+            asked_at_ms: 0,
         }
     }
 
@@ -470,6 +472,18 @@ impl StepContext {
                 bytes,
             )
             .map_err(|e| e.to_string())
+    }
+
+    /// When the step was asked for (its bus event's time, the same on every redelivery): a
+    /// plugin's clocks start there (see [`crate::plugins::GuestDeterminism`]).
+    pub(crate) fn with_asked_at(mut self, ms: i64) -> Self {
+        self.asked_at_ms = ms;
+        self
+    }
+
+    /// See [`Self::with_asked_at`].
+    pub fn asked_at_ms(&self) -> i64 {
+        self.asked_at_ms
     }
 
     /// The step's params: references in them may be read with [`Self::files_read`].

@@ -950,7 +950,8 @@ impl Engine {
                 ev.attempt,
                 view.state.clone(),
             )
-            .with_params(input.params.clone()),
+            .with_params(input.params.clone())
+            .with_asked_at(d.event.created_at),
         );
         let (cancel_tx, mut cancel_rx) = watch::channel(false);
         let cancel_key = (ev.workflow_id.clone(), ev.seq);

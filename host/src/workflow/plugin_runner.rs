@@ -15,7 +15,8 @@ use super::{
 };
 use crate::plugins::{
     ClaudeError, ClaudeErrorKind, ClaudeRequest, ClaudeResponse, FileRef as WitFileRef,
-    HostServices, LoadedPlugin, LogLevel, PluginRuntime, StepFailure, StepScope, TokenUsage,
+    GuestDeterminism, HostServices, LoadedPlugin, LogLevel, PluginRuntime, StepFailure, StepScope,
+    TokenUsage,
 };
 use crate::refs::FileRef;
 
@@ -274,6 +275,15 @@ impl HostServices for ContextHost {
 
     fn stop_reason(&self) -> Option<String> {
         self.ctx.stop_reason()
+    }
+
+    fn guest_determinism(&self, _scope: &StepScope) -> Option<GuestDeterminism> {
+        Some(GuestDeterminism::for_attempt(
+            &self.ctx.workflow_id,
+            self.ctx.seq,
+            self.ctx.attempt,
+            self.ctx.asked_at_ms(),
+        ))
     }
 
     fn log(&self, _scope: &StepScope, level: LogLevel, message: &str) {

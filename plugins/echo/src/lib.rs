@@ -52,6 +52,8 @@ struct Params {
     log_count: u64,
     /// The size of each flooded event, file or log line.
     flood_bytes: usize,
+    /// Read the clocks and draw random numbers (through WASI).
+    clock_and_random: bool,
 }
 
 /// The parts of a file reference the plugin puts together itself.
@@ -135,6 +137,20 @@ impl Plugin for Echo {
             };
             extra.insert("env_var".into(), outcome);
             extra.insert("env_count".into(), json!(std::env::vars().count()));
+        }
+        if params.clock_and_random {
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0);
+            let start = std::time::Instant::now();
+            let elapsed = start.elapsed().as_nanos() as u64;
+            let mut random = std::collections::hash_map::RandomState::new();
+            let hashed = std::hash::BuildHasher::hash_one(&mut random, 42u8);
+            extra.insert(
+                "clock_and_random".into(),
+                json!({ "wall_us": wall, "elapsed_ns": elapsed, "hashed": hashed }),
+            );
         }
         for i in 0..params.config_loop {
             std::hint::black_box(config::get(&format!("key-{}", i % 8)));

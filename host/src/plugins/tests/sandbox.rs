@@ -12,8 +12,8 @@ use serde_json::json;
 use super::{Fixture, replace_atomically, wait_for};
 use crate::plugins::host_impl::{HostServices, LogLevel, MemoryHost, StepScope};
 use crate::plugins::{
-    ClaudeError, ClaudeRequest, ClaudeResponse, FileRef, PluginError, StepFailure, StepInput,
-    bundled,
+    ClaudeError, ClaudeRequest, ClaudeResponse, FileRef, GuestDeterminism, PluginError,
+    StepFailure, StepInput, bundled,
 };
 
 fn run_echo(
@@ -126,14 +126,27 @@ fn a_loop_on_host_calls_ends_at_the_host_call_limit() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Host services whose step must stop after a number of calls (as a cancel or timeout does).
-struct StopAfter {
+/// A [`MemoryHost`] whose step must stop after a number of `config.get` calls (as a cancel or
+/// timeout does), and whose guests may get deterministic clocks and randomness.
+struct Tweaked {
     inner: Arc<MemoryHost>,
     calls: AtomicU32,
-    after: u32,
+    stop_after: Option<u32>,
+    determinism: Option<GuestDeterminism>,
 }
 
-impl HostServices for StopAfter {
+impl Tweaked {
+    fn new(inner: Arc<MemoryHost>) -> Self {
+        Tweaked {
+            inner,
+            calls: AtomicU32::new(0),
+            stop_after: None,
+            determinism: None,
+        }
+    }
+}
+
+impl HostServices for Tweaked {
     fn claude_complete(
         &self,
         s: &StepScope,
@@ -169,18 +182,20 @@ impl HostServices for StopAfter {
         self.inner.render_template(s, n, v)
     }
     fn stop_reason(&self) -> Option<String> {
-        (self.calls.load(Ordering::SeqCst) >= self.after)
-            .then(|| "its workflow was cancelled".into())
+        let after = self.stop_after?;
+        (self.calls.load(Ordering::SeqCst) >= after).then(|| "its workflow was cancelled".into())
+    }
+    fn guest_determinism(&self, _: &StepScope) -> Option<GuestDeterminism> {
+        self.determinism
     }
 }
 
 #[test]
 fn a_step_that_must_stop_stops_at_its_next_host_call() -> anyhow::Result<()> {
     let fx = Fixture::new()?;
-    let services = Arc::new(StopAfter {
-        inner: fx.host.clone(),
-        calls: AtomicU32::new(0),
-        after: 5,
+    let services = Arc::new(Tweaked {
+        stop_after: Some(5),
+        ..Tweaked::new(fx.host.clone())
     });
     let failure =
         run_echo_with(&fx, json!({"config_loop": u64::MAX}), services.clone()).unwrap_err();
@@ -390,5 +405,40 @@ fn plugin_check_and_the_daemon_agree_on_a_30000_element_table() -> anyhow::Resul
         .load_file(&strict.install(bundled::FAULT_BIG_TABLE, "big.wasm")?)
         .unwrap_err();
     assert!(matches!(refused, PluginError::Describe { .. }), "{refused}");
+    Ok(())
+}
+
+/// A re-run of a step attempt sees the clocks and random numbers the first run saw.
+#[test]
+fn guests_see_clocks_and_randomness_derived_from_their_step_attempt() -> anyhow::Result<()> {
+    let fx = Fixture::new()?;
+    let run = |d: Option<GuestDeterminism>| -> anyhow::Result<serde_json::Value> {
+        let services = Arc::new(Tweaked {
+            determinism: d,
+            ..Tweaked::new(fx.host.clone())
+        });
+        Ok(run_echo_with(&fx, json!({"clock_and_random": true}), services)?.result
+            ["clock_and_random"]
+            .clone())
+    };
+    let attempt = GuestDeterminism::for_attempt("wf_1", 3, 1, 1_765_000_000_000);
+    let first = run(Some(attempt))?;
+    let again = run(Some(attempt))?;
+    assert_eq!(first, again, "a re-run saw other values");
+    let wall_us = first["wall_us"].as_u64().unwrap();
+    assert!(
+        (1_765_000_000_000_000..1_765_000_001_000_000).contains(&wall_us),
+        "the clock starts when the step was asked for: {first}"
+    );
+    // Another attempt (or step, or workflow) draws other numbers.
+    let retry = run(Some(GuestDeterminism::for_attempt(
+        "wf_1",
+        3,
+        2,
+        1_765_000_000_000,
+    )))?;
+    assert_ne!(first["hashed"], retry["hashed"]);
+    // Without a journal (a one-off `plugin run`), clocks and randomness are the real ones.
+    assert_ne!(run(None)?["hashed"], run(None)?["hashed"]);
     Ok(())
 }
