@@ -29,6 +29,7 @@ fn main() {
         copy(&out_dir.join("echo.wasm"), &staged.join("echo-0.1.0.wasm"));
         build(&root, &target_dir, &["-p", "echo", "--features", "v2"]);
         copy(&out_dir.join("echo.wasm"), &staged.join("echo-0.2.0.wasm"));
+        write_if_changed(&staged.join("compile-bomb.wasm"), &compile_bomb(600_000));
     }
 
     let path = |p: PathBuf| format!("{:?}", p.display().to_string());
@@ -50,7 +51,9 @@ fn main() {
          /// Faults: describe() never returns.\n\
          pub const FAULT_DESCRIBE_LOOPS: &str = {};\n\
          /// Faults: a function table of over 30,000 elements.\n\
-         pub const FAULT_BIG_TABLE: &str = {};\n",
+         pub const FAULT_BIG_TABLE: &str = {};\n\
+         /// Faults: a compile bomb, a component of 600,000 functions.\n\
+         pub const FAULT_COMPILE_BOMB: &str = {};\n",
         path(staged.join("echo-0.1.0.wasm")),
         path(staged.join("echo-0.2.0.wasm")),
         path(out_dir.join("debate.wasm")),
@@ -60,6 +63,7 @@ fn main() {
         path(out_dir.join("fault_describe_panics.wasm")),
         path(out_dir.join("fault_describe_loops.wasm")),
         path(out_dir.join("fault_big_table.wasm")),
+        path(staged.join("compile-bomb.wasm")),
     );
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     std::fs::write(out.join("bundled_plugins.rs"), generated).unwrap();
@@ -141,4 +145,38 @@ fn copy(from: &Path, to: &Path) {
     let _ = std::fs::remove_file(to);
     std::fs::copy(from, to)
         .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", from.display(), to.display()));
+}
+
+/// A component holding one core module of `functions` tiny functions: a few MB that would take
+/// Cranelift minutes and gigabytes to compile.
+fn compile_bomb(functions: u32) -> Vec<u8> {
+    use wasm_encoder::{
+        CodeSection, Component, Function, FunctionSection, Instruction, Module, ModuleSection,
+        TypeSection, ValType,
+    };
+    let mut types = TypeSection::new();
+    types.ty().function([ValType::I32], [ValType::I32]);
+    let mut funcs = FunctionSection::new();
+    let mut code = CodeSection::new();
+    for i in 0..functions {
+        funcs.function(0);
+        let mut f = Function::new([]);
+        f.instruction(&Instruction::LocalGet(0))
+            .instruction(&Instruction::I32Const(i as i32))
+            .instruction(&Instruction::I32Add)
+            .instruction(&Instruction::End);
+        code.function(&f);
+    }
+    let mut module = Module::new();
+    module.section(&types).section(&funcs).section(&code);
+    let mut component = Component::new();
+    component.section(&ModuleSection(&module));
+    component.finish()
+}
+
+fn write_if_changed(path: &Path, bytes: &[u8]) {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return;
+    }
+    std::fs::write(path, bytes).unwrap();
 }

@@ -96,6 +96,11 @@ pub struct Config {
     pub plugin_compile_timeout_secs: u64,
     /// CPU time a plugin's `describe()` may use, in milliseconds; a file over it is refused.
     pub plugin_describe_cpu_ms: u64,
+    /// Most functions a plugin file may define; a file over it is refused before compiling.
+    pub plugin_max_functions: u64,
+    /// Memory the child process that compiles a plugin may use, in MiB; a compile over it
+    /// fails and the daemon's own memory is untouched.
+    pub plugin_compile_memory_mb: u64,
 }
 
 /// When a log file is rotated.
@@ -219,6 +224,8 @@ impl Default for Config {
             plugin_limits_by_name: HashMap::new(),
             plugin_compile_timeout_secs: 60,
             plugin_describe_cpu_ms: 1000,
+            plugin_max_functions: 200_000,
+            plugin_compile_memory_mb: 4096,
         }
     }
 }
@@ -234,6 +241,9 @@ impl Config {
                 plugins: self.plugin_limits_by_name.clone(),
             },
             describe_cpu_time: Duration::from_millis(self.plugin_describe_cpu_ms),
+            max_functions: self.plugin_max_functions,
+            compiler: crate::plugins::loader::compile_worker_binary(),
+            compile_memory_bytes: self.plugin_compile_memory_mb << 20,
             grants: Default::default(),
         }
     }

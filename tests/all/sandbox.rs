@@ -220,3 +220,91 @@ async fn bad_plugins_never_stop_a_restart_and_are_reported_once_per_start() {
         d.child.wait().unwrap();
     }
 }
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// With the function limit lifted, a compile bomb reaches the compiler, which runs in a child
+/// process under a memory limit: the child fails, the daemon's memory stays where it was, and
+/// everything else keeps serving.
+#[tokio::test]
+async fn a_compile_bomb_past_the_function_limit_fails_in_its_own_process() {
+    let failure = compile_bomb_with(
+        "plugin_max_functions = 10000000\nplugin_compile_memory_mb = 512\nplugin_compile_timeout_secs = 300\n",
+    )
+    .await;
+    assert_eq!(failure["kind"], "compile_memory", "{failure}");
+    assert!(
+        failure["error"]
+            .as_str()
+            .unwrap()
+            .contains("plugin_compile_memory_mb"),
+        "{failure}"
+    );
+}
+
+/// ... and a compile over the time limit is killed, leaving no process behind.
+#[tokio::test]
+async fn a_compile_over_its_time_limit_is_killed() {
+    let failure = compile_bomb_with(
+        "plugin_max_functions = 10000000\nplugin_compile_memory_mb = 16384\nplugin_compile_timeout_secs = 2\n",
+    )
+    .await;
+    assert_eq!(failure["kind"], "compile_timeout", "{failure}");
+}
+
+/// Drops the compile bomb into a daemon configured with `toml`; the `plugin.load_failed` data.
+async fn compile_bomb_with(toml: &str) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    define_probe(dir.path());
+    std::fs::write(dir.path().join("ksi.toml"), toml).unwrap();
+    let d = Daemon::start(dir.path(), &[]).await;
+    let before = rss_kb(d.child.id());
+    let plugins = dir.path().join("plugins");
+    std::fs::copy(bundled::FAULT_COMPILE_BOMB, plugins.join("bomb.tmp")).unwrap();
+    std::fs::rename(plugins.join("bomb.tmp"), plugins.join("bomb.wasm")).unwrap();
+    let t0 = Instant::now();
+    let failure = loop {
+        let (_, b) = d
+            .get("/events?topic=plugin.load_failed&limit=100")
+            .await
+            .unwrap();
+        if let Some(e) = b["events"].as_array().unwrap().iter().find(|e| {
+            e["event"]["data"]["file"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("bomb.wasm")
+        }) {
+            break e["event"]["data"].clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the bomb was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let after = rss_kb(d.child.id());
+    assert!(
+        after < before + 50 * 1024,
+        "RSS went from {before} kB to {after} kB"
+    );
+    let done = probe(&d, json!({"still": "serving"})).await;
+    assert_eq!(result(&done)["params"]["still"], "serving");
+    // The compile child is gone (fake-claude runs in its own process group and has exited).
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &d.child.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&children.stdout).trim().is_empty(),
+        "the daemon still has children: {}",
+        String::from_utf8_lossy(&children.stdout)
+    );
+    failure
+}

@@ -141,6 +141,17 @@ pub struct LoadOptions {
     pub limits: LimitPolicy,
     /// CPU time `describe()` may use: it only lists steps, so a looping one is refused soon.
     pub describe_cpu_time: Duration,
+    /// Most functions a plugin may define (all its core modules together): a file over it is
+    /// refused before anything is compiled. A Rust plugin has a few thousand; an interpreter
+    /// compiled in (Python, JavaScript) tens of thousands.
+    pub max_functions: u64,
+    /// The `ksi-host` binary that compiles plugins in a child process of its own (see
+    /// [`compile_worker_binary`]): a compile over the time limit is killed and one over the
+    /// memory limit fails, and either way the daemon's memory is untouched. `None` compiles
+    /// in this process (tests, the library used alone).
+    pub compiler: Option<PathBuf>,
+    /// Address space the compile child may use, in bytes.
+    pub compile_memory_bytes: u64,
     /// Directories granted by plugin name.
     pub grants: std::collections::HashMap<String, Vec<DirGrant>>,
 }
@@ -151,6 +162,9 @@ impl Default for LoadOptions {
             compile_timeout: Duration::from_secs(60),
             limits: LimitPolicy::default(),
             describe_cpu_time: Duration::from_secs(1),
+            max_functions: 200_000,
+            compiler: None,
+            compile_memory_bytes: 4 << 30,
             grants: Default::default(),
         }
     }
@@ -195,7 +209,11 @@ pub fn load_bytes(
     let component = match cached {
         Some(component) => component,
         None => {
-            let component = compile(engine, &path, bytes, options.compile_timeout)?;
+            check_functions(&path, &bytes, options.max_functions)?;
+            let component = match &options.compiler {
+                Some(worker) => compile_in_child(engine, worker, &path, &bytes, options)?,
+                None => compile(engine, &path, bytes, options.compile_timeout)?,
+            };
             if let Some(cache) = cache
                 && let Err(e) = cache.store(&sha256, &component)
             {
@@ -263,6 +281,180 @@ fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
     }
 }
 
+/// Refuse a file that defines more functions than `limit` before compiling any of it: a few
+/// megabytes of tiny functions take Cranelift minutes and gigabytes.
+fn check_functions(path: &Path, bytes: &[u8], limit: u64) -> Result<()> {
+    let mut functions: u64 = 0;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| PluginError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("the file is truncated or corrupt ({e})"),
+        })?;
+        if let wasmparser::Payload::CodeSectionStart { count, .. } = payload {
+            functions += u64::from(count);
+            if functions > limit {
+                return Err(PluginError::TooLarge {
+                    path: path.to_path_buf(),
+                    functions,
+                    limit,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `ksi-host` binary that compiles plugins for this process: this one, or the `ksi-host`
+/// beside it (for `ksi`); `None` when there is none (a test binary).
+pub fn compile_worker_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let host = match exe.file_stem().is_some_and(|n| n == "ksi-host") {
+        true => exe,
+        false => exe.with_file_name("ksi-host"),
+    };
+    host.is_file().then_some(host)
+}
+
+/// The first argument that makes `ksi-host` a compile child (see [`compile_worker_main`]).
+pub const COMPILE_WORKER_ARG: &str = "__compile-plugin";
+
+/// The compile child: the engine settings (JSON) as its argument, the component's bytes on
+/// stdin; the compiled code on stdout, or the compiler's error on stderr.
+/// Returns the process exit code: 0, or 1 with the reason on stderr.
+pub fn compile_worker_main(engine_config: &str) -> i32 {
+    use std::io::{Read, Write};
+    let run = || -> anyhow::Result<Vec<u8>> {
+        let config: super::EngineConfig = serde_json::from_str(engine_config)?;
+        // A pool of one slot: the same code as the daemon's engine, within the child's
+        // address-space limit.
+        let engine = PluginEngine::new(super::EngineConfig {
+            pool_instances: 1,
+            ..config
+        })?;
+        let mut bytes = Vec::new();
+        std::io::stdin().read_to_end(&mut bytes)?;
+        let component =
+            Component::new(engine.engine(), &bytes).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        Ok(component.serialize()?)
+    };
+    match run().and_then(|code| Ok(std::io::stdout().write_all(&code)?)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e:#}");
+            1
+        }
+    }
+}
+
+/// Compile in a child process under the compile time and memory limits.
+fn compile_in_child(
+    engine: &Arc<PluginEngine>,
+    worker: &Path,
+    path: &Path,
+    bytes: &[u8],
+    options: &LoadOptions,
+) -> Result<Component> {
+    use std::io::{Read, Write};
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::{Command, Stdio};
+    let engine_failure =
+        |what: String| PluginError::Engine(format!("compiling {}: {what}", path.display()));
+    let config = serde_json::to_string(engine.config()).expect("engine settings are JSON");
+    let memory = options.compile_memory_bytes;
+    let mut command = Command::new(worker);
+    command
+        .arg(COMPILE_WORKER_ARG)
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the closure only calls setrlimit, which is
+    // async-signal-safe, on values computed before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: memory as libc::rlim_t,
+                rlim_max: memory as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| engine_failure(format!("cannot start {}: {e}", worker.display())))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let input = bytes.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut code = Vec::new();
+        let _ = stdout.read_to_end(&mut code);
+        code
+    });
+    let mut stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = (&mut stderr).take(16 << 10).read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + options.compile_timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = (writer.join(), reader.join(), errors.join());
+                return Err(PluginError::CompileTimeout {
+                    path: path.to_path_buf(),
+                    limit: options.compile_timeout,
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(engine_failure(format!("waiting for the compiler: {e}"))),
+        }
+    };
+    let _ = writer.join();
+    let code = reader.join().unwrap_or_default();
+    let errors = errors.join().unwrap_or_default();
+    if !status.success() {
+        let errors = errors.trim();
+        let out_of_memory = status.signal().is_some()
+            || errors.contains("memory allocation")
+            || errors.contains("out of memory");
+        if out_of_memory {
+            return Err(PluginError::CompileMemory {
+                path: path.to_path_buf(),
+                limit: memory,
+            });
+        }
+        return Err(invalid(path, errors.to_string()));
+    }
+    // SAFETY: `Component::deserialize` trusts its input to be code that wasmtime compiled.
+    // These bytes are what our own `ksi-host` child just produced with `Component::serialize`
+    // for this engine's settings, read from its stdout pipe (the same trust as the compiled
+    // cache); wasmtime still checks the version and settings recorded in them.
+    unsafe { Component::deserialize(engine.engine(), &code) }
+        .map_err(|e| engine_failure(format!("the compiler's output is unusable: {e:#}")))
+}
+
+fn invalid(path: &Path, reason: String) -> PluginError {
+    // wasmparser reports a cut-off file as a section running past the end.
+    let truncated = reason.contains("out of bounds") || reason.contains("unexpected end");
+    PluginError::Invalid {
+        path: path.to_path_buf(),
+        reason: match truncated {
+            true => format!("the file is truncated or corrupt ({reason})"),
+            false => reason,
+        },
+    }
+}
+
 /// Compile on a separate thread and give up waiting after `timeout` (cranelift cannot be
 /// cancelled; the thread finishes and its result is dropped).
 fn compile(
@@ -281,18 +473,7 @@ fn compile(
         .map_err(|e| PluginError::Engine(format!("cannot spawn a compile thread: {e}")))?;
     match rx.recv_timeout(timeout) {
         Ok(Ok(component)) => Ok(component),
-        Ok(Err(e)) => {
-            let reason = format!("{e:#}");
-            // wasmparser reports a cut-off file as a section running past the end.
-            let truncated = reason.contains("out of bounds") || reason.contains("unexpected end");
-            Err(PluginError::Invalid {
-                path: path.to_path_buf(),
-                reason: match truncated {
-                    true => format!("the file is truncated or corrupt ({reason})"),
-                    false => reason,
-                },
-            })
-        }
+        Ok(Err(e)) => Err(invalid(path, format!("{e:#}"))),
         Err(_) => Err(PluginError::CompileTimeout {
             path: path.to_path_buf(),
             limit: timeout,

@@ -97,6 +97,30 @@ pub enum PluginError {
         /// The limit.
         limit: Duration,
     },
+    /// The file defines more functions than a plugin may (refused before compiling).
+    #[error(
+        "{path} defines {functions} functions; a plugin may define at most {limit} \
+         (plugin_max_functions), so it is refused before it is compiled"
+    )]
+    TooLarge {
+        /// The plugin file.
+        path: PathBuf,
+        /// Functions counted so far (at least).
+        functions: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Compiling needed more memory than the compile memory limit.
+    #[error(
+        "compiling {path} needed more than {limit} bytes of memory (plugin_compile_memory_mb); \
+         the plugin is too large or pathological"
+    )]
+    CompileMemory {
+        /// The plugin file.
+        path: PathBuf,
+        /// The limit in bytes.
+        limit: u64,
+    },
     /// The component does not implement the `step-handler` world.
     #[error("{path} is not a KSI step handler (world ksi:plugin/step-handler): {reason}")]
     WrongWorld {
@@ -198,6 +222,8 @@ impl PluginError {
             PluginError::CoreModule { .. } => "core_module",
             PluginError::Invalid { .. } => "invalid",
             PluginError::CompileTimeout { .. } => "compile_timeout",
+            PluginError::TooLarge { .. } => "too_large",
+            PluginError::CompileMemory { .. } => "compile_memory",
             PluginError::WrongWorld { .. } => "wrong_world",
             PluginError::IncompatibleWit { .. } => "incompatible_wit",
             PluginError::Describe { .. } => "describe_failed",

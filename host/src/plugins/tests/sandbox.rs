@@ -442,3 +442,27 @@ fn guests_see_clocks_and_randomness_derived_from_their_step_attempt() -> anyhow:
     assert_ne!(run(None)?["hashed"], run(None)?["hashed"]);
     Ok(())
 }
+
+#[test]
+fn a_compile_bomb_is_refused_before_it_is_compiled() -> anyhow::Result<()> {
+    let fx = Fixture::new()?;
+    let path = fx.install(bundled::FAULT_COMPILE_BOMB, "bomb.wasm")?;
+    let started = std::time::Instant::now();
+    let error = fx.runtime.load_file(&path).unwrap_err();
+    assert!(
+        matches!(error, PluginError::TooLarge { limit: 200_000, .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("plugin_max_functions"),
+        "{error}"
+    );
+    // Counting is all it costs: the same file again is not even counted.
+    assert!(fx.runtime.load_file(&path).is_err());
+    assert_eq!(fx.events.on("plugin.load_failed").len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "it was compiled"
+    );
+    Ok(())
+}
