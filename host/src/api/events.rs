@@ -242,6 +242,9 @@ fn named_default() -> bool {
     true
 }
 
+/// Largest message (and frame) a WebSocket stream client may send.
+pub const WS_MAX_MESSAGE: usize = 4 << 10;
+
 /// WebSocket when the request asks for an upgrade, Server-Sent Events otherwise.
 async fn stream(
     State(s): State<AppState>,
@@ -263,7 +266,11 @@ async fn stream(
         .or(header_id)
         .unwrap_or_else(|| s.store.published_id());
     if let Ok(ws) = ws {
+        // The server reads nothing from a stream client but pings' answers and close frames:
+        // a client message over a few KiB closes the connection instead of being buffered.
         return Ok(ws
+            .max_message_size(WS_MAX_MESSAGE)
+            .max_frame_size(WS_MAX_MESSAGE)
             .on_upgrade(move |socket| ws_loop(s, socket, pattern, start))
             .into_response());
     }

@@ -117,7 +117,12 @@ pub fn run(cmd: PluginCmd, config: &Config) -> anyhow::Result<()> {
                     let built_from = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdk");
                     match built_from.canonicalize() {
                         Ok(p) => SdkSource::Path(p),
-                        Err(_) => SdkSource::Version(env!("CARGO_PKG_VERSION").to_string()),
+                        Err(_) => anyhow::bail!(
+                            "this ksi was built from a checkout that is gone ({}), and ksi-sdk is \
+                             not published on crates.io: pass --sdk-path with the sdk/ directory \
+                             of a KSI checkout",
+                            built_from.display()
+                        ),
                     }
                 }
             };

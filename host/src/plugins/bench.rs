@@ -27,6 +27,12 @@ const WARMUP: usize = 200;
 ///   the cache, type-check, `describe()`);
 /// - `reload_ms`: from the file replaced (atomic rename) to the new version serving, through the
 ///   watcher and its debounce; `reload_cold_ms` is the same when the new file must be compiled.
+/// - `idle_cpu_pct_with_200mb_plugin`: CPU this process uses over a few idle seconds with a
+///   200 MB plugin loaded and the directory watched (the watcher must not re-read it);
+/// - `rss_before_bomb_mb` / `rss_after_bomb_mb`: this process's RSS around refusing a compile
+///   bomb of 600,000 functions. From a `ksi-host` binary the function limit is lifted so that
+///   the bomb reaches the compile child (and its 1 GiB memory limit); `bomb_refused_by` says
+///   which limit refused it.
 ///
 /// On failure the JSON holds `error`.
 pub fn bench_plugins() -> Value {
@@ -158,6 +164,10 @@ pub fn try_bench_plugins() -> anyhow::Result<Value> {
         }
     }
     let mut warm_reloads = reloads[2..].to_vec();
+    drop(_watcher);
+
+    let idle_cpu_pct = idle_cpu_with_big_plugin(&host)?;
+    let bomb = bomb_rss(&host)?;
 
     Ok(json!({
         "allocator": runtime.engine().allocator(),
@@ -173,7 +183,107 @@ pub fn try_bench_plugins() -> anyhow::Result<Value> {
         "reload_debounce_ms": config.debounce.as_millis() as u64,
         "cpu_limit_ms": cpu_limit.as_millis() as u64,
         "cpu_limit_stop_p50_ms": ms(percentile(&mut stops, 50)),
+        "idle_cpu_pct_with_200mb_plugin": idle_cpu_pct,
+        "rss_before_bomb_mb": bomb.0,
+        "rss_after_bomb_mb": bomb.1,
+        "bomb_refused_by": bomb.2,
+        "bomb_refused_ms": bomb.3,
     }))
+}
+
+/// Seconds of idle time over which [`idle_cpu_with_big_plugin`] measures.
+const IDLE: Duration = Duration::from_secs(3);
+
+/// CPU use (percent of one core) of this process while idle, with a 200 MB plugin (echo plus a
+/// 200 MB custom section) loaded and its directory watched.
+fn idle_cpu_with_big_plugin(host: &Arc<dyn HostServices>) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let runtime = PluginRuntime::new(
+        RuntimeConfig::for_data_dir(dir.path()),
+        host.clone(),
+        Arc::new(RecordingEvents::default()),
+    )?;
+    let mut bytes = std::fs::read(bundled::ECHO_V1)?;
+    custom_section(&mut bytes, "ksi-bench-padding", 200 << 20);
+    let path = runtime.config().plugins_dir.join("big.wasm");
+    std::fs::write(&path, &bytes)?;
+    drop(bytes);
+    runtime.load_file(&path)?;
+    let _watcher = runtime.watch()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (cpu, wall) = (cpu_ms(), Instant::now());
+    std::thread::sleep(IDLE);
+    let used = cpu_ms() - cpu;
+    Ok((used / wall.elapsed().as_secs_f64() / 10.0 * 100.0).round() / 100.0)
+}
+
+/// Append a custom section of `size` zero bytes named `name` to a component.
+fn custom_section(bytes: &mut Vec<u8>, name: &str, size: usize) {
+    let mut payload = Vec::new();
+    leb128(&mut payload, name.len() as u64);
+    payload.extend_from_slice(name.as_bytes());
+    payload.resize(payload.len() + size, 0);
+    bytes.push(0);
+    leb128(bytes, payload.len() as u64);
+    bytes.extend_from_slice(&payload);
+}
+
+fn leb128(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// (RSS before, RSS after, the limit that refused it, ms) of loading the compile bomb.
+fn bomb_rss(host: &Arc<dyn HostServices>) -> anyhow::Result<(f64, f64, &'static str, f64)> {
+    let dir = tempfile::tempdir()?;
+    let mut config = RuntimeConfig::for_data_dir(dir.path());
+    if let Some(worker) = loader::compile_worker_binary() {
+        config.load.compiler = Some(worker);
+        config.load.max_functions = u64::MAX;
+        config.load.compile_memory_bytes = 1 << 30;
+    }
+    let runtime = PluginRuntime::new(config, host.clone(), Arc::new(RecordingEvents::default()))?;
+    let path = runtime.config().plugins_dir.join("bomb.wasm");
+    std::fs::copy(bundled::FAULT_COMPILE_BOMB, &path)?;
+    let before = rss_mb();
+    let start = Instant::now();
+    let refused = match runtime.load_file(&path) {
+        Ok(_) => bail!("the compile bomb loaded"),
+        Err(e) => e.kind(),
+    };
+    let took = start.elapsed();
+    Ok((before, rss_mb(), refused, ms(took)))
+}
+
+/// VmRSS of this process, in MiB.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| (kb / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// User + system CPU time of this process, in ms.
+fn cpu_ms() -> f64 {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
 }
 
 /// (compile, from cache) load times of one plugin.

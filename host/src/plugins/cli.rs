@@ -133,10 +133,8 @@ pub fn list_table(plugins: &[PluginSummary]) -> String {
 /// Where a scaffolded plugin gets `ksi-sdk` from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SdkSource {
-    /// A local checkout (`path = "..."`).
+    /// A local checkout (`path = "..."`): `ksi-sdk` is not published on crates.io.
     Path(PathBuf),
-    /// crates.io (`version = "..."`).
-    Version(String),
 }
 
 /// `ksi plugin new NAME`: write a plugin crate `dir/NAME` whose `cargo build --target
@@ -170,7 +168,6 @@ pub fn scaffold_plugin(dir: &Path, name: &str, sdk: &SdkSource) -> anyhow::Resul
             let p = p.canonicalize().unwrap_or_else(|_| p.clone());
             format!("ksi-sdk = {{ path = {:?} }}", p.display().to_string())
         }
-        SdkSource::Version(v) => format!("ksi-sdk = {v:?}"),
     };
     let cargo_toml = format!(
         r#"[package]

@@ -312,9 +312,13 @@ fn bench_reports_every_number() -> anyhow::Result<()> {
         "hot_call_p50_us",
         "reload_ms",
         "reload_cold_ms",
+        "idle_cpu_pct_with_200mb_plugin",
+        "rss_before_bomb_mb",
+        "rss_after_bomb_mb",
     ] {
         assert!(report[key].as_f64().is_some(), "{key} missing: {report}");
     }
+    assert!(report["bomb_refused_by"].is_string(), "{report}");
     for plugin in ["echo", "debate", "summarize"] {
         assert!(report["cold_load_ms"][plugin].as_f64().is_some());
         assert!(report["cached_load_ms"][plugin].as_f64().is_some());
@@ -351,5 +355,93 @@ fn on_demand_allocator_runs_steps_too() -> anyhow::Result<()> {
         .load_file(&fx.install(bundled::ECHO_V1, "echo.wasm")?)?;
     let out = echo.run_step(&StepInput::new("echo", json!({})), fx.services())?;
     assert_eq!(out.result["version"], "0.1.0");
+    Ok(())
+}
+
+/// The fenced code blocks of `markdown` whose info string is `lang`.
+fn fenced<'a>(markdown: &'a str, lang: &str) -> Vec<&'a str> {
+    let open = format!("```{lang}\n");
+    let mut blocks = Vec::new();
+    let mut rest = markdown;
+    while let Some(start) = rest.find(&open) {
+        let body = &rest[start + open.len()..];
+        let end = body.find("\n```").expect("a fenced block is closed");
+        blocks.push(&body[..end + 1]);
+        rest = &body[end + 4..];
+    }
+    blocks
+}
+
+/// `docs/plugins.md`'s Rust example builds into a component that loads and runs, and its TOML
+/// examples (a workflow definition, plugin limits in `ksi.toml`) are what KSI accepts.
+#[test]
+fn the_plugin_guide_examples_build_load_and_run() -> anyhow::Result<()> {
+    let guide = include_str!("../../../../docs/plugins.md");
+    let rust = fenced(guide, "rust");
+    assert_eq!(
+        rust.len(),
+        1,
+        "the guide's Rust blocks changed: test each one"
+    );
+    let dir = tempfile::tempdir()?;
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
+    let root = cli::scaffold_plugin(dir.path(), "shout", &SdkSource::Path(sdk))?;
+    std::fs::write(root.join("src/lib.rs"), rust[0])?;
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    let status = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .current_dir(&root)
+        .status()?;
+    assert!(status.success(), "the guide's example does not build");
+    let wasm = target.join("wasm32-wasip2/release/shout.wasm");
+    let report = cli::check_file(&wasm)?;
+    assert_eq!(report.summary.name, "shout");
+    let out = cli::run_step_file(
+        &wasm,
+        &crate::plugins::StepInput::new("shout", json!({"text": "hi"})),
+        None,
+    )?;
+    assert_eq!(out.result["loud"], "HI");
+    assert_eq!(out.state_patch["shouted"], true);
+
+    let tomls = fenced(guide, "toml");
+    assert_eq!(
+        tomls.len(),
+        2,
+        "the guide's TOML blocks changed: test each one"
+    );
+    let definition = tomls.iter().find(|t| t.contains("[[steps]]")).unwrap();
+    let def =
+        crate::workflow::Definition::parse(std::path::Path::new("loud.toml"), definition, &|h| {
+            match h.plugin.as_str() {
+                "shout" => Ok(()),
+                other => Err(format!("no plugin {other}")),
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(def.name, "loud");
+    let settings = tomls
+        .iter()
+        .find(|t| t.contains("[plugin_limits]"))
+        .unwrap();
+    let data = tempfile::tempdir()?;
+    std::fs::write(data.path().join("ksi.toml"), settings)?;
+    let config = crate::config::Config::load(&crate::config::ConfigOverrides {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    })?;
+    let limits = config.plugin_load_options().limits;
+    assert_eq!(limits.for_plugin("debate").host_calls, 50_000);
+    assert_eq!(
+        limits.for_plugin("shout").cpu_time,
+        std::time::Duration::from_secs(30)
+    );
     Ok(())
 }
